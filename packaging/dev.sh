@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian 12 machine (run as root):
+#   packaging/dev.sh demo    install everything, then run the demo
+#   packaging/dev.sh test    install everything, then run the test suite
+#   packaging/dev.sh bench   install everything, then run the benchmark
+#   packaging/dev.sh setup   install everything only
+# Installing is idempotent and quick when already done.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+DEB_PACKAGES=(
+  python3 python3-venv python3-pip
+  python3-bpfcc bpftool linux-headers-amd64   # eBPF data path (bcc compiles at run time)
+  nftables python3-nftables                   # nftables data path
+  iproute2 procps                             # test hosts in network namespaces
+  wrk haproxy                                 # benchmark: load generator, userspace reference
+  openssl
+)
+
+die() { echo "dev.sh: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root: the data paths and the test hosts need CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
+
+install_debian_packages() {
+  local missing=()
+  for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "dev.sh: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+# bcc needs kernel headers at /lib/modules/$(uname -r)/{build,source}. A kernel
+# with no headers package of its own (like this VM's) works with any installed
+# Debian headers, because cgroup sock_addr and sock_ops programs only use the
+# stable uapi. Never overwrite real headers.
+link_kernel_headers() {
+  local mod="/lib/modules/$(uname -r)"
+  [ -e "$mod/build/include/linux/kconfig.h" ] && return 0
+  local arch common
+  arch="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1)"
+  common="$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1)"
+  [ -n "$arch" ] && [ -n "$common" ] || { echo "dev.sh: no kernel headers found; the eBPF data path will be unavailable" >&2; return 0; }
+  mkdir -p "$mod"
+  ln -sfn "$arch" "$mod/build"
+  ln -sfn "$common" "$mod/source"
+  echo "dev.sh: linked $mod/build -> $arch"
+}
+
+make_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    # --system-site-packages: bcc and nftables come from Debian, not PyPI.
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+  fi
+  if ! "$VENV/bin/python" -c "import prism_kernel, pydantic, pyroute2, prometheus_client, yaml, pytest, trustme" 2>/dev/null \
+     || [ "$REPO/pyproject.toml" -nt "$VENV/.installed" ]; then
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO[test]" 2>&1 | grep -v "^WARNING: Location" || true
+    touch "$VENV/.installed"
+  fi
+}
+
+setup() { install_debian_packages; link_kernel_headers; make_venv; }
+
+cmd="${1:-setup}"; shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo)  setup; exec "$VENV/bin/python" -m prism_kernel.demo "$@" ;;
+  test)
+    setup
+    cd "$REPO"
+    set +e
+    "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+    rc=$?
+    set -e
+    # 5 = no tests collected: a broken collection, never a pass.
+    [ $rc -eq 5 ] && echo "dev.sh: pytest collected no tests" >&2
+    exit $rc ;;
+  bench) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.run "$@" ;;
+  *) die "unknown command '$cmd' (setup|demo|test|bench)" ;;
+esac

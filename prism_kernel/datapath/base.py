@@ -1,0 +1,84 @@
+"""The data-path interface: what the daemon asks of the kernel.
+
+Two implementations: `nftables` (DNAT map) and `ebpf` (cgroup connect4/6
+rewrite). Both are driven by one writer (the daemon) and keep steering when
+that writer is gone: kernel state outlives the process on purpose.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from prism_kernel.model import Backend
+
+
+@dataclass(frozen=True)
+class DatapathSettings:
+    """What a data path needs to know; derived from the daemon's config."""
+
+    listen_port: int = 7445
+    # Names every piece of kernel state (nft table, BPF pin dir, run dir), so
+    # that a test instance never touches a live daemon's state.
+    instance: str = "prism-kernel"
+
+
+@dataclass
+class BackendCounters:
+    """Per-backend counters the kernel keeps (where the data path has them)."""
+
+    connections: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class KernelState:
+    """What the kernel really holds, for `status`. Read without the daemon."""
+
+    datapath: str
+    installed: bool
+    backends: tuple[Backend, ...] = ()
+    counters: dict[Backend, BackendCounters] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Datapath(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, settings: DatapathSettings):
+        self.settings = settings
+
+    @classmethod
+    @abstractmethod
+    def check_available(cls, settings: DatapathSettings) -> None:
+        """Raise DatapathUnavailable with the reason when it cannot run here.
+        Touches nothing in the kernel."""
+
+    @abstractmethod
+    def install(self, initial: Sequence[Backend]) -> bool:
+        """Create the data path with `initial` as the backend set, or adopt the
+        one an earlier daemon left (without a gap in service; `initial` is then
+        not written: the next apply() converges). Returns True when adopted."""
+
+    @abstractmethod
+    def apply(self, backends: Sequence[Backend]) -> bool:
+        """Make the kernel steer to exactly `backends` (non-empty, may mix
+        families; each family goes to the listener that can reach it). One
+        atomic change; nothing written when the kernel already holds this set.
+        Returns True when the kernel was written."""
+
+    @abstractmethod
+    def read_state(self) -> KernelState:
+        """What the kernel holds now (backends, counters, ids)."""
+
+    def close(self) -> None:
+        """Release file descriptors; leave the kernel state in place."""
+
+    @classmethod
+    @abstractmethod
+    def cleanup(cls, settings: DatapathSettings) -> list[str]:
+        """Remove everything this data path created for `settings.instance`
+        (and restore sysctls it changed). Idempotent; works with no daemon and
+        no prior install(). Returns a line per thing removed."""
