@@ -41,7 +41,7 @@ install_debian_packages() {
 # stable uapi. Never overwrite real headers.
 link_kernel_headers() {
   local mod="/lib/modules/$(uname -r)"
-  [ -e "$mod/build/include/linux/kconfig.h" ] && return 0
+  [ -e "$mod/build/Makefile" ] && [ -e "$mod/source" ] && return 0
   local arch common
   arch="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1)"
   common="$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1)"
