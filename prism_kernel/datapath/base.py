@@ -46,6 +46,10 @@ class KernelState:
 
 class Datapath(ABC):
     name: ClassVar[str]
+    # Address families of backends this data path can steer to; the daemon
+    # selects only among these (nftables: IPv4 only, there is no IPv6
+    # route_localnet).
+    families: ClassVar[frozenset[int]] = frozenset({4, 6})
 
     def __init__(self, settings: DatapathSettings):
         self.settings = settings

@@ -1,0 +1,5 @@
+import sys
+
+from prism_kernel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""Command line: `prism-kernel run | status | cleanup`.
+
+Exit codes: 0 ok; 1 runtime failure (or, for status, no healthy backend);
+2 invalid configuration or flags (nothing in the kernel touched); 3 another
+daemon holds the lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from prism_kernel import __version__
+from prism_kernel.config import build_config, load_yaml
+from prism_kernel.errors import ConfigError, PrismError
+from prism_kernel.log import EventLog
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prism-kernel",
+        description="A highly available Kubernetes API endpoint at 127.0.0.1:7445, steered by the kernel.",
+    )
+    p.add_argument("--version", action="version", version=f"prism-kernel {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon: probe the endpoints, steer 127.0.0.1:PORT to the healthy ones")
+    run.add_argument("--config", metavar="FILE", help="YAML configuration file (flags override it)")
+    run.add_argument("--endpoint", dest="endpoints", action="extend", nargs="+", metavar="HOST:PORT",
+                     help="API server endpoint; repeatable; replaces the file's list")
+    run.add_argument("--port", metavar="PORT", help="local port (default 7445)")
+    run.add_argument("--datapath", metavar="auto|ebpf|nftables", help="kernel data path (default auto)")
+    run.add_argument("--probe", dest="probe_mode", metavar="tcp|tls|readyz", help="probe mode (default readyz)")
+    run.add_argument("--probe-interval", metavar="S", help="seconds between probes, or 500ms (default 1s)")
+    run.add_argument("--probe-timeout", metavar="S", help="seconds a probe may take (default 1s)")
+    run.add_argument("--probe-rise", metavar="N", help="successes to come up (default 2)")
+    run.add_argument("--probe-fall", metavar="N", help="failures to go down (default 2)")
+    run.add_argument("--ca-file", metavar="FILE", help="CA bundle that signs the API server certificates")
+    run.add_argument("--client-cert", metavar="FILE", help="client certificate for /readyz (PEM)")
+    run.add_argument("--client-key", metavar="FILE", help="client key for /readyz (PEM)")
+    run.add_argument("--tls-server-name", metavar="NAME", help="name to verify in the server certificate")
+    run.add_argument("--insecure-skip-verify", action="store_true", default=None,
+                     help="do not verify the server certificate")
+    run.add_argument("--cleanup-on-exit", action="store_true", default=None,
+                     help="remove the data path when stopping (default: leave it steering)")
+    run.add_argument("--instance", metavar="NAME", help="name of the kernel state (default prism-kernel)")
+    run.add_argument("--log-format", metavar="logfmt|json", help="log line format (default logfmt)")
+
+    st = sub.add_parser("status", help="show health, the active set and what the kernel holds")
+    st.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    st.add_argument("--instance", default="prism-kernel", metavar="NAME")
+
+    cl = sub.add_parser("cleanup", help="remove everything the daemon created in the kernel and restore sysctls")
+    cl.add_argument("--instance", default="prism-kernel", metavar="NAME")
+    cl.add_argument("--force", action="store_true", help="even while a daemon runs (it will re-create its state)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    file_data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    flags = {
+        "endpoints": args.endpoints,
+        "port": args.port,
+        "datapath": args.datapath,
+        "cleanup_on_exit": args.cleanup_on_exit,
+        "instance": args.instance,
+        "log_format": args.log_format,
+        "probe": {
+            "mode": args.probe_mode,
+            "interval": args.probe_interval,
+            "timeout": args.probe_timeout,
+            "rise": args.probe_rise,
+            "fall": args.probe_fall,
+            "ca_file": args.ca_file,
+            "client_cert_file": args.client_cert,
+            "client_key_file": args.client_key,
+            "server_name": args.tls_server_name,
+            "insecure_skip_verify": args.insecure_skip_verify,
+        },
+    }
+    return build_config(file_data, flags)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from prism_kernel.daemon import Daemon  # after validation: nothing heavy for a bad flag
+
+    log = EventLog(config.log_format)
+    try:
+        return asyncio.run(Daemon(config, log).run())
+    except PrismError as e:
+        log.error("fatal", error=str(e))
+        return e.exit_code
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from prism_kernel.datapath import ALL, DatapathSettings, datapath_class
+    from prism_kernel.errors import DatapathUnavailable
+    from prism_kernel.runstate import daemon_pid
+
+    run_dir = Path(f"/run/{args.instance}")
+    pid = daemon_pid(run_dir)
+    if pid and not args.force:
+        print(f"prism-kernel cleanup: a daemon (pid {pid}) is running for instance {args.instance!r}; "
+              "stop it first (or --force)", file=sys.stderr)
+        return 1
+    settings = DatapathSettings(instance=args.instance)
+    removed: list[str] = []
+    failed = False
+    for name in ALL:
+        try:
+            removed += datapath_class(name).cleanup(settings)
+        except DatapathUnavailable:
+            continue  # that data path cannot exist here, so there is nothing to remove
+        except PrismError as e:
+            print(f"prism-kernel cleanup: {name}: {e}", file=sys.stderr)
+            failed = True
+    if run_dir.is_dir() and not pid:
+        for f in sorted(run_dir.iterdir()):
+            f.unlink(missing_ok=True)
+        run_dir.rmdir()
+        removed.append(f"run directory {run_dir}")
+    for line in removed:
+        print(f"removed {line}")
+    if not removed:
+        print(f"nothing to remove for instance {args.instance!r}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "status":
+            from prism_kernel.status import run_status
+
+            return run_status(args.instance, Path(f"/run/{args.instance}"), args.output)
+        if args.command == "cleanup":
+            return _cleanup(args)
+    except ConfigError as e:
+        print(f"prism-kernel: {e}", file=sys.stderr)
+        return e.exit_code
+    except PrismError as e:
+        print(f"prism-kernel: {e}", file=sys.stderr)
+        return e.exit_code
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Configuration: a YAML file (`--config`) merged with flags (flags win),
+validated by pydantic. Every problem is reported at once, each naming the
+field (and its flag) and the reason; nothing touches the kernel before the
+configuration is valid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from prism_kernel.endpoints import EndpointSpec, parse_endpoint
+from prism_kernel.errors import ConfigError
+
+DEFAULT_PORT = 7445
+
+_DURATION_RE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*$")
+
+
+def _parse_duration(value: Any) -> Any:
+    """Seconds as a number, or a string with a unit: "500ms", "2s", "1m"."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (use seconds, or 500ms, 2s, 1m)")
+        number, unit = float(m.group(1)), m.group(2) or "s"
+        return number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration)]
+
+
+def _readable_file(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{what} {path!r} does not exist")
+    if not p.is_file():
+        raise ValueError(f"{what} {path!r} is not a file")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{what} {path!r} is not readable")
+    return str(p)
+
+
+class ProbeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["tcp", "tls", "readyz"] = Field(
+        "readyz",
+        description="tcp: connect only; tls: TLS handshake verified against the CA; "
+        "readyz: TLS + GET /readyz, healthy only on 200.",
+    )
+    interval: Duration = Field(1.0, gt=0, le=3600, description="Seconds between probes of one backend.")
+    timeout: Duration = Field(1.0, gt=0, le=60, description="Seconds one probe may take.")
+    rise: int = Field(2, ge=1, le=100, description="Consecutive successes that bring a backend up.")
+    fall: int = Field(2, ge=1, le=100, description="Consecutive failures that take a backend down.")
+    jitter: float = Field(0.1, ge=0, le=0.5, description="Random spread of the interval, as a fraction.")
+    ca_file: str | None = Field(None, description="PEM CA bundle that signs the API servers' certificates.")
+    client_cert_file: str | None = Field(None, description="Client certificate (PEM), for API servers that deny anonymous /readyz.")
+    client_key_file: str | None = Field(None, description="Key of the client certificate (PEM).")
+    insecure_skip_verify: bool = Field(False, description="Do not verify the API server certificate (tls, readyz).")
+    server_name: str | None = Field(
+        None,
+        description="TLS server name to verify (and send as SNI) instead of the endpoint's host, "
+        "e.g. 'kubernetes' when the certificate has no IP SANs.",
+    )
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_readable(cls, v: str | None) -> str | None:
+        v = _readable_file(v, "CA file")
+        if v is not None:
+            try:
+                ssl.create_default_context(cafile=v)
+            except (ssl.SSLError, ValueError) as e:
+                raise ValueError(f"CA file {v!r} holds no usable PEM certificate ({e})") from None
+        return v
+
+    @field_validator("client_cert_file")
+    @classmethod
+    def _cert_readable(cls, v: str | None) -> str | None:
+        return _readable_file(v, "client certificate")
+
+    @field_validator("client_key_file")
+    @classmethod
+    def _key_readable(cls, v: str | None) -> str | None:
+        return _readable_file(v, "client key")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ProbeConfig":
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file must be given together")
+        if self.client_cert_file:
+            try:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.load_cert_chain(self.client_cert_file, self.client_key_file)
+            except (ssl.SSLError, OSError) as e:
+                raise ValueError(f"client certificate and key do not load together ({e})") from None
+        if self.timeout > self.interval * 10:
+            raise ValueError(f"timeout {self.timeout}s is more than 10x the interval {self.interval}s")
+        return self
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: list[EndpointSpec] = Field(
+        ..., description="API server endpoints: HOST:PORT, [IPv6]:PORT or NAME:PORT (DNS names are re-resolved)."
+    )
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="Local port: clients connect to 127.0.0.1:PORT (and [::1]:PORT on eBPF).")
+    datapath: Literal["auto", "ebpf", "nftables"] = Field(
+        "auto", description="Kernel data path; auto picks eBPF when the kernel allows, else nftables."
+    )
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    resolve_interval: Duration = Field(30.0, gt=0, le=86400, description="Seconds between DNS re-resolutions of named endpoints.")
+    cleanup_on_exit: bool = Field(False, description="Remove the data path when the daemon stops (tests, demos). Off: the node keeps API access while the daemon restarts.")
+    instance: str = Field(
+        "prism-kernel",
+        pattern=r"^[a-z][a-z0-9-]{0,30}$",
+        description="Names the daemon's kernel state, lock and run directory; only change it to run a second, independent instance.",
+    )
+    log_format: Literal["logfmt", "json"] = Field("logfmt", description="Format of the log lines on stderr.")
+    run_dir: str | None = Field(None, description="State, lock and sysctl backup directory; default /run/<instance>.")
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _parse_endpoints(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            raise ValueError("must be a list of HOST:PORT strings")
+        if not v:
+            raise ValueError("no endpoints: give at least one HOST:PORT (--endpoint)")
+        out = []
+        for item in v:
+            if isinstance(item, EndpointSpec):
+                out.append(item)
+            elif isinstance(item, str):
+                out.append(parse_endpoint(item))
+            else:
+                raise ValueError(f"{item!r} is not a HOST:PORT string")
+        if len(set(out)) != len(out):
+            dups = sorted({str(e) for e in out if out.count(e) > 1})
+            raise ValueError(f"duplicate endpoints: {', '.join(dups)}")
+        return out
+
+    @model_validator(mode="after")
+    def _tls_needs_trust(self) -> "Config":
+        p = self.probe
+        if p.mode != "tcp" and p.ca_file is None and not p.insecure_skip_verify:
+            # The system trust store almost never holds a cluster CA; say so now
+            # rather than report every endpoint down for "certificate verify failed".
+            raise ValueError(
+                f"probe.mode {p.mode!r} (--probe) verifies the API server certificate: "
+                "give probe.ca_file (--ca-file), or probe.insecure_skip_verify (--insecure-skip-verify), "
+                "or use probe.mode tcp"
+            )
+        return self
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.run_dir or f"/run/{self.instance}")
+
+
+# Flag name for each field, so errors name what the operator typed.
+FLAG_NAMES = {
+    ("endpoints",): "--endpoint",
+    ("port",): "--port",
+    ("datapath",): "--datapath",
+    ("probe", "mode"): "--probe",
+    ("probe", "interval"): "--probe-interval",
+    ("probe", "timeout"): "--probe-timeout",
+    ("probe", "rise"): "--probe-rise",
+    ("probe", "fall"): "--probe-fall",
+    ("probe", "ca_file"): "--ca-file",
+    ("probe", "client_cert_file"): "--client-cert",
+    ("probe", "client_key_file"): "--client-key",
+    ("probe", "insecure_skip_verify"): "--insecure-skip-verify",
+    ("probe", "server_name"): "--tls-server-name",
+    ("cleanup_on_exit",): "--cleanup-on-exit",
+    ("instance",): "--instance",
+    ("log_format",): "--log-format",
+}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    field = ".".join(loc)
+    flag = FLAG_NAMES.get(tuple(p for p in loc if not p.isdigit()))
+    where = f"{field} ({flag})" if flag else field
+    if not loc:  # a check across fields: its message names them
+        return _strip_prefix(err["msg"])
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if err["type"] == "missing":
+        return f"{where}: required" + (f", give {flag}" if flag else "")
+    msg = _strip_prefix(err["msg"])
+    got = err.get("input")
+    if err["type"] not in ("value_error",) and not isinstance(got, (dict, list)) and got is not None:
+        msg = f"{msg} (got {got!r})"
+    return f"{where}: {msg}"
+
+
+def _strip_prefix(msg: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {path!r}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r}: top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overrides` (from flags; None means not given) into `base`."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        elif isinstance(value, dict):
+            out[key] = {k: v for k, v in value.items() if v is not None} or out.get(key, {})
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(file_data: dict[str, Any], flag_data: dict[str, Any]) -> Config:
+    """Validate the merged configuration; ConfigError lists every problem."""
+    try:
+        return Config.model_validate(merge(file_data, flag_data))
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors()]) from None

@@ -1,0 +1,433 @@
+"""The daemon: probe -> select -> apply, one writer of the kernel state.
+
+Startup: take the lock, choose the data path, resolve the endpoints, run one
+round of probes (bounded by the probe timeout), then install or adopt the data
+path with the first selection. An adopted data path keeps steering with what
+it holds until that first selection is written, so a restart has no gap.
+
+Stopping (SIGTERM/SIGINT) leaves the data path in place: the node keeps its
+API access while the daemon restarts or is upgraded. `cleanup_on_exit`
+removes it instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+from prism_kernel import __version__
+from prism_kernel.config import Config
+from prism_kernel.datapath import ALL as ALL_DATAPATHS
+from prism_kernel.datapath import Datapath, DatapathSettings, choose, datapath_class
+from prism_kernel.endpoints import EndpointSpec, resolve
+from prism_kernel.errors import DatapathError, DatapathUnavailable
+from prism_kernel.health import BackendHealth, Change, ProbeResult
+from prism_kernel.log import EventLog
+from prism_kernel.model import Backend
+from prism_kernel.probes import Prober, make_ssl_context
+from prism_kernel.runstate import DaemonLock, remove_state, write_state
+from prism_kernel.selection import Candidate, FullSelection, select
+
+STATE_WRITE_EVERY = 2.0  # seconds: latency figures in the state file refresh this often
+RECONCILE_EVERY = 10.0  # seconds: re-assert the set, repairs state removed behind our back
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class _Target:
+    """A backend being probed: its health, where it came from, its prober."""
+
+    health: BackendHealth
+    origins: list[str]
+    prober: Prober
+    task: asyncio.Task | None = None
+    since_wall: float | None = None
+
+
+@dataclass
+class DaemonStats:
+    kernel_writes: int = 0
+    kernel_write_errors: int = 0
+    last_write_wall: float | None = None
+    last_write_seconds: float | None = None
+    failovers: int = 0
+    started_wall: float = field(default_factory=time.time)
+
+
+class Daemon:
+    def __init__(self, config: Config, log: EventLog):
+        self.config = config
+        self.log = log
+        self.settings = DatapathSettings(listen_port=config.port, instance=config.instance)
+        self.ssl_context = make_ssl_context(config.probe)
+        self.targets: dict[Backend, _Target] = {}
+        self.resolved: dict[EndpointSpec, list[Backend]] = {}
+        self.results: asyncio.Queue[tuple[Backend, ProbeResult]] = asyncio.Queue()
+        self.datapath: Datapath | None = None
+        self.datapath_reason = ""
+        self.selection: FullSelection | None = None
+        self.applied: tuple[Backend, ...] | None = None
+        self.apply_pending = False
+        self.stats = DaemonStats()
+        self._stop = asyncio.Event()
+        self._state_dirty = True
+        self._dp_cls: type[Datapath] | None = None
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def request_stop(self, why: str = "signal") -> None:
+        if not self._stop.is_set():
+            self.log.info("stopping", reason=why)
+            self._stop.set()
+
+    async def run(self) -> int:
+        lock = DaemonLock(self.config.state_dir)
+        lock.acquire()
+        loop = asyncio.get_running_loop()
+        for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            loop.add_signal_handler(sig, self.request_stop, name)
+        dp_cls: type[Datapath] | None = None
+        try:
+            dp_cls, self.datapath_reason = choose(self.config.datapath, self.settings)
+            self._dp_cls = dp_cls
+            self.log.info(
+                "start", version=__version__, pid=os.getpid(), instance=self.config.instance,
+                datapath=dp_cls.name, why=self.datapath_reason, port=self.config.port,
+                probe=self.config.probe.mode, interval=self.config.probe.interval,
+            )
+            await self._resolve_all()
+            while not self.targets and not self._stop.is_set():
+                self.log.error("no_backends", reason="no endpoint resolved to an address; retrying")
+                await self._sleep_or_stop(min(5.0, self.config.resolve_interval))
+                await self._resolve_all()
+            if self._stop.is_set():
+                return 0
+            await self._first_round()
+            self._select()
+            assert self.selection is not None and self.selection.backends
+            self.datapath = dp_cls(self.settings)
+            adopted = self.datapath.install(self.selection.backends)
+            self.log.info("datapath_ready", datapath=dp_cls.name, adopted=adopted)
+            if adopted:
+                self._apply(force=True)
+            else:
+                self._record_write(self.selection.backends, 0.0)
+            self._remove_other_datapaths(dp_cls)
+            self._write_state()
+            await self._main_loop()
+            return 0
+        finally:
+            for t in self.targets.values():
+                if t.task:
+                    t.task.cancel()
+            for t in self.targets.values():
+                await t.prober.close()
+            if self.datapath is not None:
+                self.datapath.close()
+            if self.config.cleanup_on_exit and dp_cls is not None:
+                for line in dp_cls.cleanup(self.settings):
+                    self.log.info("cleanup", removed=line)
+            remove_state(self.config.state_dir)
+            lock.release()
+            self.log.info("stopped", datapath_left_in_place=not self.config.cleanup_on_exit)
+
+    def _remove_other_datapaths(self, chosen: type[Datapath]) -> None:
+        """A node switched between data paths must not be steered by both."""
+        for name in ALL_DATAPATHS:
+            if name == chosen.name:
+                continue
+            try:
+                removed = datapath_class(name).cleanup(self.settings)
+            except (DatapathError, DatapathUnavailable, OSError):
+                continue
+            for line in removed:
+                self.log.info("removed_other_datapath", datapath=name, removed=line)
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # ---- endpoints -------------------------------------------------------
+
+    async def _resolve_all(self) -> None:
+        specs = list(self.config.endpoints)
+        results = await asyncio.gather(*(resolve(s) for s in specs), return_exceptions=True)
+        for spec, res in zip(specs, results):
+            if isinstance(res, BaseException):
+                # Keep what the name resolved to before: a DNS outage must not
+                # take backends away.
+                self.log.warn("resolve_failed", endpoint=str(spec), error=str(res),
+                              keeping=",".join(map(str, self.resolved.get(spec, []))) or "nothing")
+                continue
+            if spec.is_name and res != self.resolved.get(spec):
+                self.log.info("resolved", endpoint=str(spec), addresses=",".join(map(str, res)))
+            self.resolved[spec] = res
+        self._sync_targets()
+
+    def _sync_targets(self) -> None:
+        origins: dict[Backend, list[str]] = {}
+        names: dict[Backend, str] = {}
+        for spec in self.config.endpoints:
+            for b in self.resolved.get(spec, []):
+                origins.setdefault(b, []).append(str(spec))
+                names.setdefault(b, spec.host)
+        for b in list(self.targets):
+            if b not in origins:
+                t = self.targets.pop(b)
+                if t.task:
+                    t.task.cancel()
+                self.log.info("backend_removed", address=str(b))
+                self._state_dirty = True
+        for b, orig in origins.items():
+            if b in self.targets:
+                self.targets[b].origins = orig
+                continue
+            prober = Prober(b, self.config.probe, self.ssl_context, server_name=names[b])
+            t = _Target(BackendHealth(b), orig, prober)
+            self.targets[b] = t
+            if self.selection is not None or self.datapath is not None:
+                t.task = asyncio.create_task(self._probe_loop(b, prober))
+            self._state_dirty = True
+
+    # ---- probing ---------------------------------------------------------
+
+    async def _probe_loop(self, backend: Backend, prober: Prober, first_delay: float = 0.0) -> None:
+        cfg = self.config.probe
+        loop = asyncio.get_running_loop()
+        if first_delay:
+            await asyncio.sleep(first_delay)
+        while True:
+            started = loop.time()
+            result = await prober.probe()
+            self.results.put_nowait((backend, result))
+            spread = cfg.interval * cfg.jitter
+            delay = cfg.interval + random.uniform(-spread, spread) - (loop.time() - started)
+            await asyncio.sleep(max(0.0, delay))
+
+    async def _first_round(self) -> None:
+        """Probe every backend once before the first write, so that a fresh
+        start does not steer to a dead backend for a whole interval."""
+        for b, t in self.targets.items():
+            t.task = asyncio.create_task(self._probe_loop(b, t.prober))
+        pending = set(self.targets)
+        deadline = time.monotonic() + self.config.probe.timeout + 0.5
+        while pending and not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                backend, result = await asyncio.wait_for(self.results.get(), left)
+            except asyncio.TimeoutError:
+                break
+            self._observe(backend, result)
+            pending.discard(backend)
+
+    def _observe(self, backend: Backend, result: ProbeResult) -> list[Change]:
+        t = self.targets.get(backend)
+        if t is None:  # removed by a re-resolution while its probe ran
+            return []
+        cfg = self.config.probe
+        changes = t.health.observe(result, time.monotonic(), cfg.rise, cfg.fall)
+        for c in changes:
+            self._log_change(t, c)
+            if c.kind in ("up", "down"):
+                t.since_wall = time.time()
+        self._state_dirty = True
+        return changes
+
+    def _log_change(self, t: _Target, c: Change) -> None:
+        h = t.health
+        common = dict(address=str(c.backend), endpoint=",".join(t.origins))
+        if c.kind == "up":
+            self.log.info("backend_up", **common, reason=c.reason, previous=c.old,
+                          latency_ms=None if h.latency is None else round(h.latency * 1000, 3))
+        elif c.kind == "down":
+            self.log.warn("backend_down", **common, reason=c.reason, previous=c.old,
+                          failures=h.failures)
+        else:
+            self.log.info("tier_change", **common, old=c.old, new=c.new, why=c.reason)
+
+    # ---- selection and the kernel ---------------------------------------
+
+    def _select(self) -> bool:
+        """Recompute the selection; True when the backend set changed."""
+        families = self._dp_cls.families if self._dp_cls else frozenset({4, 6})
+        cands = [Candidate(b, t.health.healthy, t.health.tier) for b, t in self.targets.items()]
+        new = select(cands, families)
+        old = self.selection
+        self.selection = new
+        if old is not None and new.fail_open != old.fail_open:
+            if new.fail_open:
+                self.log.warn("fail_open", reason="no healthy backend: steering to every known backend")
+            else:
+                self.log.info("fail_open_ended")
+        return old is None or old.backends != new.backends
+
+    def _apply(self, force: bool = False) -> None:
+        assert self.datapath is not None and self.selection is not None
+        backends = self.selection.backends
+        if not backends:
+            # Never write an empty set (selection only returns one when no
+            # backend of a steerable family is known at all).
+            self.log.error("no_steerable_backends", families=",".join(map(str, sorted(self.datapath.families))))
+            return
+        if not force and backends == self.applied and not self.apply_pending:
+            return
+        start = time.monotonic()
+        try:
+            written = self.datapath.apply(backends)
+        except DatapathError as e:
+            self.stats.kernel_write_errors += 1
+            self.apply_pending = True
+            self.log.error("write_failed", error=str(e), backends=",".join(map(str, backends)))
+            return
+        self.apply_pending = False
+        if written:
+            self._record_write(backends, time.monotonic() - start)
+        self.applied = backends
+
+    def _record_write(self, backends: tuple[Backend, ...], seconds: float) -> None:
+        if self.applied is not None and set(self.applied) - set(backends):
+            self.stats.failovers += 1
+        self.applied = backends
+        self.stats.kernel_writes += 1
+        self.stats.last_write_wall = time.time()
+        self.stats.last_write_seconds = seconds
+        sel = self.selection
+        modes = ",".join(f"ipv{f}:{s.mode}" for f, s in sel.by_family.items()) if sel else ""
+        self.log.info("set_written", backends=",".join(map(str, backends)), selection=modes,
+                      duration_ms=round(seconds * 1000, 3))
+        self._state_dirty = True
+
+    def _reconcile(self) -> None:
+        """Re-assert the set: repairs kernel state changed behind our back (a
+        flushed table, a detached program). apply() writes only on a
+        difference, so this is free when nothing drifted."""
+        assert self.datapath is not None and self.selection is not None
+        try:
+            if self.datapath.apply(self.selection.backends):
+                self.log.warn("repaired", reason="kernel state differed from the selection")
+                self._record_write(self.selection.backends, 0.0)
+        except DatapathError as e:
+            self.log.warn("reinstall", reason=str(e))
+            try:
+                self.datapath.install(self.selection.backends)
+                self.datapath.apply(self.selection.backends)
+                self._record_write(self.selection.backends, 0.0)
+            except DatapathError as e2:
+                self.log.error("reinstall_failed", error=str(e2))
+
+    async def _main_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_resolve = loop.time() + self.config.resolve_interval
+        next_state = loop.time()
+        next_reconcile = loop.time() + RECONCILE_EVERY
+        has_names = any(s.is_name for s in self.config.endpoints)
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                now = loop.time()
+                wake = min(next_state, next_reconcile, next_resolve if has_names else now + 60)
+                get = asyncio.ensure_future(self.results.get())
+                done, _ = await asyncio.wait({get, stop_wait}, timeout=max(0.0, wake - now),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    batch = [get.result()]
+                    while not self.results.empty():  # coalesce a burst into one write
+                        batch.append(self.results.get_nowait())
+                    changed = False
+                    for backend, result in batch:
+                        if self._observe(backend, result):
+                            changed = True
+                    if changed and self._select():
+                        self._apply()
+                    elif self.apply_pending:
+                        self._apply()
+                    if changed:  # up/down/tier: `status` shows it at once
+                        self._write_state()
+                else:
+                    get.cancel()
+                now = loop.time()
+                if has_names and now >= next_resolve:
+                    next_resolve = now + self.config.resolve_interval
+                    await self._resolve_all()
+                    if self._select():
+                        self._apply()
+                if now >= next_reconcile:
+                    next_reconcile = now + RECONCILE_EVERY
+                    self._reconcile()
+                if now >= next_state:
+                    self._write_state()
+                    next_state = now + STATE_WRITE_EVERY
+        finally:
+            stop_wait.cancel()
+
+    # ---- state for `status` ---------------------------------------------
+
+    def snapshot(self) -> dict:
+        active = set(self.applied or ())
+        backends = []
+        for b in sorted(self.targets):
+            t = self.targets[b]
+            h = t.health
+            backends.append({
+                "address": str(b),
+                "family": b.family,
+                "endpoints": t.origins,
+                "state": h.state,
+                "reason": h.reason,
+                "latency_ms": None if h.latency is None else round(h.latency * 1000, 3),
+                "tier": h.tier,
+                "active": b in active,
+                "since": _iso(t.since_wall),
+                "probes": h.probes,
+                "failures": dict(h.failures_total),
+                "kept_alive_probes": t.prober.reused,
+            })
+        sel = self.selection
+        return {
+            "schema": 1,
+            "version": __version__,
+            "pid": os.getpid(),
+            "instance": self.config.instance,
+            "started_at": _iso(self.stats.started_wall),
+            "updated_at": _iso(time.time()),
+            "datapath": self.datapath.name if self.datapath else None,
+            "datapath_reason": self.datapath_reason,
+            "listen_port": self.config.port,
+            "probe": {
+                "mode": self.config.probe.mode,
+                "interval_s": self.config.probe.interval,
+                "timeout_s": self.config.probe.timeout,
+                "rise": self.config.probe.rise,
+                "fall": self.config.probe.fall,
+            },
+            "fail_open": bool(sel and sel.fail_open),
+            "selection": {f"ipv{f}": {"mode": s.mode, "tier": s.tier, "backends": [str(x) for x in s.backends]}
+                          for f, s in (sel.by_family.items() if sel else [])},
+            "active": [str(b) for b in (self.applied or ())],
+            "backends": backends,
+            "kernel_writes": self.stats.kernel_writes,
+            "kernel_write_errors": self.stats.kernel_write_errors,
+            "last_write_at": _iso(self.stats.last_write_wall),
+            "failovers": self.stats.failovers,
+        }
+
+    def _write_state(self) -> None:
+        try:
+            write_state(self.config.state_dir, self.snapshot())
+            self._state_dirty = False
+        except OSError as e:
+            self.log.warn("state_write_failed", error=str(e))

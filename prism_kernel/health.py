@@ -1,0 +1,122 @@
+"""Per-backend health: rise/fall hysteresis, smoothed latency, latency tier.
+
+Pure: no I/O and no clock (the caller passes `now`), so every transition is
+unit-tested. One `BackendHealth` per backend address.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Literal
+
+from prism_kernel.model import Backend
+
+# Tier boundaries in seconds: KubePrism's decade buckets (<1 ms, <10 ms,
+# <100 ms, <1 s, >=1 s). Tier 0 is the fastest.
+TIER_BOUNDS: tuple[float, ...] = (0.001, 0.010, 0.100, 1.0)
+MAX_TIER = len(TIER_BOUNDS)
+# A smoothed latency must cross a boundary by this fraction before the tier
+# changes, so a backend sitting near a boundary does not flip back and forth.
+TIER_HYSTERESIS = 0.25
+# Weight of a new latency sample in the moving average: one slow sample moves
+# the average by at most 30% of the difference.
+LATENCY_ALPHA = 0.3
+
+State = Literal["unknown", "up", "down"]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    latency: float | None = None  # seconds, from a monotonic clock; None on failure
+    reason: str = "ok"  # on failure: refused, timeout, reset, tls: ..., http 503, ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """A state change worth one log line."""
+
+    kind: Literal["up", "down", "tier"]
+    backend: Backend
+    reason: str
+    old: object = None
+    new: object = None
+
+
+def raw_tier(latency: float) -> int:
+    return bisect.bisect_right(TIER_BOUNDS, latency)
+
+
+def next_tier(latency: float, previous: int | None) -> int:
+    """The tier of `latency` given the tier the backend is in now.
+
+    Moving to a slower tier needs the latency at least (1+h) times that tier's
+    lower bound; moving to a faster one needs it below (1-h) times the current
+    tier's lower bound."""
+    if previous is None:
+        return raw_tier(latency)
+    tier = previous
+    while tier < MAX_TIER and latency >= TIER_BOUNDS[tier] * (1 + TIER_HYSTERESIS):
+        tier += 1
+    while tier > 0 and latency < TIER_BOUNDS[tier - 1] * (1 - TIER_HYSTERESIS):
+        tier -= 1
+    return tier
+
+
+@dataclass
+class BackendHealth:
+    backend: Backend
+    state: State = "unknown"
+    reason: str = "not probed yet"
+    successes: int = 0  # consecutive
+    failures: int = 0  # consecutive
+    latency: float | None = None  # smoothed, seconds
+    last_latency: float | None = None
+    tier: int | None = None
+    since: float | None = None  # `now` of the last up/down change
+    probes: int = 0
+    failures_total: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "up"
+
+    def observe(self, result: ProbeResult, now: float, rise: int, fall: int) -> list[Change]:
+        """Take one probe result; return the changes it caused.
+
+        The first result of a backend decides its state at once (a daemon that
+        starts should not wait rise x interval to route); after that, `rise`
+        consecutive successes bring it up and `fall` consecutive failures take
+        it down."""
+        changes: list[Change] = []
+        self.probes += 1
+        if result.ok:
+            self.successes += 1
+            self.failures = 0
+            if result.latency is not None:
+                self.last_latency = result.latency
+                self.latency = (
+                    result.latency
+                    if self.latency is None
+                    else self.latency + LATENCY_ALPHA * (result.latency - self.latency)
+                )
+                tier = next_tier(self.latency, self.tier)
+                if self.tier is not None and tier != self.tier:
+                    changes.append(Change("tier", self.backend, f"latency {self.latency * 1000:.2f}ms", self.tier, tier))
+                self.tier = tier
+            if self.state == "unknown" or (self.state == "down" and self.successes >= rise):
+                changes.append(Change("up", self.backend, result.reason, self.state, "up"))
+                self.state, self.since = "up", now
+            if self.state == "up":
+                self.reason = result.reason
+        else:
+            self.failures += 1
+            self.successes = 0
+            self.failures_total[result.reason] = self.failures_total.get(result.reason, 0) + 1
+            if self.state == "unknown" or (self.state == "up" and self.failures >= fall):
+                changes.append(Change("down", self.backend, result.reason, self.state, "down"))
+                self.state, self.since = "down", now
+            if self.state == "down":
+                self.reason = result.reason
+        return changes

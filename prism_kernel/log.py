@@ -1,0 +1,43 @@
+"""Structured log lines: one line per event, logfmt or JSON, on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+
+def _logfmt_value(v: Any) -> str:
+    s = str(v)
+    if s == "" or any(c in s for c in ' ="\\\n\t'):
+        return json.dumps(s)
+    return s
+
+
+class EventLog:
+    def __init__(self, fmt: str = "logfmt", stream: TextIO | None = None):
+        self.fmt = fmt
+        self.stream = stream or sys.stderr
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+        record = {"ts": ts, "level": level, "event": event, **{k: v for k, v in fields.items() if v is not None}}
+        if self.fmt == "json":
+            line = json.dumps(record, default=str)
+        else:
+            line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in record.items())
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must not stop the data path's writer
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, fields)
+
+    def warn(self, event: str, **fields: Any) -> None:
+        self._emit("warn", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, fields)

@@ -1,0 +1,208 @@
+"""Active probes of one backend: tcp (connect), tls (handshake verified against
+the CA) and readyz (TLS + GET /readyz, healthy only on 200).
+
+Each backend is probed by its own task with its own timeout, so a black-holed
+backend never delays the others. The readyz probe keeps its TLS connection
+alive between probes: a 1,000-node cluster probing every API server once a
+second must cost the servers an HTTP request each, not a TLS handshake each.
+
+Latency (from the monotonic clock) is what one round trip costs: the connect
+for tcp, the handshake for tls, the request on an established connection for
+readyz, so that kept-alive and fresh probes measure the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+import time
+
+from prism_kernel.config import ProbeConfig
+from prism_kernel.health import ProbeResult
+from prism_kernel.model import Backend
+
+_MAX_HEADER_BYTES = 16 * 1024
+_MAX_BODY_BYTES = 64 * 1024
+
+
+def make_ssl_context(cfg: ProbeConfig) -> ssl.SSLContext | None:
+    if cfg.mode == "tcp":
+        return None
+    ctx = ssl.create_default_context(cafile=cfg.ca_file)
+    if cfg.insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cfg.client_cert_file:
+        ctx.load_cert_chain(cfg.client_cert_file, cfg.client_key_file)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class ProbeFailed(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def classify(exc: BaseException, phase: str) -> str:
+    """A short, stable reason for a failed probe (a metric label, a log field)."""
+    if isinstance(exc, ProbeFailed):
+        return exc.reason
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"{phase} timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"tls: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"tls: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, (asyncio.IncompleteReadError, EOFError, BrokenPipeError)):
+        return "closed by peer"
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return "unreachable"
+        return f"error: {exc.strerror or exc}"
+    return f"error: {exc}"
+
+
+class Prober:
+    """Probes one backend. Not thread-safe; one task drives it."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        cfg: ProbeConfig,
+        ssl_context: ssl.SSLContext | None,
+        server_name: str | None = None,
+    ):
+        self.backend = backend
+        self.cfg = cfg
+        self.ssl_context = ssl_context
+        # What the certificate must name: the configured server name, else the
+        # host the operator wrote (a DNS name, or the address itself).
+        self.server_name = cfg.server_name or server_name or str(backend.address)
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.reused = 0  # probes served on a kept-alive connection
+
+    async def probe(self) -> ProbeResult:
+        deadline = time.monotonic() + self.cfg.timeout
+        phase = ["connect"]
+        try:
+            return await asyncio.wait_for(self._probe(deadline, phase), self.cfg.timeout)
+        except asyncio.CancelledError:
+            self._drop()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is a probe result
+            self._drop()
+            return ProbeResult(False, None, classify(exc, phase[0]))
+
+    async def close(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn[1].transport.abort()
+            self._conn = None
+
+    async def _open(self, phase: list[str], use_tls: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, float]:
+        host, port = str(self.backend.address), self.backend.port
+        start = time.monotonic()
+        phase[0] = "connect"
+        reader, writer = await asyncio.open_connection(host, port)
+        connected = time.monotonic()
+        if use_tls:
+            phase[0] = "tls handshake"
+            await writer.start_tls(self.ssl_context, server_hostname=self.server_name)
+        done = time.monotonic()
+        return reader, writer, (connected - start) if not use_tls else (done - connected)
+
+    async def _probe(self, deadline: float, phase: list[str]) -> ProbeResult:
+        mode = self.cfg.mode
+        if mode in ("tcp", "tls"):
+            reader, writer, latency = await self._open(phase, use_tls=(mode == "tls"))
+            writer.transport.abort()  # no FIN handshake to wait for; a probe holds nothing
+            return ProbeResult(True, latency, "ok")
+        # readyz: reuse the kept-alive connection; if the server closed it while
+        # idle, the request fails before any response byte: retry once fresh.
+        if self._conn is not None:
+            try:
+                status, latency = await self._request(*self._conn, phase)
+                self.reused += 1
+                return self._readyz_result(status, latency)
+            except (ConnectionError, asyncio.IncompleteReadError, EOFError, ssl.SSLError, OSError):
+                self._drop()
+                if time.monotonic() >= deadline:
+                    raise
+        reader, writer, _ = await self._open(phase, use_tls=True)
+        self._conn = (reader, writer)
+        status, latency = await self._request(reader, writer, phase)
+        return self._readyz_result(status, latency)
+
+    def _readyz_result(self, status: int, latency: float) -> ProbeResult:
+        if status == 200:
+            return ProbeResult(True, latency, "ok")
+        return ProbeResult(False, None, f"http {status}")
+
+    async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, phase: list[str]) -> tuple[int, float]:
+        phase[0] = "readyz"
+        host = self.server_name if ":" not in self.server_name else f"[{self.server_name}]"
+        request = (
+            f"GET /readyz HTTP/1.1\r\nHost: {host}:{self.backend.port}\r\n"
+            "User-Agent: prism-kernel\r\nAccept: text/plain\r\n\r\n"
+        ).encode()
+        start = time.monotonic()
+        writer.write(request)
+        await writer.drain()
+        status_line = await reader.readline()
+        if not status_line:
+            raise asyncio.IncompleteReadError(b"", None)
+        latency = time.monotonic() - start
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise ProbeFailed("bad http response")
+        status = int(parts[1])
+        length, chunked, close = 0, False, parts[0] == b"HTTP/1.0"
+        seen = len(status_line)
+        while True:
+            line = await reader.readline()
+            seen += len(line)
+            if seen > _MAX_HEADER_BYTES:
+                raise ProbeFailed("bad http response")
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value:
+                chunked = True
+            elif name == b"connection" and value == b"close":
+                close = True
+        if chunked:
+            await self._skip_chunked(reader)
+        elif length:
+            if length > _MAX_BODY_BYTES:
+                raise ProbeFailed("bad http response")
+            await reader.readexactly(length)
+        if close:
+            self._drop()
+        return status, latency
+
+    @staticmethod
+    async def _skip_chunked(reader: asyncio.StreamReader) -> None:
+        total = 0
+        while True:
+            size_line = await reader.readline()
+            try:
+                size = int(size_line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise ProbeFailed("bad http response") from None
+            total += size
+            if total > _MAX_BODY_BYTES:
+                raise ProbeFailed("bad http response")
+            await reader.readexactly(size + 2)
+            if size == 0:
+                return
