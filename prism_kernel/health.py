@@ -22,6 +22,13 @@ TIER_HYSTERESIS = 0.25
 # Weight of a new latency sample in the moving average: one slow sample moves
 # the average by at most 30% of the difference.
 LATENCY_ALPHA = 0.3
+# And a tier change needs this many consecutive samples pointing the same way:
+# together with the band, one outlier never flips a tier, however large.
+TIER_CONFIRM = 3
+# A sample counts as at most this many times the current average: a single
+# huge outlier (a GC pause, one lost packet) moves the average a little; a
+# sustained slowdown still raises it by up to 1.9x per sample.
+SAMPLE_CLAMP = 4.0
 
 State = Literal["unknown", "up", "down"]
 
@@ -76,6 +83,8 @@ class BackendHealth:
     tier: int | None = None
     since: float | None = None  # `now` of the last up/down change
     probes: int = 0
+    _tier_direction: int = 0  # +1 slower / -1 faster, for the pending change
+    _tier_votes: int = 0
     failures_total: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -96,15 +105,12 @@ class BackendHealth:
             self.failures = 0
             if result.latency is not None:
                 self.last_latency = result.latency
-                self.latency = (
-                    result.latency
-                    if self.latency is None
-                    else self.latency + LATENCY_ALPHA * (result.latency - self.latency)
-                )
-                tier = next_tier(self.latency, self.tier)
-                if self.tier is not None and tier != self.tier:
-                    changes.append(Change("tier", self.backend, f"latency {self.latency * 1000:.2f}ms", self.tier, tier))
-                self.tier = tier
+                if self.latency is None:
+                    self.latency = result.latency
+                else:
+                    sample = min(result.latency, self.latency * SAMPLE_CLAMP)
+                    self.latency += LATENCY_ALPHA * (sample - self.latency)
+                self._update_tier(changes)
             if self.state == "unknown" or (self.state == "down" and self.successes >= rise):
                 changes.append(Change("up", self.backend, result.reason, self.state, "up"))
                 self.state, self.since = "up", now
@@ -120,3 +126,22 @@ class BackendHealth:
             if self.state == "down":
                 self.reason = result.reason
         return changes
+
+    def _update_tier(self, changes: list[Change]) -> None:
+        assert self.latency is not None
+        candidate = next_tier(self.latency, self.tier)
+        if self.tier is None:
+            self.tier = candidate
+            return
+        if candidate == self.tier:
+            self._tier_direction, self._tier_votes = 0, 0
+            return
+        direction = 1 if candidate > self.tier else -1
+        if direction == self._tier_direction:
+            self._tier_votes += 1
+        else:
+            self._tier_direction, self._tier_votes = direction, 1
+        if self._tier_votes >= TIER_CONFIRM:
+            changes.append(Change("tier", self.backend, f"latency {self.latency * 1000:.2f}ms", self.tier, candidate))
+            self.tier = candidate
+            self._tier_direction, self._tier_votes = 0, 0
