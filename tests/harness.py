@@ -1,0 +1,206 @@
+"""Drive a real prism-kernel daemon process and real clients in tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_PORT = 17445  # never 7445: a live daemon on this machine must not be touched
+TEST_INSTANCE = "pk-test"
+
+
+def prism(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prism_kernel", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def cleanup_instance(instance: str = TEST_INSTANCE) -> None:
+    prism("cleanup", "--instance", instance, "--force")
+
+
+class Daemon:
+    """`prism-kernel run` as a child process; its JSON log lines are parsed."""
+
+    def __init__(self, endpoints: list[str], datapath: str, ca_file: str | None, tmpdir: str,
+                 port: int = TEST_PORT, instance: str = TEST_INSTANCE, interval: float = 0.2,
+                 timeout: float = 0.5, rise: int = 2, fall: int = 2, probe: str = "readyz",
+                 cleanup_on_exit: bool = True, extra: list[str] | None = None):
+        self.port = port
+        self.instance = instance
+        self.interval, self.rise, self.fall = interval, rise, fall
+        self.log_path = Path(tmpdir) / f"daemon-{time.monotonic_ns()}.log"
+        argv = [sys.executable, "-m", "prism_kernel", "run", "--port", str(port), "--datapath", datapath,
+                "--instance", instance, "--probe", probe, "--probe-interval", str(interval),
+                "--probe-timeout", str(timeout), "--probe-rise", str(rise), "--probe-fall", str(fall),
+                "--log-format", "json"]
+        for e in endpoints:
+            argv += ["--endpoint", e]
+        if ca_file:
+            argv += ["--ca-file", ca_file]
+        if cleanup_on_exit:
+            argv.append("--cleanup-on-exit")
+        argv += extra or []
+        self.argv = argv
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO)
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"event": "unparsed", "line": line})
+        return out
+
+    def wait_event(self, event: str, timeout: float = 15, after: int = 0, **match) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            evs = self.events()
+            for ev in evs[after:]:
+                if ev.get("event") == event and all(str(ev.get(k)) == str(v) for k, v in match.items()):
+                    return ev
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode} waiting for {event}:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {event} {match} within {timeout}s:\n{self.log_path.read_text()}")
+
+    def wait_ready(self, timeout: float = 30) -> dict:
+        return self.wait_event("datapath_ready", timeout)
+
+    def status(self) -> dict:
+        st = prism("status", "--instance", self.instance, "-o", "json")
+        return json.loads(st.stdout)
+
+    def wait_active(self, expected: set[str], timeout: float = 10) -> float:
+        """Wait until the daemon's written set equals `expected`; returns the time it took."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            state = self.status().get("state") or {}
+            if set(state.get("active", [])) == expected:
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise AssertionError(f"active set never became {expected}: {self.status()}\n{self.log_path.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def client_context(ca_file: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def https_get(ctx: ssl.SSLContext, path: str = "/whoami", host: str = "127.0.0.1", port: int = TEST_PORT,
+              timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
+    """One request on a new connection, as client-go's first request is."""
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return status, headers, body
+
+
+def who(ctx: ssl.SSLContext, port: int = TEST_PORT) -> str:
+    status, headers, _ = https_get(ctx, "/whoami", port=port)
+    assert status == 200
+    return headers["x-backend"]
+
+
+@dataclass
+class ClientLoop:
+    """New connections at a steady rate in a thread, each with one retry,
+    bounded in count and time. Records failures and who answered."""
+
+    ctx: ssl.SSLContext
+    port: int = TEST_PORT
+    rate: float = 100.0
+    max_requests: int = 20_000
+    max_seconds: float = 60.0
+    retries: int = 1
+    ok: int = 0
+    failed: list[str] = field(default_factory=list)
+    first_try_failed: int = 0
+    answered_by: dict[str, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        n = 0
+        while not self._stop.is_set() and n < self.max_requests and time.monotonic() - start < self.max_seconds:
+            n += 1
+            for attempt in range(self.retries + 1):
+                try:
+                    name = who(self.ctx, self.port)
+                    self.ok += 1
+                    self.answered_by[name] = self.answered_by.get(name, 0) + 1
+                    break
+                except (OSError, AssertionError, ValueError, IndexError) as e:
+                    if attempt == 0:
+                        self.first_try_failed += 1
+                    if attempt == self.retries:
+                        self.failed.append(f"{type(e).__name__}: {e}")
+            next_at = start + n / self.rate
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    def __enter__(self) -> "ClientLoop":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(self.max_seconds + 10)
+
+
+def kernel_leftovers(instance: str = TEST_INSTANCE) -> list[str]:
+    """Kernel state an instance may have left: nft table, BPF pins, attached programs."""
+    left = []
+    table = instance.replace("-", "_")
+    nft = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True)
+    for item in json.loads(nft.stdout or '{"nftables": []}').get("nftables", []):
+        t = item.get("table")
+        if t and t.get("name") == table:
+            left.append(f"nft table {t['family']} {table}")
+    pin_dir = Path("/sys/fs/bpf") / instance
+    if pin_dir.exists():
+        left.append(f"bpf pins {pin_dir}: {sorted(os.listdir(pin_dir))}")
+    return left

@@ -1,0 +1,231 @@
+"""The daemon end to end, on real hosts in network namespaces, through the
+real kernel data path; every test runs on both data paths."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import (
+    TEST_INSTANCE,
+    TEST_PORT,
+    ClientLoop,
+    Daemon,
+    client_context,
+    https_get,
+    kernel_leftovers,
+    prism,
+    who,
+)
+
+pytestmark = pytest.mark.kernel
+
+DATAPATHS = ["nftables", "ebpf"]
+
+
+@pytest.fixture(params=DATAPATHS)
+def datapath(request):
+    return request.param
+
+
+def endpoints(tb):
+    return [b.endpoint for b in tb.backends]
+
+
+def names(tb, *idx):
+    return {tb.backends[i].endpoint for i in idx}
+
+
+def test_connections_reach_only_healthy_backends(testbed, datapath):
+    tb = testbed
+    tb.backends[1].stop()
+    ctx = client_context(tb.ca_file)
+    with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        d.wait_active(names(tb, 0, 2))
+        seen = {}
+        for _ in range(60):
+            n = who(ctx)
+            seen[n] = seen.get(n, 0) + 1
+        assert set(seen) == {"be0", "be2"}, seen  # both healthy ones, never the stopped one
+        st = d.status()
+        assert st["daemon"]["running"] and st["healthy"]
+        rows = {b["address"]: b for b in st["state"]["backends"]}
+        assert rows[tb.backends[1].endpoint]["state"] == "down"
+        assert rows[tb.backends[1].endpoint]["reason"] == "refused"
+        assert not rows[tb.backends[1].endpoint]["active"]
+        assert st["kernel"][datapath]["installed"]
+        assert set(st["kernel"][datapath]["backends"]) == names(tb, 0, 2)
+
+
+def test_stopped_backend_leaves_within_interval_x_fall_and_returns_after_rise(testbed, datapath):
+    tb = testbed
+    ctx = client_context(tb.ca_file)
+    with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir, interval=0.3, rise=3, fall=2) as d:
+        d.wait_ready()
+        d.wait_active(names(tb, 0, 1, 2))
+        mark = len(d.events())
+        tb.backends[2].stop()
+        t0 = time.monotonic()
+        d.wait_event("backend_down", after=mark, address=tb.backends[2].endpoint)
+        left = d.wait_active(names(tb, 0, 1))
+        took = time.monotonic() - t0
+        # fall x interval, plus one interval for the probe in flight, jitter, and
+        # the status poll; a loose bound that still fails if fall is ignored by
+        # a factor of two.
+        assert took <= d.interval * (d.fall + 1) * 1.1 + 0.5, (took, left)
+        assert {who(ctx) for _ in range(30)} <= {"be0", "be1"}
+
+        mark = len(d.events())
+        tb.backends[2].start()
+        t1 = time.monotonic()
+        up = d.wait_event("backend_up", after=mark, address=tb.backends[2].endpoint)
+        d.wait_active(names(tb, 0, 1, 2))
+        back = time.monotonic() - t1
+        # rise successes are needed: at least (rise - 1) full intervals (less jitter).
+        assert back >= (d.rise - 1) * d.interval * 0.85, back
+        assert back <= d.interval * (d.rise + 1) * 1.1 + 0.5, back
+        assert up["previous"] == "down"
+
+
+def test_all_down_fails_open_then_recovers(testbed, datapath):
+    tb = testbed
+    with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        d.wait_active(names(tb, 0, 1, 2))
+        for b in tb.backends:
+            b.drain(True)  # readyz 503 on all: none healthy, all still serve
+        d.wait_event("fail_open")
+        d.wait_active(names(tb, 0, 1, 2))
+        st = d.status()
+        assert st["state"]["fail_open"] is True
+        assert not st["healthy"]
+        assert set(st["kernel"][datapath]["backends"]) == names(tb, 0, 1, 2), "never an empty set"
+        assert prism("status", "--instance", TEST_INSTANCE).returncode == 1  # usable as a health check
+        ctx = client_context(tb.ca_file)
+        assert who(ctx) in {"be0", "be1", "be2"}  # fail open: still served
+        tb.backends[1].drain(False)
+        d.wait_event("fail_open_ended")
+        d.wait_active(names(tb, 1))
+        assert {who(ctx) for _ in range(20)} == {"be1"}
+
+
+def test_daemon_restart_without_a_failed_connection(testbed, datapath):
+    tb = testbed
+    ctx = client_context(tb.ca_file)
+    d1 = Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir, cleanup_on_exit=False)
+    try:
+        d1.wait_ready()
+        d1.wait_active(names(tb, 0, 1, 2))
+        with ClientLoop(ctx, rate=100, max_seconds=30) as loop:
+            time.sleep(0.5)
+            assert d1.stop(signal.SIGTERM) == 0
+            time.sleep(1.0)  # no daemon at all: the kernel keeps steering
+            with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d2:
+                ready = d2.wait_ready()
+                assert ready["adopted"] is True
+                time.sleep(0.5)
+        assert loop.ok > 100
+        assert loop.failed == [] and loop.first_try_failed == 0, loop.failed[:5]
+    finally:
+        d1.stop()
+
+
+def test_daemon_stop_leaves_the_datapath_and_cleanup_removes_it(testbed, datapath):
+    tb = testbed
+    ctx = client_context(tb.ca_file)
+    d = Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir, cleanup_on_exit=False)
+    d.wait_ready()
+    d.wait_active(names(tb, 0, 1, 2))
+    assert d.stop() == 0
+    assert who(ctx) in {"be0", "be1", "be2"}  # still steered without a daemon
+    st = prism("status", "--instance", TEST_INSTANCE, "-o", "json")
+    assert st.returncode == 1
+    assert '"running": false' in st.stdout and tb.backends[0].endpoint in st.stdout
+    assert kernel_leftovers(), "the data path must stay when the daemon stops"
+    out = prism("cleanup", "--instance", TEST_INSTANCE)
+    assert out.returncode == 0, out.stderr
+    assert kernel_leftovers() == []
+    with pytest.raises(OSError):
+        https_get(ctx, timeout=1.0)  # nothing listens on 127.0.0.1:TEST_PORT once removed
+
+
+def test_cleanup_on_exit_leaves_no_kernel_state(testbed, datapath):
+    tb = testbed
+    with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        assert kernel_leftovers()
+    assert d.proc.returncode == 0
+    assert kernel_leftovers() == []
+
+
+def test_second_daemon_exits_with_a_clear_error(testbed, datapath):
+    tb = testbed
+    with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        second = Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir)
+        rc = second.proc.wait(20)
+        second.stop()
+        assert rc == 3
+        assert "another prism-kernel daemon" in second.log_path.read_text()
+        assert d.proc.poll() is None  # the first one is unharmed
+        assert who(client_context(tb.ca_file)) in {"be0", "be1", "be2"}
+
+
+def test_kubectl_through_prism_kernel(testbed, datapath):
+    tb = testbed
+    kubeconfig = Path(tb.tmpdir) / "kubeconfig"
+    kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster:
+    server: https://127.0.0.1:{TEST_PORT}
+    certificate-authority: {tb.ca_file}
+contexts:
+- name: test
+  context: {{cluster: test, user: test}}
+current-context: test
+users:
+- name: test
+  user: {{}}
+""")
+    with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        out = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "--request-timeout=5s",
+                              "get", "--raw", "/readyz"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "ok"
+        ver = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "--request-timeout=5s",
+                              "get", "--raw", "/version"], capture_output=True, text=True, timeout=30)
+        assert ver.returncode == 0 and "gitVersion" in ver.stdout, ver.stderr
+
+
+def test_loopback_apiserver_is_preferred(testbed, datapath):
+    tb = testbed
+    local = tb.add_local_apiserver(port=16443)
+    with Daemon(endpoints(tb) + [local.endpoint], datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        d.wait_active({local.endpoint})
+        ctx = client_context(tb.ca_file)
+        assert {who(ctx) for _ in range(20)} == {local.name}
+        local.stop()
+        d.wait_active(names(tb, 0, 1, 2))
+        assert who(ctx) in {"be0", "be1", "be2"}
+
+
+def test_every_state_change_is_one_structured_log_line(testbed, datapath):
+    tb = testbed
+    with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        mark = len(d.events())
+        tb.backends[0].stop()
+        down = d.wait_event("backend_down", after=mark, address=tb.backends[0].endpoint)
+        assert down["reason"] == "refused" and down["level"] == "warn"
+        written = d.wait_event("set_written", after=mark)
+        assert tb.backends[0].endpoint not in written["backends"]
+        assert all(e["event"] != "unparsed" for e in d.events()), d.log_path.read_text()
