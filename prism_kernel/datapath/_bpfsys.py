@@ -68,7 +68,7 @@ def _nr() -> int:
         raise OSError(_errno.ENOSYS, f"bpf(2) syscall number unknown for {machine}") from None
 
 
-_NR_BPF = _nr()
+_NR_BPF: int | None = None
 
 _CMD_NAMES = {
     BPF_MAP_CREATE: "MAP_CREATE", BPF_MAP_LOOKUP_ELEM: "MAP_LOOKUP_ELEM",
@@ -82,7 +82,10 @@ _CMD_NAMES = {
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    ret = _libc.syscall(_NR_BPF, ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    global _NR_BPF
+    if _NR_BPF is None:
+        _NR_BPF = _nr()
+    ret = _libc.syscall(ctypes.c_long(_NR_BPF), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"bpf({_CMD_NAMES.get(cmd, cmd)}): {os.strerror(err)}")

@@ -1,0 +1,355 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * prism-kernel: connect-time steering of 127.0.0.1:PORT / [::1]:PORT to a
+ * healthy Kubernetes API server (cgroup sock_addr programs at the cgroup v2
+ * root), compiled at run time by bcc in a short-lived loader process
+ * (prism_kernel/datapath/_bpf_loader.py).
+ *
+ * Programs (one per hook):
+ *   connect4      BPF_CGROUP_INET4_CONNECT      127.0.0.1:PORT      -> IPv4 backend
+ *   connect6      BPF_CGROUP_INET6_CONNECT      [::1]:PORT          -> IPv6 backend
+ *                                              [::ffff:127.0.0.1]:PORT -> [::ffff:v4 backend]
+ *   getpeername4  BPF_CGROUP_INET4_GETPEERNAME  backend -> address the socket connected to
+ *   getpeername6  BPF_CGROUP_INET6_GETPEERNAME  (same, AF_INET6 sockets)
+ *
+ * Only TCP connects, only to exactly the listen address and port, and only
+ * in the host network namespace (netns cookie == pk_config.host_netns_cookie:
+ * inside a pod 127.0.0.1:PORT is the pod's own loopback and is left alone).
+ * With an empty backend set, or before the loader wrote the config, a connect
+ * is left untouched (return 1): this program never fails a connect.
+ *
+ * Maps (all declared here; pinned under PK_MAP_DIR = /sys/fs/bpf/<instance>/maps-v<PK_LAYOUT>):
+ *   pk_config    ARRAY[1]        {host netns cookie, listen port}: written by the
+ *                                daemon at install, read on every matching connect.
+ *   pk_active    HASH[1]         key 0 -> {generation, count4, count6, buf}: the
+ *                                selector. THE commit point of an update.
+ *   pk_slots     HASH            key PK_SLOT_KEY(family, buf, index) -> backend.
+ *   pk_counters  PERCPU_HASH     backend -> connections steered to it.
+ *   pk_stats     PERCPU_ARRAY    PK_STAT_* global counters.
+ *   pk_peers     SK_STORAGE      per socket {original dst, backend}: reverse
+ *                                translation for getpeername(); freed with the socket.
+ *
+ * pk_active, pk_slots and pk_counters are hash maps created with
+ * BPF_F_NO_PREALLOC on purpose: a hash update from user space builds a new
+ * element and swaps it in under RCU, and the old one is freed only after a
+ * grace period, so a program never sees a half-written value. An ARRAY
+ * update is a plain memcpy into the live value (a concurrent reader can see
+ * a torn entry), and a preallocated hash recycles an old element at once.
+ *
+ * Update protocol (one writer, the daemon; prism_kernel/datapath/ebpf.py
+ * _write_set() follows it step by step):
+ *   0. create zeroed pk_counters entries for the new backends (BPF_NOEXIST);
+ *   1. write the new set into the INACTIVE buffer: pk_slots[(fam, !buf, i)];
+ *   2. replace pk_active (one hash element, RCU swap) with
+ *      {gen + 1, count4, count6, !buf}: from here every new connect sees the
+ *      complete new set, before it the complete old one;
+ *   3. delete stale slots: the old buffer and anything past the new counts;
+ *   4. delete pk_counters entries of backends that left the set.
+ * A connect that read the selector before step 2 and reaches a slot removed in
+ * step 3 re-reads the selector (pk_pick(), at most PK_PICK_TRIES times), so it
+ * picks from the new set; it never sees a mix of two sets.
+ */
+
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/socket.h>
+
+#ifndef PK_LAYOUT
+#define PK_LAYOUT 1
+#endif
+#define PK_MAX_BACKENDS 64 /* per family; the daemon refuses more */
+#define PK_PICK_TRIES 3
+
+#define PK_FAMILY4 4
+#define PK_FAMILY6 6
+#define PK_SLOT_KEY(fam, buf, idx) (((__u32)(fam) << 24) | ((__u32)(buf) << 16) | (__u32)(idx))
+
+enum {
+	PK_STAT_STEERED = 0,  /* connects rewritten to a backend */
+	PK_STAT_NO_BACKEND,   /* matching connects left alone: empty set for the family */
+	PK_STAT_RETRY,        /* selector re-read because a slot vanished under an update */
+	PK_STAT_PEER_XLATE,   /* getpeername() answers rewritten */
+	PK_STAT_MAX,
+};
+
+/* Addresses and ports in network byte order, as in struct bpf_sock_addr. */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define pk_htonl(x) __builtin_bswap32(x)
+#define pk_htons(x) __builtin_bswap16(x)
+#else
+#define pk_htonl(x) (x)
+#define pk_htons(x) (x)
+#endif
+#define PK_LOOPBACK4 pk_htonl(0x7f000001)  /* 127.0.0.1 */
+#define PK_V4MAPPED pk_htonl(0x0000ffff)   /* ::ffff:0:0/96, third word */
+
+struct pk_config {
+	__u64 host_netns_cookie;
+	__u32 listen_port;  /* host byte order; 0 = steering off */
+	__u32 flags;        /* reserved */
+};
+
+struct pk_backend {
+	__u32 addr[4];  /* IPv4 in addr[0], the rest zero */
+	__u16 port;     /* network byte order */
+	__u8 family;    /* PK_FAMILY4 or PK_FAMILY6 */
+	__u8 pad;
+};
+
+struct pk_active {
+	__u64 gen;
+	__u32 count4;
+	__u32 count6;
+	__u32 buf;  /* 0 or 1: which half of pk_slots is live */
+	__u32 pad;
+};
+
+struct pk_peer {
+	__u32 orig_addr[4];     /* as the socket's family sees it (user_ip4 in [0]) */
+	__u32 backend_addr[4];  /* ditto: v4-mapped for a dual-stack socket */
+	__u16 orig_port;        /* network byte order */
+	__u16 backend_port;
+	__u32 pad;
+};
+
+/* --- maps ---------------------------------------------------------------- */
+
+#ifdef PK_MAP_DIR
+#define PK_MAP(_type, _key, _leaf, _name, _max, _flags) \
+	BPF_TABLE_PINNED(_type, _key, _leaf, _name, _max, PK_MAP_DIR "/" #_name, _flags)
+/* bcc's BPF_SK_STORAGE with a pin path (bcc 0.26 has no pinned variant). */
+#define PK_SK_STORAGE(_name, _leaf) \
+	struct _name##_table_t { \
+		int key; \
+		_leaf leaf; \
+		void *(*sk_storage_get)(void *, void *, int); \
+		int (*sk_storage_delete)(void *); \
+		u32 flags; \
+	}; \
+	__attribute__((section("maps/sk_storage:" PK_MAP_DIR "/" #_name))) \
+	struct _name##_table_t _name = { .flags = BPF_F_NO_PREALLOC }; \
+	BPF_ANNOTATE_KV_PAIR(_name, int, _leaf)
+#else /* compile check: private maps, nothing pinned */
+#define PK_MAP(_type, _key, _leaf, _name, _max, _flags) \
+	BPF_F_TABLE(_type, _key, _leaf, _name, _max, _flags)
+#define PK_SK_STORAGE(_name, _leaf) BPF_SK_STORAGE(_name, _leaf)
+#endif
+
+PK_MAP("array", __u32, struct pk_config, pk_config, 1, 0);
+PK_MAP("hash", __u32, struct pk_active, pk_active, 1, BPF_F_NO_PREALLOC);
+PK_MAP("hash", __u32, struct pk_backend, pk_slots, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC);
+PK_MAP("percpu_hash", struct pk_backend, __u64, pk_counters, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC);
+PK_MAP("percpu_array", __u32, __u64, pk_stats, PK_STAT_MAX, 0);
+PK_SK_STORAGE(pk_peers, struct pk_peer);
+
+/* --- helpers ------------------------------------------------------------- */
+
+static __always_inline void pk_stat_inc(__u32 which)
+{
+	__u64 *v = pk_stats.lookup(&which);
+
+	if (v)
+		*v += 1;  /* per-CPU: no atomic needed */
+}
+
+static __always_inline void pk_count_backend(struct pk_backend *be)
+{
+	__u64 *v = pk_counters.lookup(be);
+
+	if (v)
+		*v += 1;
+	/* No entry: the writer removed this backend a moment ago; not counted. */
+}
+
+/* The config when this connect is ours to steer: TCP to the listen port from
+ * the host network namespace. The caller has checked the address already
+ * (cheapest test first: this runs for every connect on the machine). */
+static __always_inline struct pk_config *pk_config_for(struct bpf_sock_addr *ctx)
+{
+	__u32 zero = 0;
+	struct pk_config *cfg;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return NULL;
+	cfg = pk_config.lookup(&zero);
+	if (!cfg || !cfg->listen_port)
+		return NULL;
+	if (ctx->user_port != (__u32)pk_htons((__u16)cfg->listen_port))
+		return NULL;
+	if (bpf_get_netns_cookie(ctx) != cfg->host_netns_cookie)
+		return NULL;
+	return cfg;
+}
+
+/* One random backend of `family` from the live buffer, copied to *out.
+ * Returns 0, or -1 when the set of that family is empty. */
+static __always_inline int pk_pick_once(__u8 family, struct pk_backend *out, int *raced)
+{
+	__u32 zero = 0, count, key;
+	struct pk_active *act;
+	struct pk_backend *be;
+
+	act = pk_active.lookup(&zero);
+	if (!act)
+		return -1;
+	count = family == PK_FAMILY4 ? act->count4 : act->count6;
+	if (count == 0 || count > PK_MAX_BACKENDS)
+		return -1;
+	key = PK_SLOT_KEY(family, act->buf & 1, bpf_get_prandom_u32() % count);
+	be = pk_slots.lookup(&key);
+	if (!be) {
+		*raced = 1;  /* slot removed by an update after we read the selector */
+		return -1;
+	}
+	__builtin_memcpy(out, be, sizeof(*out));
+	return 0;
+}
+
+static __always_inline int pk_pick(__u8 family, struct pk_backend *out)
+{
+	int raced;
+
+#pragma unroll
+	for (int i = 0; i < PK_PICK_TRIES; i++) {
+		raced = 0;
+		if (pk_pick_once(family, out, &raced) == 0)
+			return 0;
+		if (!raced)
+			return -1;
+		pk_stat_inc(PK_STAT_RETRY);
+	}
+	return -1;
+}
+
+static __always_inline void pk_remember_peer(struct bpf_sock_addr *ctx, struct pk_peer *p)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct pk_peer *st;
+
+	if (!sk)
+		return;
+	st = pk_peers.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (st)
+		__builtin_memcpy(st, p, sizeof(*st));
+}
+
+/* --- programs ------------------------------------------------------------ */
+
+int connect4(struct bpf_sock_addr *ctx)
+{
+	struct pk_backend be = {};
+	struct pk_peer peer = {};
+
+	if (ctx->user_ip4 != PK_LOOPBACK4)
+		return 1;
+	if (!pk_config_for(ctx))
+		return 1;
+	if (pk_pick(PK_FAMILY4, &be) < 0) {
+		pk_stat_inc(PK_STAT_NO_BACKEND);
+		return 1;
+	}
+	peer.orig_addr[0] = ctx->user_ip4;
+	peer.orig_port = (__u16)ctx->user_port;
+	peer.backend_addr[0] = be.addr[0];
+	peer.backend_port = be.port;
+
+	ctx->user_ip4 = be.addr[0];
+	ctx->user_port = be.port;
+
+	pk_remember_peer(ctx, &peer);
+	pk_count_backend(&be);
+	pk_stat_inc(PK_STAT_STEERED);
+	return 1;
+}
+
+int connect6(struct bpf_sock_addr *ctx)
+{
+	struct pk_backend be = {};
+	struct pk_peer peer = {};
+	__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1];
+	__u32 w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+	__u8 family;
+
+	if (w0 != 0 || w1 != 0)
+		return 1;
+	if (w2 == 0 && w3 == pk_htonl(1))
+		family = PK_FAMILY6;        /* [::1]:PORT */
+	else if (w2 == PK_V4MAPPED && w3 == PK_LOOPBACK4)
+		family = PK_FAMILY4;        /* [::ffff:127.0.0.1]:PORT, dual-stack socket */
+	else
+		return 1;
+	if (!pk_config_for(ctx))
+		return 1;
+	if (pk_pick(family, &be) < 0) {
+		pk_stat_inc(PK_STAT_NO_BACKEND);
+		return 1;
+	}
+	peer.orig_addr[2] = w2;
+	peer.orig_addr[3] = w3;
+	peer.orig_port = (__u16)ctx->user_port;
+	if (family == PK_FAMILY4) {
+		peer.backend_addr[2] = PK_V4MAPPED;
+		peer.backend_addr[3] = be.addr[0];
+	} else {
+		peer.backend_addr[0] = be.addr[0];
+		peer.backend_addr[1] = be.addr[1];
+		peer.backend_addr[2] = be.addr[2];
+		peer.backend_addr[3] = be.addr[3];
+	}
+	peer.backend_port = be.port;
+
+	ctx->user_ip6[0] = peer.backend_addr[0];
+	ctx->user_ip6[1] = peer.backend_addr[1];
+	ctx->user_ip6[2] = peer.backend_addr[2];
+	ctx->user_ip6[3] = peer.backend_addr[3];
+	ctx->user_port = be.port;
+
+	pk_remember_peer(ctx, &peer);
+	pk_count_backend(&be);
+	pk_stat_inc(PK_STAT_STEERED);
+	return 1;
+}
+
+/* getpeername(): answer with the address the socket connected to, as a proxy
+ * would. Only when the kernel's peer is still the backend this socket was
+ * steered to (a socket that connected again elsewhere keeps its real peer). */
+int getpeername4(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct pk_peer *p;
+
+	if (!sk)
+		return 1;
+	p = pk_peers.sk_storage_get(sk, 0, 0);
+	if (!p)
+		return 1;
+	if (ctx->user_ip4 != p->backend_addr[0] || ctx->user_port != (__u32)p->backend_port)
+		return 1;
+	ctx->user_ip4 = p->orig_addr[0];
+	ctx->user_port = p->orig_port;
+	pk_stat_inc(PK_STAT_PEER_XLATE);
+	return 1;
+}
+
+int getpeername6(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct pk_peer *p;
+
+	if (!sk)
+		return 1;
+	p = pk_peers.sk_storage_get(sk, 0, 0);
+	if (!p)
+		return 1;
+	if (ctx->user_ip6[0] != p->backend_addr[0] || ctx->user_ip6[1] != p->backend_addr[1] ||
+	    ctx->user_ip6[2] != p->backend_addr[2] || ctx->user_ip6[3] != p->backend_addr[3] ||
+	    ctx->user_port != (__u32)p->backend_port)
+		return 1;
+	ctx->user_ip6[0] = p->orig_addr[0];
+	ctx->user_ip6[1] = p->orig_addr[1];
+	ctx->user_ip6[2] = p->orig_addr[2];
+	ctx->user_ip6[3] = p->orig_addr[3];
+	ctx->user_port = p->orig_port;
+	pk_stat_inc(PK_STAT_PEER_XLATE);
+	return 1;
+}

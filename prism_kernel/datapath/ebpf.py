@@ -1,0 +1,887 @@
+"""The eBPF data path: cgroup sock_addr programs at the cgroup v2 root rewrite
+connect() to 127.0.0.1:PORT / [::1]:PORT / [::ffff:127.0.0.1]:PORT into a
+connect() to a healthy API server, in the host network namespace only; the
+getpeername hooks make a steered socket report the address it connected to.
+The programs are in bpf/prism_sock.c (its header comment describes them).
+
+Process split
+-------------
+bcc's compiler costs ~130-150 MB of RSS, so it never runs in the long-lived
+daemon: `install()` starts `python -m prism_kernel.datapath._bpf_loader`, which
+compiles, loads, pins the maps (BPF_TABLE_PINNED) and the programs (a staging
+dir) and exits. This module then talks to the kernel only through bpf(2) via
+ctypes (_bpfsys): it opens pinned objects by path, writes the maps, and
+creates / updates the cgroup links itself. It never imports bcc.
+
+Pinned state (bpffs, mounted at /sys/fs/bpf when missing)
+---------------------------------------------------------
+    /sys/fs/bpf/<instance>/
+        meta                  ARRAY[1] {sha256 of program, map layout}: what is attached
+        maps-v<LAYOUT>/       pk_config pk_active pk_slots pk_counters pk_stats pk_peers
+        links/                getpeername4 getpeername6 connect4 connect6 (bpf_link)
+        stage-<pid>/          programs between load and attach (transient)
+
+Map layout and update order
+---------------------------
+pk_config (ARRAY[1]) {host netns cookie, listen port}; pk_active (HASH[1],
+key 0) {generation, count4, count6, buf}; pk_slots (HASH) key
+(family << 24 | buf << 16 | index) -> backend; pk_counters (PERCPU_HASH)
+backend -> connects steered; pk_stats (PERCPU_ARRAY); pk_peers (SK_STORAGE).
+The listen port lives in pk_config, not in the program: a port change is a
+config write, not a new program.
+
+One writer (the daemon). `_write_set()` follows the order documented in
+bpf/prism_sock.c, the order Cilium's and Calico's service syncers use:
+  0. zeroed counter entries for new backends;
+  1. backend slots of the new set into the inactive buffer (!buf);
+  2. pk_active <- {gen+1, count4, count6, !buf}: the single commit point (a
+     hash element swapped under RCU: a connect sees all of the old set or
+     all of the new one, both families at once);
+  3. stale slots deleted (old buffer, beyond the counts);
+  4. counters of removed backends deleted.
+A reader that loaded the old selector and finds its slot gone in 3. re-reads
+the selector (bounded, in the program).
+
+Adopt, upgrade, cleanup
+-----------------------
+* adopt: the four links are pinned, `meta` holds the hash this code would load
+  (sha256 of source + layout + limits) and the pinned maps are the ones the
+  attached program uses: open them and go on, nothing detached or rewritten
+  but the config when the port changed. `install()` returns True.
+* upgrade (links pinned, hash differs, or a link is missing): load the new
+  program in the child. Same layout: it reuses the pinned maps, so the live
+  set is already there. New layout: new maps dir, populated with the set read
+  from the maps the attached program uses (or `initial`) BEFORE the links
+  move. Then BPF_LINK_UPDATE with BPF_F_REPLACE (old prog fd) on each pinned
+  link: an atomic program swap, never detach-then-attach. `install()` returns
+  True (the service went on). When neither the old maps nor `initial` give a
+  set, the swap waits for the first apply().
+  A layout change also replaces pk_peers: sockets steered before it answer
+  getpeername() with the backend's address (same-layout upgrades keep it).
+* fresh: maps populated with `initial`, then links created (getpeername hooks
+  first, so every steered socket has its reverse translation) and pinned.
+* drift: apply() checks that the four links are still attached (link info
+  has a cgroup) and raises DatapathError when one was detached behind the
+  daemon's back, so the daemon's reconcile reinstalls; install() unpins a
+  defunct link and creates it anew, keeping the others and the maps.
+* cleanup(): BPF_LINK_DETACH on every pinned link (connect hooks first), then
+  unpin everything under /sys/fs/bpf/<instance>. Works without a daemon,
+  idempotent; a running daemon's link fds become defunct links.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib.util
+import ipaddress
+import json
+import logging
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from prism_kernel.datapath import _bpfsys as bpf
+from prism_kernel.datapath.base import (
+    BackendCounters,
+    Datapath,
+    DatapathSettings,
+    KernelState,
+)
+from prism_kernel.datapath.cgroup import find_cgroup2_root
+from prism_kernel.errors import DatapathError, DatapathUnavailable
+from prism_kernel.model import Backend
+
+log = logging.getLogger(__name__)
+
+LAYOUT = 1            # bump when a map's key/value format changes (new maps-v<N> dir)
+MAX_BACKENDS = 64     # per family; PK_MAX_BACKENDS in the C source
+BPFFS = "/sys/fs/bpf"
+SO_NETNS_COOKIE = 71
+LOADER_TIMEOUT_S = 120.0
+
+# Attach order: reverse translation before steering. Detach in reverse.
+HOOKS: tuple[tuple[str, int], ...] = (
+    ("getpeername4", bpf.BPF_CGROUP_INET4_GETPEERNAME),
+    ("getpeername6", bpf.BPF_CGROUP_INET6_GETPEERNAME),
+    ("connect4", bpf.BPF_CGROUP_INET4_CONNECT),
+    ("connect6", bpf.BPF_CGROUP_INET6_CONNECT),
+)
+MAP_NAMES = ("pk_config", "pk_active", "pk_slots", "pk_counters", "pk_stats", "pk_peers")
+STAT_NAMES = ("steered", "no_backend", "retry", "peer_xlate")  # PK_STAT_* order
+
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+# Encodings of the C structs (bpf/prism_sock.c), native byte order.
+_CONFIG = struct.Struct("=QII")      # host_netns_cookie, listen_port, flags
+_ACTIVE = struct.Struct("=QIIII")    # gen, count4, count6, buf, pad
+_BACKEND_SIZE = 20                   # addr[16] (network order), port (network order), family, pad
+_META = struct.Struct("=32sI28x")    # sha256, layout
+_KEY0 = struct.pack("=I", 0)
+
+
+def _slot_key(family: int, buf: int, index: int) -> bytes:
+    return struct.pack("=I", (family << 24) | (buf << 16) | index)
+
+
+def _split_slot_key(key: bytes) -> tuple[int, int, int]:
+    k = struct.unpack("=I", key)[0]
+    return k >> 24, (k >> 16) & 0xFF, k & 0xFFFF
+
+
+def encode_backend(b: Backend) -> bytes:
+    addr = b.address.packed.ljust(16, b"\0")
+    return addr + struct.pack("!H", b.port) + bytes((b.family, 0))
+
+
+def decode_backend(raw: bytes) -> Backend:
+    family = raw[18]
+    port = struct.unpack("!H", raw[16:18])[0]
+    if family == 4:
+        return Backend(4, ipaddress.IPv4Address(raw[:4]), port)
+    if family == 6:
+        return Backend(6, ipaddress.IPv6Address(raw[:16]), port)
+    raise DatapathError(f"corrupt backend entry in kernel map (family {family})")
+
+
+def default_source() -> Path:
+    env = os.environ.get("PRISM_KERNEL_BPF_DIR")
+    if env:
+        return Path(env) / "prism_sock.c"
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "bpf" / "prism_sock.c", here.parent / "bpf" / "prism_sock.c"):
+        if cand.exists():
+            return cand
+    return here.parents[2] / "bpf" / "prism_sock.c"
+
+
+def _loader_python() -> str:
+    override = os.environ.get("PRISM_KERNEL_BCC_PYTHON")
+    if override:
+        return override
+    if importlib.util.find_spec("bcc") is not None:
+        return sys.executable
+    return "/usr/bin/python3"
+
+
+def host_netns_cookie() -> int:
+    """The netns cookie of this process's network namespace (SO_NETNS_COOKIE)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    return struct.unpack("=Q", raw)[0]
+
+
+def _bpffs_mounted(path: str = BPFFS) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "bpf" and left.split(" ")[4] == path:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def ensure_bpffs(path: str = BPFFS) -> None:
+    if _bpffs_mounted(path):
+        return
+    import ctypes  # noqa: PLC0415
+
+    os.makedirs(path, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise DatapathError(f"cannot mount bpffs at {path}: {os.strerror(err)}")
+    log.info("mounted bpffs at %s", path)
+
+
+def _cap_eff() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+@dataclass
+class _Maps:
+    """Open fds of one layout's maps."""
+
+    fds: dict[str, int]
+    ids: dict[str, int]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class _Paths:
+    def __init__(self, instance: str, layout: int = LAYOUT):
+        self.base = os.path.join(BPFFS, instance)
+        self.meta = os.path.join(self.base, "meta")
+        self.links = os.path.join(self.base, "links")
+        self.maps = os.path.join(self.base, f"maps-v{layout}")
+
+    def link(self, hook: str) -> str:
+        return os.path.join(self.links, hook)
+
+    def map(self, name: str) -> str:
+        return os.path.join(self.maps, name)
+
+    def stage(self) -> str:
+        return os.path.join(self.base, f"stage-{os.getpid()}")
+
+
+def _validate_instance(instance: str) -> None:
+    if not _INSTANCE_RE.fullmatch(instance):
+        raise DatapathError(f"instance name {instance!r} is not usable as a bpffs directory "
+                            "name (letters, digits, '_', '.', '-'; at most 64)")
+
+
+def _close_quietly(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _remove_pins(path: str) -> list[str]:
+    """Unpin everything under a bpffs directory (bottom-up). Returns what was removed."""
+    removed: list[str] = []
+    if not os.path.isdir(path):
+        return removed
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            p = os.path.join(root, name)
+            try:
+                os.unlink(p)
+                removed.append(f"pin {p}")
+            except FileNotFoundError:
+                pass
+        for name in dirs:
+            try:
+                os.rmdir(os.path.join(root, name))
+            except FileNotFoundError:
+                pass
+    try:
+        os.rmdir(path)
+        removed.append(f"bpffs dir {path}")
+    except FileNotFoundError:
+        pass
+    return removed
+
+
+class EbpfDatapath(Datapath):
+    name: ClassVar[str] = "ebpf"
+
+    _check_cache: ClassVar[dict[str, str | None]] = {}
+
+    def __init__(self, settings: DatapathSettings, *, source: str | Path | None = None,
+                 layout: int = LAYOUT):
+        """`source` and `layout` exist for tests of the upgrade path (a changed
+        program, a changed map layout); the daemon uses the defaults."""
+        super().__init__(settings)
+        _validate_instance(settings.instance)
+        self.source = Path(source) if source is not None else default_source()
+        self.layout = layout
+        self.paths = _Paths(settings.instance, layout)
+        self._maps: _Maps | None = None
+        self._links: dict[str, int] = {}
+        self._cgroup_root: str | None = None
+        self._pending: dict[str, int] | None = None  # staged prog fds of a deferred upgrade
+        self._ncpus = bpf.possible_cpus()
+        self.last_load: dict[str, Any] = {}
+
+    # --- availability ----------------------------------------------------
+
+    @classmethod
+    def check_available(cls, settings: DatapathSettings) -> None:
+        """Cheap checks first, then a compile + load (no pin, no attach) in the
+        loader child: nothing is left in the kernel whatever the outcome."""
+        def unavailable(reason: str) -> DatapathUnavailable:
+            return DatapathUnavailable(cls.name, reason)
+
+        if sys.platform != "linux":
+            raise unavailable("needs Linux")
+        try:
+            bpf._nr()
+        except OSError as e:
+            raise unavailable(str(e)) from None
+        try:
+            _validate_instance(settings.instance)
+        except DatapathError as e:
+            raise unavailable(str(e)) from None
+        cap = _cap_eff()
+        cap_sys_admin, cap_net_admin, cap_bpf = 1 << 21, 1 << 12, 1 << 39
+        if not (cap & cap_sys_admin or (cap & cap_bpf and cap & cap_net_admin)):
+            raise unavailable("missing capability: needs CAP_SYS_ADMIN, or CAP_BPF and "
+                              "CAP_NET_ADMIN, to load and attach cgroup BPF programs")
+        if not os.path.exists(_loader_python()):
+            raise unavailable("bcc (Debian python3-bpfcc) is not importable here and there is "
+                              "no /usr/bin/python3 to run the loader with")
+        release = os.uname().release
+        build = Path(f"/lib/modules/{release}/build")
+        if not (build / "include").is_dir():
+            raise unavailable(
+                f"kernel headers missing: bcc needs {build} (and .../source); install "
+                "linux-headers and link build/source there (see dev.sh), or use "
+                "--datapath nftables")
+        try:
+            find_cgroup2_root()
+        except DatapathError as e:
+            raise unavailable(str(e)) from None
+        if not os.path.isdir(BPFFS) and not os.path.isdir(os.path.dirname(BPFFS)):
+            raise unavailable(f"no {BPFFS} to mount bpffs on")
+        try:
+            host_netns_cookie()
+        except OSError as e:
+            raise unavailable(f"SO_NETNS_COOKIE unsupported (kernel < 5.14?): {e}") from None
+        source = default_source()
+        if not source.exists():
+            raise unavailable(f"BPF source {source} not found (set PRISM_KERNEL_BPF_DIR)")
+        key = hashlib.sha256(source.read_bytes()).hexdigest()
+        if key not in cls._check_cache:
+            res = _run_loader({"mode": "check", "source": str(source), "layout": LAYOUT},
+                              raise_on_error=False)
+            cls._check_cache[key] = None if res.get("ok") else (
+                f"compile/load check failed at {res.get('stage')}: {res.get('error')}")
+        if cls._check_cache[key]:
+            raise unavailable(cls._check_cache[key])
+
+    # --- kernel objects -----------------------------------------------------
+
+    def _program_hash(self) -> bytes:
+        h = hashlib.sha256()
+        h.update(b"prism-kernel ebpf\0")
+        h.update(struct.pack("=II", self.layout, MAX_BACKENDS))
+        h.update(self.source.read_bytes())
+        return h.digest()
+
+    def _root(self) -> str:
+        if self._cgroup_root is None:
+            self._cgroup_root = find_cgroup2_root()
+        return self._cgroup_root
+
+    def _open_maps(self, paths: _Paths | None = None) -> _Maps | None:
+        paths = paths or self.paths
+        fds: dict[str, int] = {}
+        ids: dict[str, int] = {}
+        try:
+            for name in MAP_NAMES:
+                fd = bpf.obj_get(paths.map(name))
+                fds[name] = fd
+                ids[name] = bpf.map_info(fd).id
+        except OSError as e:
+            for fd in fds.values():
+                os.close(fd)
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise DatapathError(f"cannot open pinned map in {paths.maps}: {e}") from e
+        return _Maps(fds, ids)
+
+    def _ensure_maps(self) -> _Maps | None:
+        if self._maps is None:
+            self._maps = self._open_maps()
+        return self._maps
+
+    def _open_links(self, drop_defunct: bool = False) -> dict[str, int]:
+        """Pinned links by hook. A defunct link (detached behind our back:
+        BPF_LINK_DETACH leaves the pin, with no cgroup) is left out, and
+        unpinned when `drop_defunct`, so that install() creates it anew."""
+        links: dict[str, int] = {}
+        for hook, _ in HOOKS:
+            path = self.paths.link(hook)
+            try:
+                fd = bpf.obj_get(path)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    for fd in links.values():
+                        os.close(fd)
+                    raise DatapathError(f"cannot open pinned link {path}: {e}") from e
+                continue
+            if bpf.link_info(fd).cgroup_id == 0:
+                os.close(fd)
+                if drop_defunct:
+                    log.warning("link %s was detached behind our back; unpinning it", path)
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                continue
+            links[hook] = fd
+        return links
+
+    def _check_links(self) -> None:
+        """Raise DatapathError when a hook is no longer attached, so that the
+        daemon's reconcile loop reinstalls."""
+        if self._pending is not None:
+            return
+        if not self._links:
+            self._links = self._open_links()
+        missing = [hook for hook, _ in HOOKS if hook not in self._links]
+        for hook, fd in self._links.items():
+            try:
+                if bpf.link_info(fd).cgroup_id == 0:
+                    missing.append(hook)
+            except OSError:
+                missing.append(hook)
+        if missing:
+            raise DatapathError(f"eBPF hooks no longer attached: {', '.join(sorted(missing))} "
+                                f"(detached behind the daemon's back); reinstall needed")
+
+    def _read_meta(self) -> tuple[bytes, int] | None:
+        try:
+            fd = bpf.obj_get(self.paths.meta)
+        except OSError:
+            return None
+        try:
+            raw = bpf.map_lookup(fd, _KEY0, _META.size)
+        finally:
+            os.close(fd)
+        if raw is None:
+            return None
+        digest, layout = _META.unpack(raw)
+        return digest, layout
+
+    def _write_meta(self, digest: bytes) -> None:
+        try:
+            fd = bpf.obj_get(self.paths.meta)
+        except OSError:
+            fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, _META.size, 1, name="pk_meta")
+            try:
+                bpf.obj_pin(fd, self.paths.meta)
+            except OSError:
+                os.close(fd)
+                raise
+        try:
+            bpf.map_update(fd, _KEY0, _META.pack(digest, self.layout))
+        finally:
+            os.close(fd)
+
+    def _write_config(self, maps: _Maps) -> bool:
+        want = _CONFIG.pack(host_netns_cookie(), self.settings.listen_port, 0)
+        if bpf.map_lookup(maps.fds["pk_config"], _KEY0, _CONFIG.size) == want:
+            return False
+        bpf.map_update(maps.fds["pk_config"], _KEY0, want)
+        return True
+
+    # --- the backend set ------------------------------------------------------
+
+    @staticmethod
+    def _read_set_from(active_fd: int, slots_fd: int) -> tuple[tuple[int, int, int, int], list[Backend], list[Backend]]:
+        raw = bpf.map_lookup(active_fd, _KEY0, _ACTIVE.size)
+        if raw is None:
+            return (0, 0, 0, 0), [], []
+        gen, c4, c6, buf, _ = _ACTIVE.unpack(raw)
+        sets: dict[int, list[Backend]] = {4: [], 6: []}
+        for fam, cnt in ((4, c4), (6, c6)):
+            for i in range(min(cnt, MAX_BACKENDS)):
+                v = bpf.map_lookup(slots_fd, _slot_key(fam, buf, i), _BACKEND_SIZE)
+                if v is not None:
+                    sets[fam].append(decode_backend(v))
+        return (gen, c4, c6, buf), sets[4], sets[6]
+
+    def _read_set(self, maps: _Maps):
+        return self._read_set_from(maps.fds["pk_active"], maps.fds["pk_slots"])
+
+    def _write_set(self, maps: _Maps, new4: list[Backend], new6: list[Backend]) -> int:
+        """The update protocol (see the module docstring). Returns the new generation."""
+        active_fd, slots_fd, counters_fd = (maps.fds["pk_active"], maps.fds["pk_slots"],
+                                            maps.fds["pk_counters"])
+        raw = bpf.map_lookup(active_fd, _KEY0, _ACTIVE.size)
+        gen, _, _, buf, _ = _ACTIVE.unpack(raw) if raw else (0, 0, 0, 1, 0)
+        nb = (buf ^ 1) & 1
+        wanted = {encode_backend(b) for b in (*new4, *new6)}
+        zeros = bytes(8 * self._ncpus)
+        try:
+            # 0. counters exist before any connect can pick the backend
+            for key in wanted:
+                try:
+                    bpf.map_update(counters_fd, key, zeros, bpf.BPF_NOEXIST)
+                except OSError as e:
+                    if e.errno != errno.EEXIST:
+                        raise
+            # 1. slots of the new set, in the inactive buffer
+            for fam, lst in ((4, new4), (6, new6)):
+                for i, b in enumerate(lst):
+                    bpf.map_update(slots_fd, _slot_key(fam, nb, i), encode_backend(b))
+            # 2. commit: one hash element, swapped under RCU
+            bpf.map_update(active_fd, _KEY0, _ACTIVE.pack(gen + 1, len(new4), len(new6), nb, 0))
+        except OSError as e:
+            raise DatapathError(f"writing the backend set failed before the commit "
+                                f"(the kernel still steers to the previous set): {e}") from e
+        # 3. stale slots: the old buffer and anything beyond the new counts
+        counts = {4: len(new4), 6: len(new6)}
+        for key in bpf.map_keys(slots_fd, 4):
+            fam, b, idx = _split_slot_key(key)
+            if b != nb or idx >= counts.get(fam, 0):
+                bpf.map_delete(slots_fd, key)
+        # 4. counters of backends that left
+        for key in bpf.map_keys(counters_fd, _BACKEND_SIZE):
+            if key not in wanted:
+                bpf.map_delete(counters_fd, key)
+        return gen + 1
+
+    @staticmethod
+    def _split(backends: Sequence[Backend]) -> tuple[list[Backend], list[Backend]]:
+        uniq = sorted(set(backends))
+        new4 = [b for b in uniq if b.family == 4]
+        new6 = [b for b in uniq if b.family == 6]
+        for fam, lst in ((4, new4), (6, new6)):
+            if len(lst) > MAX_BACKENDS:
+                raise DatapathError(f"{len(lst)} IPv{fam} backends: the eBPF data path holds "
+                                    f"at most {MAX_BACKENDS} per family")
+        for b in uniq:
+            if b.family not in (4, 6) or b.address.version != b.family:
+                raise DatapathError(f"backend {b}: family {b.family} does not match its address")
+            if not 0 < b.port < 65536:
+                raise DatapathError(f"backend {b}: port out of range")
+        return new4, new6
+
+    # --- loading and attaching ------------------------------------------------
+
+    def _load(self) -> dict[str, int]:
+        """Compile + load in the child; returns fds of the staged programs
+        (pins removed again: the fds keep the programs alive)."""
+        stage = self.paths.stage()
+        _remove_pins(stage)
+        try:
+            res = _run_loader({"mode": "load", "source": str(self.source), "layout": self.layout,
+                               "map_dir": self.paths.maps, "stage_dir": stage})
+            self.last_load = res
+            fds: dict[str, int] = {}
+            try:
+                for hook, _ in HOOKS:
+                    fds[hook] = bpf.obj_get(os.path.join(stage, hook))
+            except OSError as e:
+                for fd in fds.values():
+                    os.close(fd)
+                raise DatapathError(f"loader left no program {hook} in {stage}: {e}") from e
+            return fds
+        finally:
+            _remove_pins(stage)
+
+    def _attached_prog_maps(self, links: dict[str, int]) -> dict[str, int]:
+        """name -> map id of the maps the attached connect program uses."""
+        for hook in ("connect4", "connect6"):
+            if hook not in links:
+                continue
+            try:
+                pid = bpf.link_info(links[hook]).prog_id
+                pfd = bpf.prog_fd_by_id(pid)
+            except OSError:
+                continue
+            try:
+                out: dict[str, int] = {}
+                for mid in bpf.prog_info(pfd).map_ids:
+                    try:
+                        mfd = bpf.map_fd_by_id(mid)
+                    except OSError:
+                        continue
+                    try:
+                        out[bpf.map_info(mfd).name] = mid
+                    finally:
+                        os.close(mfd)
+                return out
+            finally:
+                os.close(pfd)
+        return {}
+
+    def _read_attached_set(self, links: dict[str, int]) -> list[Backend] | None:
+        """The set the attached program steers to, read through its own maps
+        (found by id, so unpinned or older-layout maps work too) when their
+        format is the one this code knows; None otherwise."""
+        ids = self._attached_prog_maps(links)
+        if "pk_active" not in ids or "pk_slots" not in ids:
+            return None
+        afd = sfd = None
+        try:
+            afd = bpf.map_fd_by_id(ids["pk_active"])
+            sfd = bpf.map_fd_by_id(ids["pk_slots"])
+            ai, si = bpf.map_info(afd), bpf.map_info(sfd)
+            if (ai.key_size, ai.value_size, si.key_size, si.value_size) != (4, _ACTIVE.size, 4, _BACKEND_SIZE):
+                return None
+            _, s4, s6 = self._read_set_from(afd, sfd)
+            return s4 + s6
+        except (OSError, DatapathError):
+            return None
+        finally:
+            _close_quietly(afd)
+            _close_quietly(sfd)
+
+    def _swap_programs(self, new: dict[str, int]) -> None:
+        """Move every hook to the new program: BPF_LINK_UPDATE (BPF_F_REPLACE)
+        on existing links, link create + pin for missing ones."""
+        os.makedirs(self.paths.links, mode=0o700, exist_ok=True)
+        root_fd = os.open(self._root(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        created: list[tuple[str, int]] = []
+        try:
+            for hook, attach_type in HOOKS:
+                if hook in self._links:
+                    lfd = self._links[hook]
+                    old = bpf.link_info(lfd).prog_id
+                    old_fd = bpf.prog_fd_by_id(old)
+                    try:
+                        bpf.link_update(lfd, new[hook], old_fd)
+                    finally:
+                        os.close(old_fd)
+                    log.info("%s: link updated, prog %d -> %d", hook, old,
+                             bpf.prog_info(new[hook]).id)
+                else:
+                    lfd = bpf.link_create(new[hook], root_fd, attach_type)
+                    created.append((hook, lfd))
+                    bpf.obj_pin(lfd, self.paths.link(hook))
+                    self._links[hook] = lfd
+        except OSError as e:
+            # A fresh attach half done: undo what this call created.
+            for hook, lfd in created:
+                try:
+                    bpf.link_detach(lfd)
+                except OSError:
+                    pass
+                try:
+                    os.unlink(self.paths.link(hook))
+                except OSError:
+                    pass
+                self._links.pop(hook, None)
+                _close_quietly(lfd)
+            raise DatapathError(f"attaching at cgroup {self._root()} failed: {e}") from e
+        finally:
+            os.close(root_fd)
+
+    def _drop_other_layouts(self) -> None:
+        base = self.paths.base
+        for name in os.listdir(base):
+            if name.startswith("maps-v") and os.path.join(base, name) != self.paths.maps:
+                _remove_pins(os.path.join(base, name))
+                log.info("unpinned maps of old layout %s", name)
+
+    # --- the interface --------------------------------------------------------
+
+    def install(self, initial: Sequence[Backend]) -> bool:
+        new4, new6 = self._split(initial)
+        self._root()
+        ensure_bpffs()
+        os.makedirs(self.paths.base, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.paths.base):  # stage dirs of a killed install
+            if name.startswith("stage-"):
+                _remove_pins(os.path.join(self.paths.base, name))
+        digest = self._program_hash()
+
+        self.close()
+        self._links = self._open_links(drop_defunct=True)
+        meta = self._read_meta()
+        maps = self._ensure_maps()
+        attached_ids = self._attached_prog_maps(self._links)
+        if (len(self._links) == len(HOOKS) and meta == (digest, self.layout) and maps is not None
+                and attached_ids.get("pk_active") == maps.ids["pk_active"]):
+            if self._write_config(maps):
+                log.info("adopted; config updated (listen port %d)", self.settings.listen_port)
+            log.info("adopted the attached eBPF data path in %s", self.paths.base)
+            return True
+
+        had_links = bool(self._links)
+        old_set = self._read_attached_set(self._links) if had_links else None
+        new_progs = self._load()
+        try:
+            if self._maps is not None:
+                self._maps.close()
+            self._maps = maps = self._open_maps()
+            if maps is None:
+                raise DatapathError(f"loader did not leave pinned maps in {self.paths.maps}")
+            self._write_config(maps)
+            shared = had_links and attached_ids.get("pk_active") == maps.ids["pk_active"]
+            if not had_links:
+                self._write_set(maps, new4, new6)
+            elif not shared:
+                # The attached program's set when its maps can be read, else `initial`.
+                carry = old_set if old_set is not None else list(initial)
+                if old_set is None and not carry and attached_ids:
+                    log.warning("program changed, the attached program's maps are unreadable "
+                                "and no initial set was given: the swap waits for the first "
+                                "apply()")
+                    self._pending = new_progs
+                    new_progs = {}
+                    return True
+                c4, c6 = self._split(carry)
+                self._write_set(maps, c4, c6)
+            self._swap_programs(new_progs)
+            self._write_meta(digest)
+            self._drop_other_layouts()
+        finally:
+            for fd in new_progs.values():
+                _close_quietly(fd)
+        log.info("%s eBPF data path in %s (programs %s)",
+                 "upgraded" if had_links else "installed", self.paths.base,
+                 self.last_load.get("progs"))
+        return had_links
+
+    def apply(self, backends: Sequence[Backend]) -> bool:
+        new4, new6 = self._split(backends)
+        maps = self._ensure_maps()
+        if maps is None:
+            raise DatapathError(f"eBPF data path not installed (no maps in {self.paths.maps})")
+        self._check_links()
+        _, cur4, cur6 = self._read_set(maps)
+        changed = (sorted(cur4), sorted(cur6)) != (new4, new6)
+        if changed:
+            gen = self._write_set(maps, new4, new6)
+            log.debug("backend set generation %d: %d IPv4, %d IPv6", gen, len(new4), len(new6))
+        if self._pending is not None and (new4 or new6):
+            progs, self._pending = self._pending, None
+            try:
+                if not self._links:
+                    self._links = self._open_links()
+                self._swap_programs(progs)
+                self._write_meta(self._program_hash())
+                self._drop_other_layouts()
+            finally:
+                for fd in progs.values():
+                    _close_quietly(fd)
+        return changed
+
+    def read_state(self) -> KernelState:
+        details: dict[str, Any] = {"pin_dir": self.paths.base, "layout": self.layout}
+        try:
+            details["attach_cgroup"] = self._root()
+        except DatapathError as e:
+            details["attach_cgroup_error"] = str(e)
+        links = self._links or self._open_links()
+        own_links = links is not self._links
+        try:
+            prog_ids: dict[str, int] = {}
+            link_ids: dict[str, int] = {}
+            cgroup_ids: set[int] = set()
+            for hook, lfd in links.items():
+                li = bpf.link_info(lfd)
+                if li.cgroup_id == 0:  # detached behind our back
+                    details.setdefault("defunct_links", []).append(hook)
+                    continue
+                link_ids[hook] = li.id
+                prog_ids[hook] = li.prog_id
+                cgroup_ids.add(li.cgroup_id)
+            details["link_ids"] = link_ids
+            details["prog_ids"] = prog_ids
+            details["cgroup_ids"] = sorted(cgroup_ids)
+        finally:
+            if own_links:
+                for fd in links.values():
+                    os.close(fd)
+        meta = self._read_meta()
+        details["program_hash"] = meta[0].hex() if meta else None
+        details["program_current"] = bool(meta and meta[0] == self._program_hash())
+        maps = self._ensure_maps()
+        if maps is None:
+            return KernelState(self.name, installed=False, details=details)
+        (gen, _, _, buf), s4, s6 = self._read_set(maps)
+        details["generation"] = gen
+        details["buffer"] = buf
+        cfg = bpf.map_lookup(maps.fds["pk_config"], _KEY0, _CONFIG.size)
+        if cfg:
+            cookie, port, _ = _CONFIG.unpack(cfg)
+            details["listen_port"] = port
+            details["host_netns_cookie"] = cookie
+        details["map_ids"] = dict(maps.ids)
+        stats: dict[str, int] = {}
+        for i, sname in enumerate(STAT_NAMES):
+            raw = bpf.map_lookup(maps.fds["pk_stats"], struct.pack("=I", i), 8 * self._ncpus)
+            stats[sname] = sum(struct.unpack(f"={self._ncpus}Q", raw)) if raw else 0
+        details["stats"] = stats
+        counters: dict[Backend, BackendCounters] = {}
+        cfd = maps.fds["pk_counters"]
+        for key in bpf.map_keys(cfd, _BACKEND_SIZE):
+            raw = bpf.map_lookup(cfd, key, 8 * self._ncpus)
+            if raw is None:
+                continue
+            counters[decode_backend(key)] = BackendCounters(
+                connections=sum(struct.unpack(f"={self._ncpus}Q", raw)))
+        installed = len(link_ids) == len(HOOKS)
+        return KernelState(self.name, installed=installed, backends=tuple(s4 + s6),
+                           counters=counters, details=details)
+
+    def close(self) -> None:
+        if self._maps is not None:
+            self._maps.close()
+            self._maps = None
+        for fd in self._links.values():
+            _close_quietly(fd)
+        self._links = {}
+        if self._pending:
+            for fd in self._pending.values():
+                _close_quietly(fd)
+            self._pending = None
+
+    @classmethod
+    def cleanup(cls, settings: DatapathSettings) -> list[str]:
+        _validate_instance(settings.instance)
+        paths = _Paths(settings.instance)
+        lines: list[str] = []
+        if not _bpffs_mounted() or not os.path.isdir(paths.base):
+            return lines
+        # Steering first, reverse translation last.
+        for hook, _ in reversed(HOOKS):
+            p = paths.link(hook)
+            try:
+                fd = bpf.obj_get(p)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise DatapathError(f"cannot open pinned link {p}: {e}") from e
+                continue
+            try:
+                li = bpf.link_info(fd)
+                bpf.link_detach(fd)
+                lines.append(f"cgroup link {hook} (link {li.id}, prog {li.prog_id}, "
+                             f"cgroup id {li.cgroup_id}): detached")
+            except OSError as e:
+                if e.errno not in (errno.ENOLINK, errno.EINVAL):
+                    raise DatapathError(f"cannot detach {p}: {e}") from e
+            finally:
+                os.close(fd)
+        lines.extend(_remove_pins(paths.base))
+        return lines
+
+
+def _run_loader(req: dict, raise_on_error: bool = True) -> dict:
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([_loader_python(), "-m", "prism_kernel.datapath._bpf_loader"],
+                              input=json.dumps(req), capture_output=True, text=True,
+                              timeout=LOADER_TIMEOUT_S, env=env, cwd="/")
+    except subprocess.TimeoutExpired:
+        res = {"ok": False, "stage": "timeout", "error": f"loader took over {LOADER_TIMEOUT_S}s"}
+    except OSError as e:
+        res = {"ok": False, "stage": "spawn", "error": str(e)}
+    else:
+        res = None
+        for line in reversed(proc.stdout.strip().splitlines()):
+            try:
+                res = json.loads(line)
+                break
+            except ValueError:
+                continue
+        if res is None:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            res = {"ok": False, "stage": "loader", "error": f"exit {proc.returncode}: {tail}"}
+        elif not res.get("ok") and proc.stderr.strip():
+            res["error"] = f"{res.get('error')}\n" + "\n".join(proc.stderr.strip().splitlines()[-15:])
+    res["wall_s"] = round(time.monotonic() - t0, 3)
+    if raise_on_error and not res.get("ok"):
+        raise DatapathError(f"eBPF loader failed ({res.get('stage')}): {res.get('error')}")
+    return res
+
+
+__all__ = ["EbpfDatapath", "encode_backend", "decode_backend", "host_netns_cookie"]

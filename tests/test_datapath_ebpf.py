@@ -1,0 +1,716 @@
+"""The eBPF data path against the real kernel: netns test hosts, real sockets.
+
+Needs root, bcc and kernel headers (skipped otherwise). Everything it creates
+is named so that it cannot collide with other work on the machine: netns and
+veths `pke*`, BPF instances `pk-ebpf-dev-test*` under /sys/fs/bpf, listen port
+37445, addresses 198.19.16.0/20 and 2001:2:0:1000::/56 only. A session first
+clears leftovers of an interrupted run, and every test cleans up after itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+if os.geteuid() != 0:
+    pytest.skip("needs root", allow_module_level=True)
+
+from prism_kernel.datapath import _bpfsys as bpf  # noqa: E402
+from prism_kernel.datapath.base import DatapathSettings  # noqa: E402
+from prism_kernel.datapath.ebpf import EbpfDatapath, default_source  # noqa: E402
+from prism_kernel.errors import DatapathError, DatapathUnavailable  # noqa: E402
+from prism_kernel.model import Backend  # noqa: E402
+
+PORT = 37445            # the listen port (never 7445 / 17445 / 27445: other work runs here)
+BACKEND_PORT = 37446
+INSTANCE = "pk-ebpf-dev-test"
+INSTANCE_PREFIX = "pk-ebpf-dev-test"
+NS_PREFIX = "pke"
+GUARD_ROUTE = "198.18.0.0/15"
+V4_NET = ipaddress.ip_network("198.19.16.0/20")
+V6_NET = ipaddress.ip_network("2001:2:0:1000::/56")
+SERVER_MARK = "pke-test-server"
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+try:
+    EbpfDatapath.check_available(DatapathSettings(listen_port=PORT, instance=INSTANCE))
+except DatapathUnavailable as e:  # pragma: no cover - depends on the host
+    pytest.skip(f"eBPF data path unavailable: {e.reason}", allow_module_level=True)
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=60)
+
+
+SERVER_SRC = textwrap.dedent(
+    f"""
+    # {SERVER_MARK}
+    import ctypes, signal, socket, sys, threading
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the test
+    name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((host, port))
+    s.listen(1024)
+    print("ready", flush=True)
+    def serve(c, peer):
+        try:
+            c.sendall(f"{{name}} {{peer[0]}} {{peer[1]}}\\n".encode())
+        finally:
+            c.close()
+    while True:
+        c, peer = s.accept()
+        serve(c, peer)
+    """
+)
+
+
+@dataclass
+class Host:
+    name: str          # also the netns name
+    v4: str
+    v6: str
+    host_v4: str       # the host side of the veth
+    host_v6: str
+
+
+@dataclass
+class NetBed:
+    hosts: dict[str, Host] = field(default_factory=dict)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    server_file: str = ""
+
+    def backend(self, name: str, family: int = 4) -> Backend:
+        h = self.hosts[name]
+        return Backend.of(h.v4 if family == 4 else h.v6, BACKEND_PORT)
+
+    def start_server(self, ns: str, name: str, host: str, port: int) -> None:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, PY, self.server_file, name, host, str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        line = p.stdout.readline()
+        assert line.strip() == "ready", f"server {name} in {ns}: {line!r} {p.stderr.read() if p.poll() is not None else ''}"
+
+
+def _kill_leftover_servers() -> None:
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(SERVER_MARK.encode() in part for part in cmd):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _clear_leftovers() -> list[str]:
+    """Detach/unpin every BPF instance of ours, remove our netns and veths."""
+    done = []
+    if os.path.isdir("/sys/fs/bpf"):
+        for name in sorted(os.listdir("/sys/fs/bpf")):
+            if name.startswith(INSTANCE_PREFIX):
+                done += EbpfDatapath.cleanup(DatapathSettings(listen_port=PORT, instance=name))
+    _kill_leftover_servers()
+    for line in sh("ip", "netns", "list").stdout.splitlines():
+        ns = line.split()[0] if line.strip() else ""
+        if ns.startswith(NS_PREFIX + "-"):
+            sh("ip", "netns", "del", ns, check=False)
+            done.append(f"netns {ns}")
+    for line in sh("ip", "-o", "link", "show").stdout.splitlines():
+        ifname = line.split(":")[1].strip().split("@")[0]
+        if ifname.startswith(NS_PREFIX + "-"):
+            sh("ip", "link", "del", ifname, check=False)
+            done.append(f"link {ifname}")
+    return done
+
+
+def _make_host(idx: int, name: str) -> Host:
+    ns = f"{NS_PREFIX}-{name}"
+    base4 = V4_NET.network_address + 4 * idx
+    host_v4, v4 = str(base4 + 1), str(base4 + 2)
+    net6 = ipaddress.ip_network(f"{V6_NET.network_address + (idx << 64)}/64")
+    assert net6.subnet_of(V6_NET)
+    host_v6, v6 = str(net6.network_address + 1), str(net6.network_address + 2)
+    hveth = f"{NS_PREFIX}-{name}h"
+    sh("ip", "netns", "add", ns)
+    sh("ip", "link", "add", hveth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    sh("ip", "addr", "add", f"{host_v4}/30", "dev", hveth)
+    sh("ip", "-6", "addr", "add", f"{host_v6}/64", "dev", hveth, "nodad")
+    sh("ip", "link", "set", hveth, "up")
+    sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "-n", ns, "addr", "add", f"{v4}/30", "dev", "eth0")
+    sh("ip", "-n", ns, "-6", "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
+    sh("ip", "-n", ns, "link", "set", "eth0", "up")
+    sh("ip", "-n", ns, "route", "add", "default", "via", host_v4)
+    sh("ip", "-n", ns, "-6", "route", "add", "default", "via", host_v6)
+    return Host(ns, v4, v6, host_v4, host_v6)
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory):
+    _clear_leftovers()
+    added_route = False
+    if GUARD_ROUTE not in sh("ip", "route", "show", "type", "unreachable").stdout:
+        sh("ip", "route", "replace", "unreachable", GUARD_ROUTE)
+        added_route = True
+    tb = NetBed()
+    tb.server_file = str(tmp_path_factory.mktemp("pke") / f"{SERVER_MARK}.py")
+    Path(tb.server_file).write_text(SERVER_SRC)
+    try:
+        for i, name in enumerate(("b1", "b2", "b3", "c1")):
+            tb.hosts[name] = _make_host(i + 1, name)
+        for name in ("b1", "b2", "b3"):
+            # one dual-stack listener per backend host: answers "name peer-ip peer-port"
+            tb.start_server(f"{NS_PREFIX}-{name}", name, "::", BACKEND_PORT)
+        # c1: a "pod" with its own listener on its own loopback at the listen port
+        tb.start_server(f"{NS_PREFIX}-c1", "local", "127.0.0.1", PORT)
+        yield tb
+    finally:
+        for p in tb.procs:
+            p.kill()
+            p.wait(timeout=10)
+            for s in (p.stdout, p.stderr):
+                if s:
+                    s.close()
+        _clear_leftovers()
+        if added_route:
+            sh("ip", "route", "del", "unreachable", GUARD_ROUTE, check=False)
+
+
+@pytest.fixture
+def dp_factory():
+    """Datapaths made by a test, all cleaned up (and closed) afterwards."""
+    made: list[EbpfDatapath] = []
+    instances: set[str] = set()
+
+    def make(instance: str = INSTANCE, **kw) -> EbpfDatapath:
+        settings = DatapathSettings(listen_port=PORT, instance=instance)
+        dp = EbpfDatapath(settings, **kw)
+        made.append(dp)
+        instances.add(instance)
+        return dp
+
+    try:
+        yield make
+    finally:
+        for dp in made:
+            dp.close()
+        for inst in instances:
+            EbpfDatapath.cleanup(DatapathSettings(listen_port=PORT, instance=inst))
+
+
+def ask(host: str = "127.0.0.1", family: int = socket.AF_INET, timeout: float = 3.0):
+    """Connect to the listen address; returns (backend name, peer seen by the
+    backend, getpeername() of the client socket)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.connect((host, PORT))
+        peer = s.getpeername()
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            data += chunk
+    name, seen_ip, _ = data.decode().split()
+    return name, seen_ip, peer
+
+
+class ClientLoop:
+    """Connects to 127.0.0.1:PORT in a loop in a thread; records every failure.
+    Bounded by `max_s` seconds."""
+
+    def __init__(self, max_s: float = 60.0, allowed: set[str] | None = None):
+        self.max_s = max_s
+        self.ok = 0
+        self.failures: list[str] = []
+        self.names: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.max_s
+        while not self._stop.is_set() and time.monotonic() < end:
+            try:
+                name, _, _ = ask(timeout=2.0)
+                self.names[name] += 1
+                self.ok += 1
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                self.failures.append(f"{type(e).__name__}: {e}")
+
+    def __enter__(self) -> "ClientLoop":
+        self._t.start()
+        return self
+
+    def wait_for(self, n: int, timeout: float = 20.0) -> None:
+        end = time.monotonic() + timeout
+        start = self.ok
+        while self.ok - start < n and time.monotonic() < end and self._t.is_alive():
+            time.sleep(0.01)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join(timeout=30)
+
+
+def attached_ids(attach_type: int) -> list[int]:
+    root = os.open(cgroup_root(), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return bpf.prog_query(root, attach_type)
+    finally:
+        os.close(root)
+
+
+def cgroup_root() -> str:
+    from prism_kernel.datapath.cgroup import find_cgroup2_root
+    return find_cgroup2_root()
+
+
+ALL_TYPES = (bpf.BPF_CGROUP_INET4_CONNECT, bpf.BPF_CGROUP_INET6_CONNECT,
+             bpf.BPF_CGROUP_INET4_GETPEERNAME, bpf.BPF_CGROUP_INET6_GETPEERNAME)
+
+
+def run_py(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# --- tests --------------------------------------------------------------------
+
+
+def test_fresh_install_steers_ipv4_to_the_set_only(testbed, dp_factory):
+    dp = dp_factory()
+    b1, b2 = testbed.backend("b1"), testbed.backend("b2")
+    assert dp.install([b1, b2]) is False
+    seen = Counter()
+    for _ in range(60):
+        name, seen_ip, peer = ask()
+        seen[name] += 1
+        # the backend sees the host's own veth address: no NAT involved
+        assert seen_ip in (f"::ffff:{testbed.hosts[name].host_v4}", testbed.hosts[name].host_v4)
+        assert peer == ("127.0.0.1", PORT)
+    assert set(seen) == {"b1", "b2"}, seen
+
+    assert dp.apply([testbed.backend("b3")]) is True
+    assert {ask()[0] for _ in range(20)} == {"b3"}
+    assert dp.apply([testbed.backend("b3")]) is False  # unchanged: nothing written
+
+
+def test_ipv6_and_dual_stack(testbed, dp_factory):
+    dp = dp_factory()
+    v4 = testbed.backend("b1", 4)
+    v6 = testbed.backend("b2", 6)
+    dp.install([v4, v6])
+    for _ in range(20):
+        name, seen_ip, peer = ask("::1", socket.AF_INET6)
+        assert name == "b2" and seen_ip == testbed.hosts["b2"].host_v6
+        assert peer[:2] == ("::1", PORT)
+        name, seen_ip, peer = ask("::ffff:127.0.0.1", socket.AF_INET6)
+        assert name == "b1"
+        assert peer[:2] == ("::ffff:127.0.0.1", PORT)
+        name, _, peer = ask("127.0.0.1", socket.AF_INET)
+        assert name == "b1" and peer == ("127.0.0.1", PORT)
+    # only IPv6 backends: [::1] is steered, 127.0.0.1 is left alone (nothing listens)
+    dp.apply([v6])
+    assert ask("::1", socket.AF_INET6)[0] == "b2"
+    with pytest.raises(ConnectionRefusedError):
+        ask("127.0.0.1")
+
+
+def test_getpeername_sockname_and_real_peer(testbed, dp_factory):
+    dp = dp_factory()
+    dp.install([testbed.backend("b1")])
+    with socket.create_connection(("127.0.0.1", PORT), timeout=3) as s:
+        assert s.getpeername() == ("127.0.0.1", PORT)
+        # the local address is the real one (the host's veth address)
+        assert s.getsockname()[0] == testbed.hosts["b1"].host_v4
+    # a socket that is not steered keeps its real peer
+    with socket.create_connection((testbed.hosts["b1"].v4, BACKEND_PORT), timeout=3) as s:
+        assert s.getpeername() == (testbed.hosts["b1"].v4, BACKEND_PORT)
+
+
+def test_other_netns_reaches_its_own_loopback(testbed, dp_factory):
+    dp = dp_factory()
+    dp.install([testbed.backend("b1")])
+    code = textwrap.dedent(f"""
+        import socket
+        out = []
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", {PORT}), timeout=3) as s:
+                out.append(s.recv(100).decode().split()[0])
+        print(",".join(out))
+    """)
+    r = subprocess.run(["ip", "netns", "exec", f"{NS_PREFIX}-c1", PY, "-c", code],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ",".join(["local"] * 5)
+    assert ask()[0] == "b1"  # while the host is steered
+
+
+def test_empty_set_leaves_connect_untouched(testbed, dp_factory):
+    dp = dp_factory()
+    assert dp.install([]) is False
+    with pytest.raises(ConnectionRefusedError):
+        ask()
+    st = dp.read_state()
+    assert st.backends == ()
+    assert st.details["stats"]["no_backend"] >= 1
+    dp.apply([testbed.backend("b2")])
+    assert ask()[0] == "b2"
+
+
+def test_counters_count(testbed, dp_factory):
+    dp = dp_factory()
+    b1, b2 = testbed.backend("b1"), testbed.backend("b2")
+    dp.install([b1])
+    for _ in range(25):
+        ask()
+    dp.apply([b1, b2])
+    seen = Counter(ask()[0] for _ in range(30))
+    st = dp.read_state()
+    assert st.counters[b1].connections == 25 + seen["b1"]
+    assert st.counters[b2].connections == seen["b2"]
+    assert st.details["stats"]["steered"] >= 55
+    assert st.details["stats"]["peer_xlate"] >= 55
+    dp.apply([b2])  # a backend that leaves takes its counter along: no unbounded state
+    assert set(dp.read_state().counters) == {b2}
+    # UDP "connects" to the listen address are not steered
+    steered = dp.read_state().details["stats"]["steered"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.connect(("127.0.0.1", PORT))
+        assert u.getpeername() == ("127.0.0.1", PORT)
+    assert dp.read_state().details["stats"]["steered"] == steered
+
+
+def test_rapid_set_changes_never_fail_a_connect(testbed, dp_factory):
+    dp = dp_factory()
+    names = ("b1", "b2", "b3")
+    # even changes: 1..3 IPv4 backends; odd: one host by IPv4 and IPv6 (always a change)
+    sets = [[testbed.backend(n) for n in names[: 1 + i % 3]] if i % 2 == 0 else
+            [testbed.backend(names[i % 3]), testbed.backend(names[i % 3], 6)] for i in range(51)]
+    dp.install(sets[0])
+    loops = [ClientLoop() for _ in range(4)]
+    for lp in loops:
+        lp.__enter__()
+    try:
+        for lp in loops:
+            lp.wait_for(10)
+        t0 = time.monotonic()
+        for s in sets[1:]:
+            assert dp.apply(s) is True
+            time.sleep(0.002)
+        elapsed = time.monotonic() - t0
+        for lp in loops:
+            lp.wait_for(10)
+    finally:
+        for lp in loops:
+            lp.__exit__(None, None, None)
+    failures = [f for lp in loops for f in lp.failures]
+    assert failures == [], failures[:5]
+    seen = sum((lp.names for lp in loops), Counter())
+    assert set(seen) <= set(names)
+    assert sum(seen.values()) >= 80
+    st = dp.read_state()
+    assert st.details["generation"] == 51
+    assert sorted(st.backends) == sorted(set(sets[-1]))
+    # the slots map holds exactly the active set after each update
+    fd = bpf.obj_get(f"/sys/fs/bpf/{INSTANCE}/maps-v1/pk_slots")
+    try:
+        assert len(bpf.map_keys(fd, 4)) == len(sets[-1])
+    finally:
+        os.close(fd)
+    print(f"50 changes in {elapsed:.3f}s under {sum(seen.values())} connects, "
+          f"selector re-reads: {st.details['stats']['retry']}")
+
+
+HOLDER = textwrap.dedent("""
+    import json, sys, time
+    from prism_kernel.datapath.base import DatapathSettings
+    from prism_kernel.datapath.ebpf import EbpfDatapath
+    from prism_kernel.model import Backend
+    settings = DatapathSettings(listen_port=int(sys.argv[1]), instance=sys.argv[2])
+    dp = EbpfDatapath(settings)
+    adopted = dp.install([Backend.of(a, int(sys.argv[4])) for a in sys.argv[3].split(",") if a])
+    st = dp.read_state()
+    print(json.dumps({"adopted": adopted, "prog_ids": st.details["prog_ids"]}), flush=True)
+    time.sleep(600)
+""")
+
+
+def test_kill9_and_adopt_without_a_failed_connect(testbed, dp_factory):
+    dp_factory()  # registers INSTANCE for cleanup
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    addrs = ",".join(testbed.hosts[n].v4 for n in ("b1", "b2"))
+    holder = subprocess.Popen([PY, "-c", HOLDER, str(PORT), INSTANCE, addrs, str(BACKEND_PORT)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = json.loads(holder.stdout.readline() or "{}")
+        assert first.get("adopted") is False, holder.stderr.read() if holder.poll() is not None else first
+        with ClientLoop() as loop:
+            loop.wait_for(30)
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=10)
+            loop.wait_for(30)
+            dp = dp_factory()
+            assert dp.install([testbed.backend("b3")]) is True  # adopted: initial not written
+            st = dp.read_state()
+            assert st.details["prog_ids"] == first["prog_ids"]
+            assert sorted(st.backends) == sorted([testbed.backend("b1"), testbed.backend("b2")])
+            loop.wait_for(30)
+            dp.apply([testbed.backend("b3")])
+            loop.wait_for(30)
+        assert loop.failures == [], loop.failures[:5]
+        assert loop.names["b3"] > 0 and loop.names["b1"] + loop.names["b2"] > 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+        holder.stdout.close()
+        holder.stderr.close()
+
+
+def _changed_source(tmp_path: Path) -> Path:
+    src = tmp_path / "prism_sock.c"
+    src.write_text(default_source().read_text() + "\n/* upgraded: a different program hash */\n")
+    return src
+
+
+@pytest.mark.parametrize("layout", [1, 2], ids=["same-layout", "new-layout"])
+def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layout):
+    old = dp_factory()
+    backends = [testbed.backend("b1"), testbed.backend("b2", 6), testbed.backend("b2")]
+    old.install(backends)
+    old_state = old.read_state()
+    old_ids = old_state.details["prog_ids"]
+    old.close()
+    with ClientLoop() as loop:
+        loop.wait_for(30)
+        new = dp_factory(source=_changed_source(tmp_path), layout=layout)
+        assert new.install([]) is True  # upgraded in place, set carried over
+        loop.wait_for(30)
+    assert loop.failures == [], loop.failures[:5]
+    st = new.read_state()
+    new_ids = st.details["prog_ids"]
+    assert set(new_ids.values()).isdisjoint(old_ids.values())
+    assert st.details["link_ids"] == old_state.details["link_ids"]  # same links, new programs
+    assert st.details["program_current"] is True
+    assert sorted(st.backends) == sorted(backends)
+    for (hook, attach_type) in zip(("connect4", "connect6", "getpeername4", "getpeername6"), ALL_TYPES):
+        ids = attached_ids(attach_type)
+        assert new_ids[hook] in ids and old_ids[hook] not in ids
+    maps_dirs = sorted(n for n in os.listdir(f"/sys/fs/bpf/{INSTANCE}") if n.startswith("maps-"))
+    assert maps_dirs == [f"maps-v{layout}"]
+    if layout == 1:
+        assert st.details["map_ids"] == old_state.details["map_ids"]  # maps kept
+    assert ask("::1", socket.AF_INET6)[0] == "b2"
+    # and the original program comes back the same way (a downgrade is an upgrade)
+    back = dp_factory()
+    assert back.install([]) is True
+    assert back.read_state().details["program_current"] is True
+
+
+def test_upgrade_waits_for_a_set_when_the_old_maps_are_unreadable(testbed, dp_factory, tmp_path,
+                                                                  monkeypatch):
+    old = dp_factory()
+    old.install([testbed.backend("b1")])
+    old_ids = old.read_state().details["prog_ids"]
+    new = dp_factory(source=_changed_source(tmp_path), layout=2)
+    monkeypatch.setattr(EbpfDatapath, "_read_attached_set", lambda self, links: None)
+    assert new.install([]) is True
+    # nothing swapped yet: the old program still steers to its set
+    assert new.read_state().details["prog_ids"] == old_ids
+    assert ask()[0] == "b1"
+    assert new.apply([testbed.backend("b2")]) is True
+    st = new.read_state()
+    assert set(st.details["prog_ids"].values()).isdisjoint(old_ids.values())
+    assert st.details["program_current"] is True
+    assert {ask()[0] for _ in range(10)} == {"b2"}
+
+
+def test_daemon_rss_after_adopt_and_after_install(testbed, dp_factory):
+    dp = dp_factory()
+    dp.install([testbed.backend("b1")])
+    code = textwrap.dedent(f"""
+        from prism_kernel.datapath.base import DatapathSettings
+        from prism_kernel.datapath.ebpf import EbpfDatapath
+        from prism_kernel.model import Backend
+        import sys, json
+        dp = EbpfDatapath(DatapathSettings(listen_port={PORT}, instance="{INSTANCE}"))
+        adopted = dp.install([Backend.of("{testbed.hosts['b1'].v4}", {BACKEND_PORT})])
+        dp.apply([Backend.of("{testbed.hosts['b2'].v4}", {BACKEND_PORT})])
+        dp.read_state()
+        status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+        print(json.dumps({{"adopted": adopted, "bcc": "bcc" in sys.modules,
+                          "rss_kb": int(status["VmRSS"].split()[0]),
+                          "hwm_kb": int(status["VmHWM"].split()[0])}}))
+    """)
+    r = run_py(code)
+    assert r.returncode == 0, r.stderr
+    adopt = json.loads(r.stdout.strip().splitlines()[-1])
+    assert adopt["adopted"] is True and adopt["bcc"] is False
+    assert adopt["rss_kb"] <= 60 * 1024, adopt
+    # A fresh install compiles in the child: the daemon's own peak stays small.
+    EbpfDatapath.cleanup(dp.settings)
+    dp.close()
+    r = run_py(code)
+    assert r.returncode == 0, r.stderr
+    fresh = json.loads(r.stdout.strip().splitlines()[-1])
+    assert fresh["adopted"] is False and fresh["bcc"] is False
+    assert fresh["hwm_kb"] <= 60 * 1024, fresh
+    print(f"daemon RSS: adopt {adopt}, fresh install {fresh}")
+
+
+def test_cleanup_leaves_nothing_and_is_idempotent(testbed, dp_factory):
+    dp = dp_factory()
+    dp.install([testbed.backend("b1")])
+    ids = dp.read_state().details["prog_ids"]
+    dp.close()
+    lines = EbpfDatapath.cleanup(dp.settings)
+    assert any(line.startswith("cgroup link connect4") for line in lines)
+    assert not os.path.exists(f"/sys/fs/bpf/{INSTANCE}")
+    for t in ALL_TYPES:
+        assert not set(attached_ids(t)) & set(ids.values())
+    shown = json.loads(sh("bpftool", "-j", "cgroup", "show", cgroup_root()).stdout.strip() or "[]")
+    assert not {p["id"] for p in shown} & set(ids.values())
+    # the programs are gone from the kernel (freed after an RCU grace period)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        alive = [p for p in ids.values() if sh("bpftool", "prog", "show", "id", str(p), check=False).returncode == 0]
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive
+    assert EbpfDatapath.cleanup(dp.settings) == []
+    with pytest.raises(ConnectionRefusedError):
+        ask()
+    # cleanup of an instance that never existed
+    assert EbpfDatapath.cleanup(DatapathSettings(listen_port=PORT, instance=INSTANCE + "-none")) == []
+
+
+def test_read_state_without_install_and_without_daemon(testbed, dp_factory):
+    fresh = dp_factory()
+    st = fresh.read_state()
+    assert st.installed is False and st.backends == ()
+    dp_factory().install([testbed.backend("b1")])
+    other = EbpfDatapath(DatapathSettings(listen_port=PORT, instance=INSTANCE))
+    try:
+        st = other.read_state()  # a `status` process: opens pins, no install()
+        assert st.installed is True
+        assert st.backends == (testbed.backend("b1"),)
+        assert set(st.details["prog_ids"]) == {"connect4", "connect6", "getpeername4", "getpeername6"}
+        assert st.details["attach_cgroup"] == cgroup_root()
+        assert st.details["cgroup_ids"] == [1]
+        assert len(st.details["program_hash"]) == 64
+    finally:
+        other.close()
+
+
+def test_listen_port_change_is_a_config_write(testbed, dp_factory):
+    dp = dp_factory()
+    dp.install([testbed.backend("b1")])
+    ids = dp.read_state().details["prog_ids"]
+    moved = EbpfDatapath(DatapathSettings(listen_port=PORT + 10, instance=INSTANCE))
+    try:
+        assert moved.install([]) is True
+        st = moved.read_state()
+        assert st.details["prog_ids"] == ids and st.details["listen_port"] == PORT + 10
+        with pytest.raises(ConnectionRefusedError):
+            ask()  # PORT is no longer steered
+        with socket.create_connection(("127.0.0.1", PORT + 10), timeout=3) as s:
+            assert s.recv(100).split()[0] == b"b1"
+    finally:
+        moved.close()
+
+
+def test_detached_behind_our_back_is_reported_and_reinstalled(testbed, dp_factory):
+    dp = dp_factory()
+    dp.install([testbed.backend("b1")])
+    # someone detaches the connect4 link but leaves its pin (a defunct link)
+    fd = bpf.obj_get(f"/sys/fs/bpf/{INSTANCE}/links/connect4")
+    try:
+        bpf.link_detach(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(ConnectionRefusedError):
+        ask()
+    with pytest.raises(DatapathError, match="connect4"):
+        dp.apply([testbed.backend("b1")])
+    assert dp.read_state().installed is False
+    assert dp.install([testbed.backend("b1")]) is True  # the other hooks and the maps are kept
+    assert dp.apply([testbed.backend("b1")]) is False
+    assert ask()[0] == "b1"
+    assert dp.read_state().installed is True
+    # everything removed by another process (e.g. `prism-kernel cleanup`)
+    EbpfDatapath.cleanup(dp.settings)
+    with pytest.raises(DatapathError):
+        dp.apply([testbed.backend("b2")])
+    assert dp.install([testbed.backend("b2")]) is False
+    assert ask()[0] == "b2"
+
+
+def test_too_many_backends_and_bad_input(dp_factory, testbed):
+    dp = dp_factory()
+    dp.install([testbed.backend("b1")])
+    many = [Backend.of(str(V4_NET.network_address + 1000 + i), BACKEND_PORT) for i in range(65)]
+    with pytest.raises(DatapathError, match="at most 64"):
+        dp.apply(many)
+    assert dp.read_state().backends == (testbed.backend("b1"),)
+    with pytest.raises(DatapathError):
+        EbpfDatapath(DatapathSettings(listen_port=PORT, instance="../escape"))
+
+
+def test_refuses_a_non_initial_cgroup_namespace(testbed):
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    code = textwrap.dedent(f"""
+        from prism_kernel.datapath.base import DatapathSettings
+        from prism_kernel.datapath.ebpf import EbpfDatapath
+        from prism_kernel.errors import DatapathError, DatapathUnavailable
+        s = DatapathSettings(listen_port={PORT}, instance="{INSTANCE}-cgns")
+        try:
+            EbpfDatapath.check_available(s)
+        except DatapathUnavailable as e:
+            print("unavailable:", e.reason)
+        try:
+            EbpfDatapath(s).install([])
+        except DatapathError as e:
+            print("refused:", e)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run(["unshare", "--cgroup", PY, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "unavailable: this process runs in a non-initial cgroup namespace" in r.stdout
+    assert "refused: this process runs in a non-initial cgroup namespace" in r.stdout
+    assert not os.path.exists(f"/sys/fs/bpf/{INSTANCE}-cgns")
