@@ -34,7 +34,7 @@ class Daemon:
     def __init__(self, endpoints: list[str], datapath: str, ca_file: str | None, tmpdir: str,
                  port: int = TEST_PORT, instance: str = TEST_INSTANCE, interval: float = 0.2,
                  timeout: float = 0.5, rise: int = 2, fall: int = 2, probe: str = "readyz",
-                 cleanup_on_exit: bool = True, extra: list[str] | None = None):
+                 cleanup_on_exit: bool = True, extra: list[str] | None = None, start: bool = True):
         self.port = port
         self.instance = instance
         self.interval, self.rise, self.fall = interval, rise, fall
@@ -51,8 +51,13 @@ class Daemon:
             argv.append("--cleanup-on-exit")
         argv += extra or []
         self.argv = argv
+        self.proc: subprocess.Popen | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO)
 
     def events(self) -> list[dict]:
         out = []
@@ -92,7 +97,9 @@ class Daemon:
             time.sleep(0.05)
         raise AssertionError(f"active set never became {expected}: {self.status()}\n{self.log_path.read_text()}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
