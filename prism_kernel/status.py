@@ -27,6 +27,11 @@ from prism_kernel.errors import PrismError
 from prism_kernel.runstate import daemon_pid, read_state
 
 
+# The details people need in the table view; `-o json` has all of them.
+_TEXT_DETAILS = ("attach_cgroup", "pin_dir", "prog_ids", "program_current", "stats",
+                 "table", "family", "route_localnet", "handles")
+
+
 def gather(instance: str, run_dir: Path) -> dict[str, Any]:
     pid = daemon_pid(run_dir)
     state = read_state(run_dir) if pid else None
@@ -84,8 +89,13 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
                 out.write(f"kernel {name}: cannot read ({k['error']})\n")
             continue
         out.write(f"kernel {name}: steering to {', '.join(k['backends']) or 'nothing'}\n")
-        for key, val in k.get("details", {}).items():
-            out.write(f"  {key}: {val}\n")
+        details = k.get("details", {})
+        for key in _TEXT_DETAILS:
+            if key in details:
+                val = details[key]
+                if isinstance(val, dict):
+                    val = " ".join(f"{a}={b}" for a, b in val.items())
+                out.write(f"  {key}: {val}\n")
     counters: dict[str, dict] = {}
     for k in info["kernel"].values():
         counters.update(k.get("counters", {}))

@@ -219,3 +219,30 @@ def test_every_state_change_is_one_structured_log_line(testbed, datapath):
         written = d.wait_event("set_written", after=mark)
         assert tb.backends[0].endpoint not in written["backends"]
         assert all(e["event"] != "unparsed" for e in d.events()), d.log_path.read_text()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_daemon_steady_state_rss_is_small(testbed, datapath):
+    """bcc's compiler (~150 MB) runs in a short-lived child: the long-lived
+    daemon must stay at or under 60 MB."""
+    tb = testbed
+    with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        time.sleep(2.0)  # a few probe rounds
+        rss = _rss_mb(d.proc.pid)
+        assert rss <= 60, f"daemon RSS {rss:.1f} MB"
+
+
+def test_auto_picks_ebpf_here_and_says_why(testbed):
+    tb = testbed
+    with Daemon(endpoints(tb), "auto", tb.ca_file, tb.tmpdir) as d:
+        start = d.wait_event("start")
+        assert start["datapath"] == "ebpf" and start["why"].startswith("auto:"), start
+        d.wait_ready()
+        assert who(client_context(tb.ca_file)) in {"be0", "be1", "be2"}
