@@ -19,16 +19,15 @@ MAX_TIER = len(TIER_BOUNDS)
 # A smoothed latency must cross a boundary by this fraction before the tier
 # changes, so a backend sitting near a boundary does not flip back and forth.
 TIER_HYSTERESIS = 0.25
-# Weight of a new latency sample in the moving average: one slow sample moves
-# the average by at most 30% of the difference.
-LATENCY_ALPHA = 0.3
-# And a tier change needs this many consecutive samples pointing the same way:
-# together with the band, one outlier never flips a tier, however large.
+# Latency is the lower median of the last LATENCY_WINDOW samples: one or two
+# outliers (a GC pause, a lost packet, a loaded machine) never move it, a
+# sustained change moves it after three samples.
+LATENCY_WINDOW = 5
+# A backend's tier is unknown until it has this many samples (selection treats
+# a healthy backend with no tier yet as in the best tier, like KubePrism's
+# initial tier 0); after that a tier change needs this many consecutive
+# samples pointing the same way, on top of the band.
 TIER_CONFIRM = 3
-# A sample counts as at most this many times the current average: a single
-# huge outlier (a GC pause, one lost packet) moves the average a little; a
-# sustained slowdown still raises it by up to 1.9x per sample.
-SAMPLE_CLAMP = 4.0
 
 State = Literal["unknown", "up", "down"]
 
@@ -78,11 +77,12 @@ class BackendHealth:
     reason: str = "not probed yet"
     successes: int = 0  # consecutive
     failures: int = 0  # consecutive
-    latency: float | None = None  # smoothed, seconds
+    latency: float | None = None  # smoothed (windowed lower median), seconds
     last_latency: float | None = None
     tier: int | None = None
     since: float | None = None  # `now` of the last up/down change
     probes: int = 0
+    samples: list[float] = field(default_factory=list)  # the last LATENCY_WINDOW latencies
     _tier_direction: int = 0  # +1 slower / -1 faster, for the pending change
     _tier_votes: int = 0
     failures_total: dict[str, int] = field(default_factory=dict)
@@ -105,11 +105,9 @@ class BackendHealth:
             self.failures = 0
             if result.latency is not None:
                 self.last_latency = result.latency
-                if self.latency is None:
-                    self.latency = result.latency
-                else:
-                    sample = min(result.latency, self.latency * SAMPLE_CLAMP)
-                    self.latency += LATENCY_ALPHA * (sample - self.latency)
+                self.samples = (self.samples + [result.latency])[-LATENCY_WINDOW:]
+                ordered = sorted(self.samples)
+                self.latency = ordered[(len(ordered) - 1) // 2]
                 self._update_tier(changes)
             if self.state == "unknown" or (self.state == "down" and self.successes >= rise):
                 changes.append(Change("up", self.backend, result.reason, self.state, "up"))
@@ -129,10 +127,11 @@ class BackendHealth:
 
     def _update_tier(self, changes: list[Change]) -> None:
         assert self.latency is not None
-        candidate = next_tier(self.latency, self.tier)
         if self.tier is None:
-            self.tier = candidate
+            if len(self.samples) >= TIER_CONFIRM:
+                self.tier = raw_tier(self.latency)
             return
+        candidate = next_tier(self.latency, self.tier)
         if candidate == self.tier:
             self._tier_direction, self._tier_votes = 0, 0
             return

@@ -6,7 +6,8 @@ same, sorted output, so an unchanged state never causes a kernel write.
 Rules, per address family (a listener can only reach its own family):
 1. a healthy loopback backend (the node's own API server) wins: it is the
    fastest path and keeps working when the node's network does not;
-2. otherwise every healthy backend in the lowest latency tier;
+2. otherwise every healthy backend in the lowest latency tier (a healthy
+   backend whose tier is not known yet counts as in it);
 3. when nothing is healthy, fail open to every known backend: an API server
    that the probes cannot see may still serve, and an empty set would turn a
    probe problem into an outage. An empty set is never produced while any
@@ -63,8 +64,10 @@ def select_family(candidates: Sequence[Candidate]) -> Selection:
     loopback = [c for c in healthy if c.backend.is_loopback]
     if loopback:
         return Selection(tuple(sorted({c.backend for c in loopback})), "loopback", _min_tier(loopback))
+    # A healthy backend whose tier is not known yet (too few latency samples)
+    # counts as in the best tier: healthy is known, slow is not.
     best = _min_tier(healthy)
-    chosen = {c.backend for c in healthy if _tier_key(c.tier) == _tier_key(best)}
+    chosen = {c.backend for c in healthy if c.tier is None or c.tier == best}
     return Selection(tuple(sorted(chosen)), "tier", best)
 
 
@@ -78,11 +81,6 @@ def select(candidates: Iterable[Candidate], families: Iterable[int] = (4, 6)) ->
     return FullSelection({fam: select_family(groups[fam]) for fam in sorted(groups)})
 
 
-def _tier_key(tier: int | None) -> int:
-    # A healthy backend always has a tier (a success carries a latency); a
-    # missing one sorts last rather than crash.
-    return 1_000 if tier is None else tier
-
-
 def _min_tier(cands: Sequence[Candidate]) -> int | None:
-    return min((c.tier for c in cands), key=_tier_key)
+    """The best known tier, None when no candidate has one yet."""
+    return min((c.tier for c in cands if c.tier is not None), default=None)

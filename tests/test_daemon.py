@@ -212,6 +212,7 @@ def test_every_state_change_is_one_structured_log_line(testbed, datapath):
     tb = testbed
     with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d:
         d.wait_ready()
+        d.wait_active(names(tb, 0, 1, 2))
         mark = len(d.events())
         tb.backends[0].stop()
         down = d.wait_event("backend_down", after=mark, address=tb.backends[0].endpoint)

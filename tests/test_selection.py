@@ -58,9 +58,10 @@ def test_nothing_healthy_fails_open_to_everything():
     assert s.backends == tuple(sorted([A, B, LO]))
 
 
-def test_unknown_tier_backend_sorts_last():
-    s = select_family([Candidate(A, True, None), Candidate(B, True, 3)])
-    assert s.backends == (B,)
+def test_healthy_backend_without_a_tier_yet_counts_as_best_tier():
+    s = select_family([Candidate(A, True, None), Candidate(B, True, 3), Candidate(C, True, 4)])
+    assert s.backends == (A, B)
+    assert select_family([Candidate(A, True, None), Candidate(B, True, None)]).backends == (A, B)
 
 
 def test_families_are_selected_separately():
@@ -87,7 +88,7 @@ def test_exhaustive_small_world():
     """Every combination of health and tier for four backends (one loopback)."""
     backends = [A, B, C, LO]
     for healths in itertools.product([False, True], repeat=4):
-        for tiers in itertools.product([0, 1, 2], repeat=4):
+        for tiers in itertools.product([None, 0, 1, 2], repeat=4):
             cands = [Candidate(b, h, t) for b, h, t in zip(backends, healths, tiers)]
             s = select_family(cands)
             chosen = set(s.backends)
@@ -101,8 +102,9 @@ def test_exhaustive_small_world():
             if LO in healthy:
                 assert chosen == {LO}
                 continue
-            best = min(t for b, h, t in zip(backends, healths, tiers) if h)
-            assert chosen == {b for b, h, t in zip(backends, healths, tiers) if h and t == best}
+            known = [t for b, h, t in zip(backends, healths, tiers) if h and t is not None]
+            best = min(known) if known else None
+            assert chosen == {b for b, h, t in zip(backends, healths, tiers) if h and (t is None or t == best)}
 
 
 addresses = st.sampled_from([A, B, C, LO, V6, V6B])
