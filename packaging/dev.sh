@@ -14,7 +14,7 @@ DEB_PACKAGES=(
   python3-bpfcc bpftool linux-headers-amd64   # eBPF data path (bcc compiles at run time)
   nftables python3-nftables                   # nftables data path
   iproute2 procps                             # test hosts in network namespaces
-  wrk haproxy                                 # benchmark: load generator, userspace reference
+  wrk haproxy nginx                           # benchmark: load generator, userspace reference, backend
   openssl
 )
 

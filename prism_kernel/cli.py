@@ -16,7 +16,7 @@ from typing import Any
 from prism_kernel import __version__
 from prism_kernel.config import build_config, load_yaml
 from prism_kernel.errors import ConfigError, PrismError
-from prism_kernel.log import EventLog
+from prism_kernel.log import EventLog, route_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from prism_kernel.daemon import Daemon  # after validation: nothing heavy for a bad flag
 
     log = EventLog(config.log_format)
+    route_logging(log)
     try:
         return asyncio.run(Daemon(config, log).run())
     except PrismError as e:

@@ -117,6 +117,19 @@ class ProbeConfig(BaseModel):
         return self
 
 
+class NftablesConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stable_tcp_timestamps: bool = Field(
+        True,
+        description="While the nftables data path is installed, set net.ipv4.tcp_timestamps from 1 to 2 "
+        "(one TCP timestamp clock for the host instead of one per connection). Without it, SNAT makes "
+        "API servers drop reconnecting SYNs as PAWS failures and new connections stall for 1 s under "
+        "churn. Cost: TCP peers of the host network namespace can read the host's millisecond clock. "
+        "Restored by cleanup. An operator's 0 or 2 is left alone.",
+    )
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -128,6 +141,7 @@ class Config(BaseModel):
         "auto", description="Kernel data path; auto picks eBPF when the kernel allows, else nftables."
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    nftables: NftablesConfig = Field(default_factory=NftablesConfig)
     resolve_interval: Duration = Field(30.0, gt=0, le=86400, description="Seconds between DNS re-resolutions of named endpoints.")
     cleanup_on_exit: bool = Field(False, description="Remove the data path when the daemon stops (tests, demos). Off: the node keeps API access while the daemon restarts.")
     instance: str = Field(

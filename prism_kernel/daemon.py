@@ -68,7 +68,11 @@ class Daemon:
     def __init__(self, config: Config, log: EventLog):
         self.config = config
         self.log = log
-        self.settings = DatapathSettings(listen_port=config.port, instance=config.instance)
+        self.settings = DatapathSettings(
+            listen_port=config.port,
+            instance=config.instance,
+            nft_stable_tcp_timestamps=config.nftables.stable_tcp_timestamps,
+        )
         self.ssl_context = make_ssl_context(config.probe)
         self.targets: dict[Backend, _Target] = {}
         self.resolved: dict[EndpointSpec, list[Backend]] = {}

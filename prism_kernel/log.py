@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import Any, TextIO
@@ -41,3 +42,23 @@ class EventLog:
 
     def error(self, event: str, **fields: Any) -> None:
         self._emit("error", event, fields)
+
+
+class EventLogHandler(logging.Handler):
+    """Routes `logging` records (the data-path modules use it) into the
+    event log, so every line the daemon prints has the same structure."""
+
+    def __init__(self, events: EventLog):
+        super().__init__()
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = {logging.WARNING: "warn", logging.ERROR: "error", logging.CRITICAL: "error"}.get(record.levelno, "info")
+        self.events._emit(level, "datapath", {"module": record.name.rsplit(".", 1)[-1], "msg": record.getMessage()})
+
+
+def route_logging(events: EventLog) -> None:
+    root = logging.getLogger("prism_kernel")
+    root.handlers[:] = [EventLogHandler(events)]
+    root.setLevel(logging.INFO)
+    root.propagate = False

@@ -23,6 +23,10 @@ class DatapathSettings:
     # Names every piece of kernel state (nft table, BPF pin dir, run dir), so
     # that a test instance never touches a live daemon's state.
     instance: str = "prism-kernel"
+    # nftables only: set net.ipv4.tcp_timestamps 1 -> 2 while installed (one
+    # timestamp clock per host); without it, SNAT makes backends drop
+    # reconnecting SYNs in TIME_WAIT (nft/README.md).
+    nft_stable_tcp_timestamps: bool = True
 
 
 @dataclass

@@ -503,7 +503,7 @@ class NftablesDatapath(Datapath):
 
     def _ensure_sysctls(self) -> None:
         for name, value, only_from in self.SYSCTLS:
-            if name == TCP_TIMESTAMPS and not self.fix_tcp_timestamps:
+            if name == TCP_TIMESTAMPS and not (self.fix_tcp_timestamps and self.settings.nft_stable_tcp_timestamps):
                 continue
             current = sysctl.read(name)
             if only_from and current not in only_from and current != value:

@@ -1,0 +1,383 @@
+"""Benchmark: requests/s and p99 latency through each data path vs. direct.
+
+    python -m bench.run                          # default: direct + nftables, ~1 min
+    python -m bench.run --targets direct,nftables-naive    # the data path before the fix
+
+One nginx backend (a static 3-byte response, so the server is cheap and the
+path in between shows) in a network namespace; wrk loads it directly (the
+backend address) and through each target (127.0.0.1:PORT). Two modes:
+keep-alive, and one connection per request (`Connection: close`, i.e.
+connection churn: connect + SNAT/DNAT setup + TIME_WAIT for every request).
+
+Rounds alternate the targets (rotated order each round) so drift and the
+TIME_WAIT state one run leaves for the next hit every target alike; the
+result per target and mode is the median over rounds. Besides wrk's numbers
+each run records kernel counters: SYN retransmits on the host, PAWS-rejected
+SYNs in the backend's TIME_WAIT (namespace), conntrack drops, and the CPU
+time and RSS of each target's own process (the daemon-side cost).
+
+Pinning (2 cores): by default wrk and nginx share CPU 0 ("same"): every
+request's user and kernel work (both TCP stacks, veth, netfilter) runs on one
+core, so the numbers are CPU cost per request and very stable (±1%); with
+"split" (wrk CPU 0, nginx CPU 1) this VM's cross-CPU wakeups dominate and
+vary ±20%. All targets stay installed for the whole run, so the direct
+baseline runs with conntrack active, as on any Kubernetes node.
+
+Everything is created with the prefix "pkb" in 198.19.0.0/24 and removed at
+exit, also on failure, Ctrl-C or SIGTERM; leftovers of an interrupted run are
+removed at start. Markdown table on stdout, JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import env as benv
+from bench.targets import DEFAULT_TARGETS, TARGETS, Target
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = {"keepalive": [], "close": ["-H", "Connection: close"]}
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+# --- kernel counters ------------------------------------------------------------
+
+
+def _snmp_pairs(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    lines = text.splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        prefix, _, names = names.partition(":")
+        _, _, values = values.partition(":")
+        for n, v in zip(names.split(), values.split()):
+            try:
+                out[f"{prefix}{n}"] = int(v)
+            except ValueError:
+                pass
+    return out
+
+
+def tcp_counters(ns: str | None = None) -> dict[str, int]:
+    if ns is None:
+        text = Path("/proc/net/netstat").read_text() + Path("/proc/net/snmp").read_text()
+    else:
+        text = benv.sh("cat", "/proc/net/netstat", "/proc/net/snmp", ns=ns).stdout
+    return _snmp_pairs(text)
+
+
+def conntrack_counters() -> dict[str, int]:
+    try:
+        lines = Path("/proc/net/stat/nf_conntrack").read_text().split("\n")
+    except OSError:
+        return {}
+    names = lines[0].split()
+    total = dict.fromkeys(names, 0)
+    for line in lines[1:]:
+        for n, v in zip(names, line.split()):
+            total[n] += int(v, 16)
+    total.pop("entries", None)
+    return total
+
+
+def proc_cost(pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds, RSS MiB) summed over live pids."""
+    cpu, rss = 0.0, 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            cpu += (int(fields[11]) + int(fields[12])) / _CLK
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    return cpu, rss
+
+
+# --- wrk ------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * _UNITS[unit]
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    r: dict[str, Any] = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"wrk output without Requests/sec:\n{out}")
+    r["rps"] = float(m.group(1))
+    for pct, val, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M):
+        r[f"p{pct}_ms"] = _ms(val, unit)
+    m = re.search(r"(\d+) requests in", out)
+    r["requests"] = int(m.group(1)) if m else None
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    r["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"),
+                                  map(int, m.groups()))) if m else {}
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    r["non_2xx"] = int(m.group(1)) if m else 0
+    return r
+
+
+def run_wrk(url: str, mode: str, opts: argparse.Namespace, duration: float) -> dict[str, Any]:
+    argv = ["wrk", "-t", str(opts.threads), "-c", str(opts.connections), "-d", f"{duration:g}s",
+            "--latency", *MODES[mode], url]
+    if opts.wrk_cpu is not None:
+        argv = ["taskset", "-c", str(opts.wrk_cpu), *argv]
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    if cp.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {cp.stderr.strip() or cp.stdout.strip()}")
+    return parse_wrk(cp.stdout)
+
+
+# --- one measurement --------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    target: str
+    mode: str
+    round: int
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    errors: int
+    syn_retrans: int
+    paws_tw_rejected: int
+    ct_drops: int
+    cost_cpu_s: float
+    cost_rss_mib: float
+    duration_s: float
+    wrk: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(target: Target, url: str, mode: str, rnd: int, opts: argparse.Namespace) -> Run:
+    pids = target.cost_pids()
+    h0, n0, c0 = tcp_counters(), tcp_counters(benv.NETNS), conntrack_counters()
+    cpu0, _ = proc_cost(pids)
+    t0 = time.monotonic()
+    w = run_wrk(url, mode, opts, opts.duration)
+    elapsed = time.monotonic() - t0
+    cpu1, rss = proc_cost(pids)
+    h1, n1, c1 = tcp_counters(), tcp_counters(benv.NETNS), conntrack_counters()
+    errs = sum(w["socket_errors"].values()) + w["non_2xx"]
+    return Run(
+        target=target.name, mode=mode, round=rnd, rps=w["rps"],
+        p50_ms=w.get("p50_ms"), p99_ms=w.get("p99_ms"), errors=errs,
+        syn_retrans=h1.get("TcpExtTCPSynRetrans", 0) - h0.get("TcpExtTCPSynRetrans", 0),
+        paws_tw_rejected=n1.get("TcpExtPAWSTimewait", 0) - n0.get("TcpExtPAWSTimewait", 0),
+        ct_drops=sum(c1.get(k, 0) - c0.get(k, 0) for k in ("drop", "early_drop", "insert_failed")),
+        cost_cpu_s=round(cpu1 - cpu0, 3), cost_rss_mib=round(rss, 1),
+        duration_s=round(elapsed, 2), wrk=w,
+    )
+
+
+# --- summary ------------------------------------------------------------------
+
+
+def summarize(runs: list[Run], targets: list[str], modes: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for mode in modes:
+        base = [r for r in runs if r.mode == mode and r.target == "direct"]
+        base_rps = statistics.median(r.rps for r in base) if base else None
+        base_p99 = statistics.median(r.p99_ms for r in base if r.p99_ms is not None) if base else None
+        for t in targets:
+            rs = [r for r in runs if r.mode == mode and r.target == t]
+            if not rs:
+                continue
+            rps = statistics.median(r.rps for r in rs)
+            p99s = [r.p99_ms for r in rs if r.p99_ms is not None]
+            p99 = statistics.median(p99s) if p99s else None
+            secs = sum(r.duration_s for r in rs) or 1
+            rows.append({
+                "mode": mode, "target": t, "rounds": len(rs),
+                "rps_median": round(rps, 1), "rps_min": round(min(r.rps for r in rs), 1),
+                "rps_max": round(max(r.rps for r in rs), 1),
+                "rps_vs_direct": round(rps / base_rps, 3) if base_rps else None,
+                "p99_ms_median": round(p99, 3) if p99 is not None else None,
+                "p99_vs_direct": round(p99 / base_p99, 3) if (p99 and base_p99) else None,
+                "syn_retrans_per_s": round(sum(r.syn_retrans for r in rs) / secs, 1),
+                "paws_tw_rejected_per_s": round(sum(r.paws_tw_rejected for r in rs) / secs, 1),
+                "errors": sum(r.errors for r in rs),
+                "ct_drops": sum(r.ct_drops for r in rs),
+                "cost_cpu_s": round(sum(r.cost_cpu_s for r in rs), 3),
+                "cost_rss_mib": max(r.cost_rss_mib for r in rs),
+            })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], opts: argparse.Namespace) -> str:
+    def f(v: Any, fmt: str = "{}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    head = ("| mode | target | req/s (median) | vs direct | p99 ms | p99 vs direct "
+            "| SYN rtx/s | PAWS TW rej/s | errors | own CPU s | own RSS MiB |")
+    out = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        out.append(
+            f"| {r['mode']} | {r['target']} | {r['rps_median']:,.0f} "
+            f"({r['rps_min']:,.0f}–{r['rps_max']:,.0f}) | {f(r['rps_vs_direct'], '{:.3f}')} "
+            f"| {f(r['p99_ms_median'], '{:.2f}')} | {f(r['p99_vs_direct'], '{:.2f}')} "
+            f"| {r['syn_retrans_per_s']:g} | {r['paws_tw_rejected_per_s']:g} | {r['errors']} "
+            f"| {f(r['cost_cpu_s'] if r['target'] != 'direct' else None, '{:.2f}')} "
+            f"| {f(r['cost_rss_mib'] or None, '{:.0f}')} |")
+    return "\n".join(out)
+
+
+# --- main -----------------------------------------------------------------------
+
+
+def host_info() -> dict[str, Any]:
+    def sysctl(name: str) -> str | None:
+        try:
+            return " ".join(Path("/proc/sys", *name.split(".")).read_text().split())
+        except OSError:
+            return None
+
+    wrk_v = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()
+    return {
+        "kernel": platform.release(), "cpus": os.cpu_count(),
+        "wrk": (wrk_v or ["?"])[0], "python": platform.python_version(),
+        "sysctl": {n: sysctl(n) for n in (
+            "net.ipv4.tcp_timestamps", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_tw_reuse",
+            "net.ipv4.tcp_congestion_control", "net.netfilter.nf_conntrack_tcp_timeout_time_wait",
+            "net.ipv4.conf.all.route_localnet")},
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                    help=f"comma list of {', '.join(TARGETS)} (default %(default)s); "
+                         f"'direct' is always measured as the baseline")
+    ap.add_argument("--modes", default="keepalive,close", help="comma list of keepalive, close")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=2, help="seconds per wrk run (wrk takes whole seconds)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="seconds of unrecorded load per target and mode before round 1")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pin", choices=("same", "split", "none"), default="same",
+                    help="same: wrk and nginx on CPU 0; split: wrk CPU 0, nginx CPU 1; none")
+    ap.add_argument("--port", type=int, default=27445, help="listen port of the first data path target")
+    ap.add_argument("--instance", default=f"{benv.PREFIX}-bench",
+                    help="instance name (nft table) of the data path targets")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    opts = ap.parse_args(argv)
+    names = [t.strip() for t in opts.targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown:
+        ap.error(f"unknown target(s) {unknown}; known: {', '.join(TARGETS)}")
+    if "direct" not in names:
+        names.insert(0, "direct")
+    for n in names:
+        clash = [c for c in TARGETS[n].conflicts if c in names]
+        if clash:
+            ap.error(f"target {n} cannot run together with {', '.join(clash)}: "
+                     f"{TARGETS[n].conflict_reason}; run them separately")
+    opts.target_names = list(dict.fromkeys(names))
+    opts.mode_names = [m.strip() for m in opts.modes.split(",") if m.strip()]
+    if not opts.mode_names or any(m not in MODES for m in opts.mode_names):
+        ap.error(f"--modes: choose from {', '.join(MODES)}")
+    if opts.rounds < 1 or opts.duration < 1 or opts.warmup < 0:
+        ap.error("--rounds >= 1, --duration >= 1, --warmup >= 0")
+    if not 1 <= opts.threads <= opts.connections:
+        ap.error("need 1 <= --threads <= --connections")
+    cpus = os.cpu_count() or 1
+    opts.wrk_cpu = None if opts.pin == "none" else 0
+    opts.nginx_cpu = {"same": 0, "split": 1 if cpus > 1 else 0, "none": None}[opts.pin]
+    return opts
+
+
+def _on_sigterm(signum, frame):  # run the finally blocks, like Ctrl-C
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: run as root (network namespaces, nftables)", file=sys.stderr)
+        return 2
+    for tool in ("wrk", "nginx", "taskset", "ip"):
+        if not shutil.which(tool):
+            print(f"bench: {tool} not found (packaging/dev.sh setup installs it)", file=sys.stderr)
+            return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    started = time.time()
+    targets: list[Target] = [TARGETS[n]() for n in opts.target_names]
+    # Leftovers of an interrupted run: test hosts, then each target's kernel state.
+    for line in benv.clear_leftovers():
+        print(f"bench: removed leftover {line}", file=sys.stderr)
+    for t in targets:
+        for line in type(t).clear_leftovers(opts):
+            print(f"bench: removed leftover: {line}", file=sys.stderr)
+
+    runs: list[Run] = []
+    urls: dict[str, str] = {}
+    with benv.Env(nginx_cpu=opts.nginx_cpu) as e:
+        try:  # targets go before the test host they point at
+            for t in targets:
+                urls[t.name] = t.setup(e, opts)
+            info = host_info()
+            if opts.warmup > 0:
+                for mode in opts.mode_names:
+                    for t in targets:
+                        run_wrk(urls[t.name], mode, opts, opts.warmup)
+            for rnd in range(opts.rounds):
+                order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+                for mode in opts.mode_names:
+                    for t in order:
+                        r = measure(t, urls[t.name], mode, rnd, opts)
+                        runs.append(r)
+                        print(f"bench: round {rnd + 1}/{opts.rounds} {mode:9} {t.name:15} "
+                              f"{r.rps:10,.0f} req/s  p99 {r.p99_ms or 0:7.2f} ms  "
+                              f"syn-rtx {r.syn_retrans}", file=sys.stderr, flush=True)
+        finally:
+            for t in reversed(targets):
+                try:
+                    t.teardown()
+                except Exception as ex:  # keep tearing down the others
+                    print(f"bench: teardown of {t.name} failed: {ex}", file=sys.stderr)
+
+    rows = summarize(runs, opts.target_names, opts.mode_names)
+    cmd = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    table = markdown(rows, opts)
+    print(f"\n`{cmd.strip()}` — {opts.rounds} rounds × {opts.duration:g} s, wrk -t{opts.threads} "
+          f"-c{opts.connections}, pin={opts.pin}, kernel {info['kernel']}, "
+          f"{time.time() - started:.0f} s total\n")
+    print(table)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    path = opts.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({
+        "command": cmd.strip(), "started": started, "seconds": round(time.time() - started, 1),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "host": info, "urls": urls, "summary": rows, "runs": [asdict(r) for r in runs],
+    }, indent=2))
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaned up", file=sys.stderr)
+        sys.exit(130)

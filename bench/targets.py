@@ -1,0 +1,223 @@
+"""What the benchmark measures: a target = setup/teardown + the URL wrk loads.
+
+Adding one (the eBPF path, HAProxy in TCP mode as a userspace reference) is a
+subclass with `name`, `setup()` returning the URL, `teardown()`, and, when a
+process does work for the target, `cost_pids()` so the run reports its CPU
+time and RSS; then one line in TARGETS. Example:
+
+    class Haproxy(Target):
+        name = "haproxy"
+        def setup(self, env, opts):
+            self.proc = subprocess.Popen(["haproxy", "-f", cfg_for(env.backend, opts.port)])
+            return f"http://127.0.0.1:{opts.port}/"
+        def teardown(self):
+            self.proc.terminate(); self.proc.wait()
+        def cost_pids(self):
+            return [self.proc.pid]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.env import Env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Target:
+    name = "?"
+    description = ""
+    conflicts: tuple[str, ...] = ()  # targets that cannot be installed at the same time
+    conflict_reason = ""
+
+    def setup(self, env: Env, opts: Any) -> str:
+        """Make the target ready; return the URL wrk should load."""
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Undo setup(); must work after a partial setup and twice."""
+
+    def cost_pids(self) -> list[int]:
+        """Processes whose CPU time and RSS count as this target's own cost."""
+        return []
+
+    @classmethod
+    def clear_leftovers(cls, opts: Any) -> list[str]:
+        """Remove kernel state an interrupted earlier run of this target left."""
+        return []
+
+
+class Direct(Target):
+    name = "direct"
+    description = "wrk -> backend address (no data path)"
+
+    def setup(self, env: Env, opts: Any) -> str:
+        addr, port = env.backend
+        return f"http://{addr}:{port}/"
+
+
+class Nftables(Target):
+    """The nftables data path, installed by a separate holder process (as the
+    daemon would) that then idles: its CPU time and RSS are the daemon-side
+    cost; the data path itself runs in the kernel."""
+
+    name = "nftables"
+    datapath = "nftables"
+    description = "wrk -> 127.0.0.1:PORT, nftables DNAT (prism_kernel.datapath.nftables)"
+    naive = False
+    # Targets stay installed side by side for the whole run, so each has its
+    # own listen port and instance (table).
+    port_offset = 0
+    instance_suffix = ""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.opts: Any = None
+
+    @classmethod
+    def _settings(cls, opts: Any) -> tuple[int, str]:
+        return opts.port + cls.port_offset, opts.instance + cls.instance_suffix
+
+    def setup(self, env: Env, opts: Any) -> str:
+        self.opts = opts
+        addr, port = env.backend
+        listen, instance = self._settings(opts)
+        argv = [sys.executable, "-m", "bench.holder", "--datapath", self.datapath,
+                "--instance", instance, "--port", str(listen),
+                "--backend", f"{addr}:{port}"]
+        if self.naive:
+            argv.append("--naive")
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            self.teardown()
+            raise RuntimeError(f"{self.name} holder failed: {line} {err.strip()}")
+        return f"http://127.0.0.1:{listen}/"
+
+    def teardown(self) -> None:
+        if self.proc is not None:
+            try:
+                if self.proc.stdin:
+                    self.proc.stdin.close()  # holder exits; the kernel state stays
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if self.opts is not None:
+            self.clear_leftovers(self.opts)
+
+    def cost_pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc else []
+
+    @classmethod
+    def clear_leftovers(cls, opts: Any) -> list[str]:
+        from prism_kernel.datapath import datapath_class
+        from prism_kernel.datapath.base import DatapathSettings
+
+        listen, instance = cls._settings(opts)
+        return datapath_class(cls.datapath).cleanup(DatapathSettings(listen_port=listen, instance=instance))
+
+
+class NftablesNaive(Nftables):
+    """The same table without the tcp_timestamps fix: the data path before the
+    fix, kept to reproduce the problem (nft/README.md). tcp_timestamps is
+    host-wide, so it cannot run in the same benchmark as `nftables`."""
+
+    name = "nftables-naive"
+    description = "as nftables, but net.ipv4.tcp_timestamps left at 1 (before the fix)"
+    conflicts = ("nftables",)
+    conflict_reason = "net.ipv4.tcp_timestamps is host-wide (nftables sets it to 2)"
+    naive = True
+    port_offset = 1
+    instance_suffix = "-naive"
+
+
+class Ebpf(Nftables):
+    """The eBPF data path: a cgroup connect4 program rewrites the connect()
+    to the backend before any packet exists; no per-packet work at all."""
+
+    name = "ebpf"
+    datapath = "ebpf"
+    description = "wrk -> 127.0.0.1:PORT, cgroup connect4 rewrite (prism_kernel.datapath.ebpf)"
+    port_offset = 2
+    instance_suffix = "-ebpf"
+
+
+class Haproxy(Target):
+    """HAProxy in TCP mode, one thread: the userspace proxy people use for
+    this job today, and KubePrism's model (every byte crosses a process).
+    Pinned to the client's CPU, as the proxy runs on the client's node."""
+
+    name = "haproxy"
+    description = "wrk -> 127.0.0.1:PORT -> haproxy (mode tcp, nbthread 1) -> backend"
+    port_offset = 3
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.cfg: Path | None = None
+
+    def setup(self, env: Env, opts: Any) -> str:
+        import tempfile
+
+        addr, port = env.backend
+        listen = opts.port + self.port_offset
+        fd, path = tempfile.mkstemp(prefix="pkb-haproxy-", suffix=".cfg")
+        self.cfg = Path(path)
+        with open(fd, "w") as f:
+            f.write(
+                "global\n    nbthread 1\n    maxconn 20000\n"
+                "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
+                f"frontend fe\n    bind 127.0.0.1:{listen}\n    default_backend be\n"
+                f"backend be\n    server s1 {addr}:{port}\n"
+            )
+        argv = ["haproxy", "-db", "-f", str(self.cfg)]
+        cpu = getattr(opts, "wrk_cpu", None)
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu), *argv]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        import socket
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                self.teardown()
+                raise RuntimeError(f"haproxy failed to start: {err.strip()}")
+            try:
+                socket.create_connection(("127.0.0.1", listen), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        return f"http://127.0.0.1:{listen}/"
+
+    def teardown(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if self.cfg is not None:
+            self.cfg.unlink(missing_ok=True)
+            self.cfg = None
+
+    def cost_pids(self) -> list[int]:
+        # taskset execs haproxy, so the pid is haproxy's own.
+        return [self.proc.pid] if self.proc else []
+
+
+TARGETS: dict[str, type[Target]] = {
+    t.name: t for t in (Direct, Ebpf, Nftables, NftablesNaive, Haproxy)
+}
+DEFAULT_TARGETS = ("direct", "ebpf", "nftables", "haproxy")
