@@ -14,9 +14,10 @@ DEB_PACKAGES=(
   python3-bpfcc bpftool linux-headers-amd64   # eBPF data path (bcc compiles at run time)
   nftables python3-nftables                   # nftables data path
   iproute2 procps                             # test hosts in network namespaces
-  wrk haproxy nginx                           # benchmark: load generator, userspace reference, backend
   openssl
 )
+# Only for the benchmark: load generator, userspace reference, backend.
+BENCH_PACKAGES=(wrk haproxy nginx)
 
 die() { echo "dev.sh: $*" >&2; exit 1; }
 
@@ -24,7 +25,7 @@ die() { echo "dev.sh: $*" >&2; exit 1; }
 
 install_debian_packages() {
   local missing=()
-  for p in "${DEB_PACKAGES[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -32,6 +33,13 @@ install_debian_packages() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian starts a service on install (nginx on :80); the benchmark runs its
+    # own instances, so a service we just installed is stopped and disabled.
+    for svc in nginx haproxy; do
+      if printf '%s\n' "${missing[@]}" | grep -qx "$svc" && command -v systemctl >/dev/null; then
+        systemctl disable --now "$svc" >/dev/null 2>&1 || true
+      fi
+    done
   fi
 }
 
@@ -64,7 +72,7 @@ make_venv() {
   fi
 }
 
-setup() { install_debian_packages; link_kernel_headers; make_venv; }
+setup() { install_debian_packages "${DEB_PACKAGES[@]}"; link_kernel_headers; make_venv; }
 
 cmd="${1:-setup}"; shift || true
 case "$cmd" in
@@ -80,6 +88,6 @@ case "$cmd" in
     # 5 = no tests collected: a broken collection, never a pass.
     [ $rc -eq 5 ] && echo "dev.sh: pytest collected no tests" >&2
     exit $rc ;;
-  bench) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.run "$@" ;;
+  bench) setup; install_debian_packages "${BENCH_PACKAGES[@]}"; cd "$REPO"; exec "$VENV/bin/python" -m bench.run "$@" ;;
   *) die "unknown command '$cmd' (setup|demo|test|bench)" ;;
 esac
