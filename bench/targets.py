@@ -173,7 +173,7 @@ class Haproxy(Target):
         self.cfg = Path(path)
         with open(fd, "w") as f:
             f.write(
-                "global\n    nbthread 1\n    maxconn 20000\n"
+                "global\n    nbthread 1\n    maxconn 4096\n"
                 "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
                 f"frontend fe\n    bind 127.0.0.1:{listen}\n    default_backend be\n"
                 f"backend be\n    server s1 {addr}:{port}\n"

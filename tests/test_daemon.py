@@ -247,3 +247,30 @@ def test_auto_picks_ebpf_here_and_says_why(testbed):
         assert start["datapath"] == "ebpf" and start["why"].startswith("auto:"), start
         d.wait_ready()
         assert who(client_context(tb.ca_file)) in {"be0", "be1", "be2"}
+
+
+def test_daemon_kill_9_under_load_then_restart_adopts(testbed, datapath):
+    """A crashed daemon (SIGKILL: no cleanup, no goodbye) leaves the kernel
+    steering; a new one adopts it. No client connection fails meanwhile."""
+    tb = testbed
+    ctx = client_context(tb.ca_file)
+    d1 = Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir, cleanup_on_exit=False)
+    try:
+        d1.wait_ready()
+        d1.wait_active(names(tb, 0, 1, 2))
+        with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir, start=False) as d2:
+            with ClientLoop(ctx, rate=100, max_seconds=30) as loop:
+                time.sleep(0.5)
+                d1.stop(signal.SIGKILL)
+                assert d1.proc.returncode == -signal.SIGKILL
+                time.sleep(1.0)
+                assert prism("status", "--instance", TEST_INSTANCE).returncode == 1  # no daemon
+                d2.start()
+                assert d2.wait_ready()["adopted"] is True
+                d2.wait_active(names(tb, 0, 1, 2))
+                time.sleep(0.5)
+            assert loop.ok >= 20, "too few requests to span the crash"
+            assert loop.failed == [] and loop.first_try_failed == 0, loop.failed[:5]
+            assert set(loop.answered_by) <= {"be0", "be1", "be2"}
+    finally:
+        d1.stop()
