@@ -38,6 +38,16 @@ class BackendCounters:
 
 
 @dataclass
+class PassiveCounts:
+    """What the kernel saw of steered connects to one backend (cumulative
+    since the data path was installed; the daemon works with differences)."""
+
+    refused: int = 0  # SYN answered by RST: SYN_SENT -> CLOSE
+    syn_timeouts: int = 0  # SYN retransmit timer fired in SYN_SENT (black hole)
+    established: int = 0  # handshakes completed
+
+
+@dataclass
 class KernelState:
     """What the kernel really holds, for `status`. Read without the daemon."""
 
@@ -80,6 +90,20 @@ class Datapath(ABC):
     @abstractmethod
     def read_state(self) -> KernelState:
         """What the kernel holds now (backends, counters, ids)."""
+
+    def close_connections(self, backends: Sequence[Backend]) -> int:
+        """Abort every connection this data path steered to `backends`,
+        including sockets still in SYN_SENT, so that clients fail fast and
+        retry onto a healthy backend (sock_diag SOCK_DESTROY, as `ss -K`;
+        nftables also deletes their conntrack entries). Never touches other
+        traffic to the same addresses. Returns how many sockets were aborted."""
+        return 0
+
+    def passive_failures(self) -> dict[Backend, PassiveCounts]:
+        """Per-backend outcome counters of steered connects, observed in the
+        kernel (eBPF: a sock_ops program). Empty where the data path cannot
+        observe them."""
+        return {}
 
     def close(self) -> None:
         """Release file descriptors; leave the kernel state in place."""
