@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--probe-timeout", metavar="S", help="seconds a probe may take (default 1s)")
     run.add_argument("--probe-rise", metavar="N", help="successes to come up (default 2)")
     run.add_argument("--probe-fall", metavar="N", help="failures to go down (default 2)")
+    run.add_argument("--confirm-timeout", metavar="S", help="timeout of the probe confirming a failure the kernel saw (default 300ms)")
     run.add_argument("--ca-file", metavar="FILE", help="CA bundle that signs the API server certificates")
     run.add_argument("--client-cert", metavar="FILE", help="client certificate for /readyz (PEM)")
     run.add_argument("--client-key", metavar="FILE", help="client key for /readyz (PEM)")
@@ -74,6 +75,7 @@ def config_from_args(args: argparse.Namespace):
             "timeout": args.probe_timeout,
             "rise": args.probe_rise,
             "fall": args.probe_fall,
+            "confirm_timeout": args.confirm_timeout,
             "ca_file": args.ca_file,
             "client_cert_file": args.client_cert,
             "client_key_file": args.client_key,

@@ -71,6 +71,11 @@ class ProbeConfig(BaseModel):
     rise: int = Field(2, ge=1, le=100, description="Consecutive successes that bring a backend up.")
     fall: int = Field(2, ge=1, le=100, description="Consecutive failures that take a backend down.")
     jitter: float = Field(0.1, ge=0, le=0.5, description="Random spread of the interval, as a fraction.")
+    confirm_timeout: Duration = Field(
+        0.3, gt=0, le=10,
+        description="When the kernel sees a steered connect fail (eBPF path), the daemon confirms with an "
+        "immediate TCP connect that may take this long; a failed confirmation takes the backend down at once.",
+    )
     ca_file: str | None = Field(None, description="PEM CA bundle that signs the API servers' certificates.")
     client_cert_file: str | None = Field(None, description="Client certificate (PEM), for API servers that deny anonymous /readyz.")
     client_key_file: str | None = Field(None, description="Key of the client certificate (PEM).")
@@ -200,6 +205,7 @@ FLAG_NAMES = {
     ("probe", "timeout"): "--probe-timeout",
     ("probe", "rise"): "--probe-rise",
     ("probe", "fall"): "--probe-fall",
+    ("probe", "confirm_timeout"): "--confirm-timeout",
     ("probe", "ca_file"): "--ca-file",
     ("probe", "client_cert_file"): "--client-cert",
     ("probe", "client_key_file"): "--client-key",

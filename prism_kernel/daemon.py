@@ -24,17 +24,19 @@ from prism_kernel import __version__
 from prism_kernel.config import Config
 from prism_kernel.datapath import ALL as ALL_DATAPATHS
 from prism_kernel.datapath import Datapath, DatapathSettings, choose, datapath_class
+from prism_kernel.datapath.base import PassiveCounts
 from prism_kernel.endpoints import EndpointSpec, resolve
 from prism_kernel.errors import DatapathError, DatapathUnavailable
 from prism_kernel.health import BackendHealth, Change, ProbeResult
 from prism_kernel.log import EventLog
 from prism_kernel.model import Backend
-from prism_kernel.probes import Prober, make_ssl_context
+from prism_kernel.probes import Prober, confirm_tcp, make_ssl_context
 from prism_kernel.runstate import DaemonLock, remove_state, write_state
 from prism_kernel.selection import Candidate, FullSelection, select
 
 STATE_WRITE_EVERY = 2.0  # seconds: latency figures in the state file refresh this often
 RECONCILE_EVERY = 10.0  # seconds: re-assert the set, repairs state removed behind our back
+PASSIVE_POLL_EVERY = 0.1  # seconds: reading the kernel's outcome counters costs a few syscalls
 
 
 def _iso(ts: float | None) -> str | None:
@@ -61,6 +63,7 @@ class DaemonStats:
     last_write_wall: float | None = None
     last_write_seconds: float | None = None
     failovers: int = 0
+    connections_closed: int = 0
     started_wall: float = field(default_factory=time.time)
 
 
@@ -76,7 +79,11 @@ class Daemon:
         self.ssl_context = make_ssl_context(config.probe)
         self.targets: dict[Backend, _Target] = {}
         self.resolved: dict[EndpointSpec, list[Backend]] = {}
-        self.results: asyncio.Queue[tuple[Backend, ProbeResult]] = asyncio.Queue()
+        # (backend, result, passive): `passive` names the kernel's report a
+        # confirming probe answers, None for a scheduled probe.
+        self.results: asyncio.Queue[tuple[Backend, ProbeResult, str | None]] = asyncio.Queue()
+        self._confirming: set[Backend] = set()
+        self._passive_seen: dict[Backend, PassiveCounts] = {}
         self.datapath: Datapath | None = None
         self.datapath_reason = ""
         self.selection: FullSelection | None = None
@@ -127,6 +134,10 @@ class Daemon:
             else:
                 self._record_write(self.selection.backends, 0.0)
             self._remove_other_datapaths(dp_cls)
+            # An adopted data path may hold connections to a backend that
+            # died while no daemon ran.
+            self._close_dead([b for b, t in self.targets.items()
+                              if t.health.state == "down" and t.health.down_kind == "dead"])
             self._write_state()
             await self._main_loop()
             return 0
@@ -215,7 +226,7 @@ class Daemon:
         while True:
             started = loop.time()
             result = await prober.probe()
-            self.results.put_nowait((backend, result))
+            self.results.put_nowait((backend, result, None))
             spread = cfg.interval * cfg.jitter
             delay = cfg.interval + random.uniform(-spread, spread) - (loop.time() - started)
             await asyncio.sleep(max(0.0, delay))
@@ -232,18 +243,26 @@ class Daemon:
             if left <= 0:
                 break
             try:
-                backend, result = await asyncio.wait_for(self.results.get(), left)
+                backend, result, _ = await asyncio.wait_for(self.results.get(), left)
             except asyncio.TimeoutError:
                 break
             self._observe(backend, result)
             pending.discard(backend)
 
-    def _observe(self, backend: Backend, result: ProbeResult) -> list[Change]:
+    def _observe(self, backend: Backend, result: ProbeResult, passive: str | None = None) -> list[Change]:
         t = self.targets.get(backend)
         if t is None:  # removed by a re-resolution while its probe ran
             return []
         cfg = self.config.probe
-        changes = t.health.observe(result, time.monotonic(), cfg.rise, cfg.fall)
+        if passive is not None:
+            if result.ok:
+                # The kernel saw one steered connect fail, a fresh connect
+                # works: a lost SYN, not a dead backend. Scheduled probes decide.
+                self.log.info("passive_unconfirmed", address=str(backend), kernel_saw=passive)
+                return []
+            changes = t.health.mark_down(f"{passive}, confirmed: {result.reason}", time.monotonic())
+        else:
+            changes = t.health.observe(result, time.monotonic(), cfg.rise, cfg.fall)
         for c in changes:
             self._log_change(t, c)
             if c.kind in ("up", "down"):
@@ -259,7 +278,11 @@ class Daemon:
                           latency_ms=None if h.latency is None else round(h.latency * 1000, 3))
         elif c.kind == "down":
             self.log.warn("backend_down", **common, reason=c.reason, previous=c.old,
-                          failures=h.failures)
+                          kind="dead" if c.dead else "unready", failures=h.failures,
+                          held_out_s=None if h.held_until is None else round(h.held_until - time.monotonic(), 1))
+        elif c.kind == "held":
+            self.log.warn("backend_held_out", **common, reason="flapping", flaps=h.flaps,
+                          until_s=round(float(c.new) - time.monotonic(), 1))
         else:
             self.log.info("tier_change", **common, old=c.old, new=c.new, why=c.reason)
 
@@ -315,6 +338,61 @@ class Daemon:
                       duration_ms=round(seconds * 1000, 3))
         self._state_dirty = True
 
+    def _close_dead(self, backends: list[Backend]) -> None:
+        """Abort the connections steered to dead backends: a client blocked
+        on a black-holed or frozen API server would otherwise hang until its
+        own timeouts (client-go: 30 s + 15 s). Draining backends are never
+        passed here: their connections finish on their own."""
+        if not backends or self.datapath is None:
+            return
+        start = time.monotonic()
+        try:
+            n = self.datapath.close_connections(backends)
+        except DatapathError as e:
+            self.log.error("close_connections_failed", backends=",".join(map(str, backends)), error=str(e))
+            return
+        self.stats.connections_closed += n
+        self.log.info("connections_closed", backends=",".join(map(str, backends)), count=n,
+                      duration_ms=round((time.monotonic() - start) * 1000, 3))
+
+    async def _passive_loop(self) -> None:
+        """Poll the kernel's per-backend outcome counters of steered connects
+        (eBPF sock_ops) and confirm each new failure with an immediate TCP
+        connect: a refused backend is out within milliseconds, a black-holed
+        one as soon as its first SYN is retransmitted (~1 s)."""
+        assert self.datapath is not None
+        while True:
+            await asyncio.sleep(PASSIVE_POLL_EVERY)
+            try:
+                counts = self.datapath.passive_failures()
+            except (DatapathError, OSError) as e:
+                self.log.warn("passive_read_failed", error=str(e))
+                await asyncio.sleep(5)
+                continue
+            if not counts:
+                continue
+            for b, c in counts.items():
+                prev = self._passive_seen.get(b)
+                self._passive_seen[b] = c
+                if prev is None:
+                    continue  # first sight: nothing to compare with
+                refused, timeouts = c.refused - prev.refused, c.syn_timeouts - prev.syn_timeouts
+                t = self.targets.get(b)
+                if (refused <= 0 and timeouts <= 0) or t is None or t.health.state == "down" or b in self._confirming:
+                    continue
+                kernel_saw = "kernel: refused" if refused > 0 else "kernel: SYN timeout"
+                self.log.info("passive_failure", address=str(b), kernel_saw=kernel_saw,
+                              refused=refused, syn_timeouts=timeouts)
+                self._confirming.add(b)
+                asyncio.create_task(self._confirm(b, kernel_saw))
+
+    async def _confirm(self, backend: Backend, kernel_saw: str) -> None:
+        try:
+            result = await confirm_tcp(backend, self.config.probe.confirm_timeout)
+            self.results.put_nowait((backend, result, kernel_saw))
+        finally:
+            self._confirming.discard(backend)
+
     def _reconcile(self) -> None:
         """Re-assert the set: repairs kernel state changed behind our back (a
         flushed table, a detached program). apply() writes only on a
@@ -340,6 +418,7 @@ class Daemon:
         next_reconcile = loop.time() + RECONCILE_EVERY
         has_names = any(s.is_name for s in self.config.endpoints)
         stop_wait = asyncio.ensure_future(self._stop.wait())
+        passive_task = asyncio.create_task(self._passive_loop())
         try:
             while not self._stop.is_set():
                 now = loop.time()
@@ -351,15 +430,17 @@ class Daemon:
                     batch = [get.result()]
                     while not self.results.empty():  # coalesce a burst into one write
                         batch.append(self.results.get_nowait())
-                    changed = False
-                    for backend, result in batch:
-                        if self._observe(backend, result):
-                            changed = True
-                    if changed and self._select():
+                    changes: list[Change] = []
+                    for backend, result, passive in batch:
+                        changes += self._observe(backend, result, passive)
+                    if changes and self._select():
                         self._apply()
                     elif self.apply_pending:
                         self._apply()
-                    if changed:  # up/down/tier: `status` shows it at once
+                    # After the write, so that a client whose connection is
+                    # aborted retries onto the new set.
+                    self._close_dead([c.backend for c in changes if c.dead])
+                    if changes:  # up/down/tier: `status` shows it at once
                         self._write_state()
                 else:
                     get.cancel()
@@ -377,6 +458,7 @@ class Daemon:
                     next_state = now + STATE_WRITE_EVERY
         finally:
             stop_wait.cancel()
+            passive_task.cancel()
 
     # ---- state for `status` ---------------------------------------------
 
@@ -399,6 +481,9 @@ class Daemon:
                 "probes": h.probes,
                 "failures": dict(h.failures_total),
                 "kept_alive_probes": t.prober.reused,
+                "down_kind": h.down_kind,
+                "flaps": h.flaps,
+                "held_out_for_s": None if h.held_until is None else max(0.0, round(h.held_until - time.monotonic(), 1)),
             })
         sel = self.selection
         return {
@@ -427,6 +512,7 @@ class Daemon:
             "kernel_write_errors": self.stats.kernel_write_errors,
             "last_write_at": _iso(self.stats.last_write_wall),
             "failovers": self.stats.failovers,
+            "connections_closed": self.stats.connections_closed,
         }
 
     def _write_state(self) -> None:

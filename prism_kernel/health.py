@@ -29,7 +29,26 @@ LATENCY_WINDOW = 5
 # samples pointing the same way, on top of the band.
 TIER_CONFIRM = 3
 
+# Flap damping: a backend that goes down again within FLAP_WINDOW seconds of
+# coming up is held out (no rejoin, whatever its probes say) for
+# FLAP_BASE_HOLD seconds, doubling with every further flap up to
+# FLAP_MAX_HOLD; a backend that stays up for FLAP_WINDOW is forgiven.
+FLAP_WINDOW = 60.0
+FLAP_BASE_HOLD = 2.0
+FLAP_MAX_HOLD = 120.0
+
 State = Literal["unknown", "up", "down"]
+FailureKind = Literal["dead", "unready"]
+
+
+def failure_kind(reason: str) -> FailureKind:
+    """Dead: the backend cannot do TCP (refused, reset, black-holed, frozen:
+    connections to it are useless, close them). Unready: it answers but says
+    not ready (/readyz non-200, e.g. draining) or its certificate does not
+    verify: stop sending new connections, leave the existing ones alone."""
+    if reason.startswith(("http ", "bad http")) or (reason.startswith("tls: ") and "timeout" not in reason):
+        return "unready"
+    return "dead"
 
 
 @dataclass(frozen=True)
@@ -43,11 +62,15 @@ class ProbeResult:
 class Change:
     """A state change worth one log line."""
 
-    kind: Literal["up", "down", "tier"]
+    kind: Literal["up", "down", "tier", "held"]
     backend: Backend
     reason: str
     old: object = None
     new: object = None
+
+    @property
+    def dead(self) -> bool:
+        return self.kind == "down" and failure_kind(self.reason) == "dead"
 
 
 def raw_tier(latency: float) -> int:
@@ -83,6 +106,10 @@ class BackendHealth:
     since: float | None = None  # `now` of the last up/down change
     probes: int = 0
     samples: list[float] = field(default_factory=list)  # the last LATENCY_WINDOW latencies
+    down_kind: FailureKind | None = None
+    recovered_at: float | None = None  # last down -> up; a quick down after it is a flap
+    flaps: int = 0  # recent flaps; decides the hold time
+    held_until: float | None = None  # flap penalty: no rejoin before this
     _tier_direction: int = 0  # +1 slower / -1 faster, for the pending change
     _tier_votes: int = 0
     failures_total: dict[str, int] = field(default_factory=dict)
@@ -110,8 +137,15 @@ class BackendHealth:
                 self.latency = ordered[(len(ordered) - 1) // 2]
                 self._update_tier(changes)
             if self.state == "unknown" or (self.state == "down" and self.successes >= rise):
+                if self.held_until is not None and now < self.held_until:
+                    if self.reason != "held out: flapping":
+                        changes.append(Change("held", self.backend, "held out: flapping", None, self.held_until))
+                    self.reason = "held out: flapping"
+                    return changes
                 changes.append(Change("up", self.backend, result.reason, self.state, "up"))
+                self.recovered_at = now if self.state == "down" else None
                 self.state, self.since = "up", now
+                self.down_kind, self.held_until = None, None
             if self.state == "up":
                 self.reason = result.reason
         else:
@@ -119,11 +153,34 @@ class BackendHealth:
             self.successes = 0
             self.failures_total[result.reason] = self.failures_total.get(result.reason, 0) + 1
             if self.state == "unknown" or (self.state == "up" and self.failures >= fall):
-                changes.append(Change("down", self.backend, result.reason, self.state, "down"))
-                self.state, self.since = "down", now
-            if self.state == "down":
+                changes.append(self._go_down(result.reason, now))
+            elif self.state == "down" and self.reason != "held out: flapping":
                 self.reason = result.reason
+                self.down_kind = failure_kind(result.reason)
         return changes
+
+    def mark_down(self, reason: str, now: float) -> list[Change]:
+        """Take the backend down at once: the kernel saw a steered connect
+        fail and an immediate active probe confirmed it (two independent
+        failures, so `fall` is not waited for)."""
+        self.failures_total[reason] = self.failures_total.get(reason, 0) + 1
+        self.successes = 0
+        self.failures = max(self.failures, 1)
+        if self.state == "down":
+            return []
+        return [self._go_down(reason, now)]
+
+    def _go_down(self, reason: str, now: float) -> Change:
+        if self.state == "up" and self.recovered_at is not None and now - self.recovered_at < FLAP_WINDOW:
+            self.flaps += 1
+            self.held_until = now + min(FLAP_MAX_HOLD, FLAP_BASE_HOLD * 2 ** (self.flaps - 1))
+        elif self.state == "up":
+            self.flaps = 0  # up long enough since it last came back: forgiven
+        change = Change("down", self.backend, reason, self.state, "down")
+        self.state, self.since, self.recovered_at = "down", now, None
+        self.reason = reason
+        self.down_kind = failure_kind(reason)
+        return change
 
     def _update_tier(self, changes: list[Change]) -> None:
         assert self.latency is not None

@@ -206,3 +206,17 @@ class Prober:
             await reader.readexactly(size + 2)
             if size == 0:
                 return
+
+
+async def confirm_tcp(backend: Backend, timeout: float) -> ProbeResult:
+    """A bare TCP connect: confirms (or not) a failure the kernel reported
+    for a steered connect. Cheap for the API server: no TLS, no request."""
+    start = time.monotonic()
+    try:
+        _reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(str(backend.address), backend.port), timeout
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure is a result
+        return ProbeResult(False, None, classify(exc, "connect"))
+    writer.transport.abort()
+    return ProbeResult(True, time.monotonic() - start, "ok")

@@ -139,3 +139,90 @@ def test_slow_first_sample_does_not_decide_the_tier():
     changes = run(h, [ProbeResult(True, 0.0032)] + [ProbeResult(True, 0.0003)] * 10)
     assert h.tier == 0
     assert not [c for c in changes if c.kind == "tier"]
+
+
+# ---- dead versus unready, passive evidence, flap damping -----------------
+
+from prism_kernel.health import FLAP_BASE_HOLD, FLAP_WINDOW, failure_kind  # noqa: E402
+
+
+@pytest.mark.parametrize("reason,kind", [
+    ("refused", "dead"), ("reset", "dead"), ("connect timeout", "dead"), ("readyz timeout", "dead"),
+    ("tls handshake timeout", "dead"), ("unreachable", "dead"), ("closed by peer", "dead"),
+    ("http 503", "unready"), ("http 500", "unready"), ("bad http response", "unready"),
+    ("tls: certificate verify failed", "unready"),
+])
+def test_failure_kind(reason, kind):
+    assert failure_kind(reason) == kind
+
+
+def test_mark_down_skips_fall_and_records_kind():
+    h = BackendHealth(B)
+    run(h, [OK] * 3)
+    changes = h.mark_down("refused", 10.0)
+    assert [c.kind for c in changes] == ["down"] and changes[0].dead
+    assert h.state == "down" and h.down_kind == "dead"
+    assert h.mark_down("refused", 10.1) == []  # already down: no second event
+
+
+def test_draining_is_down_but_not_dead():
+    h = BackendHealth(B)
+    run(h, [OK])
+    changes = run(h, [ProbeResult(False, None, "http 503")] * 3)
+    down = [c for c in changes if c.kind == "down"]
+    assert len(down) == 1 and not down[0].dead
+    assert h.down_kind == "unready"
+
+
+def _cycle(h, t, rise=2, fall=2):
+    """down then back up; returns the time after."""
+    for _ in range(fall):
+        h.observe(FAIL, t, rise, fall)
+        t += 1
+    for _ in range(rise):
+        h.observe(OK, t, rise, fall)
+        t += 1
+    return t
+
+
+def test_first_failure_after_a_stable_start_is_not_a_flap():
+    h = BackendHealth(B)
+    h.observe(OK, 0, 2, 2)
+    _cycle(h, 1)
+    assert h.flaps == 0 and h.state == "up"
+
+
+def test_flapping_backend_is_held_out_with_a_growing_penalty():
+    h = BackendHealth(B)
+    h.observe(OK, 0, 2, 2)
+    t = _cycle(h, 1)  # down, back up at t=4: a recovery
+    assert h.state == "up"
+    # Down again within the window: first flap, held for the base time.
+    h.observe(FAIL, t, 2, 2); h.observe(FAIL, t + 1, 2, 2)
+    assert h.flaps == 1 and h.held_until == pytest.approx(t + 1 + FLAP_BASE_HOLD)
+    held = []
+    now = t + 2
+    while h.state == "down" and now < t + 50:
+        held += h.observe(OK, now, 2, 2)
+        now += 0.5
+    assert any(c.kind == "held" for c in held)
+    assert h.state == "up" and now - 0.5 >= t + 1 + FLAP_BASE_HOLD
+    # Second flap: the hold doubles.
+    h.observe(FAIL, now, 2, 2); h.observe(FAIL, now + 1, 2, 2)
+    assert h.flaps == 2 and h.held_until == pytest.approx(now + 1 + 2 * FLAP_BASE_HOLD)
+    assert h.reason == "refused"
+
+
+def test_stable_backend_is_forgiven():
+    h = BackendHealth(B)
+    h.observe(OK, 0, 2, 2)
+    t = _cycle(h, 1)
+    h.observe(FAIL, t, 2, 2); h.observe(FAIL, t + 1, 2, 2)
+    assert h.flaps == 1
+    t = t + 10
+    for i in range(2):
+        h.observe(OK, t + i, 2, 2)
+    assert h.state == "up"
+    t2 = t + FLAP_WINDOW + 5  # up for longer than the window
+    h.observe(FAIL, t2, 2, 2); h.observe(FAIL, t2 + 1, 2, 2)
+    assert h.flaps == 0 and h.held_until is None
