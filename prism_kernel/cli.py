@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     log = EventLog(config.log_format)
     route_logging(log)
     try:
-        return asyncio.run(Daemon(config, log).run())
+        return asyncio.run(Daemon(config, log, reload_config=lambda: config_from_args(args)).run())
     except PrismError as e:
         log.error("fatal", error=str(e))
         return e.exit_code

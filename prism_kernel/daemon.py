@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prism_kernel import __version__
@@ -26,7 +27,7 @@ from prism_kernel.datapath import ALL as ALL_DATAPATHS
 from prism_kernel.datapath import Datapath, DatapathSettings, choose, datapath_class
 from prism_kernel.datapath.base import PassiveCounts
 from prism_kernel.endpoints import EndpointSpec, resolve
-from prism_kernel.errors import DatapathError, DatapathUnavailable
+from prism_kernel.errors import ConfigError, DatapathError, DatapathUnavailable, PrismError
 from prism_kernel.health import BackendHealth, Change, ProbeResult
 from prism_kernel.log import EventLog
 from prism_kernel.model import Backend
@@ -52,6 +53,7 @@ class _Target:
     health: BackendHealth
     origins: list[str]
     prober: Prober
+    host: str = ""  # the host the operator wrote (a DNS name, or the address): the TLS name
     task: asyncio.Task | None = None
     since_wall: float | None = None
 
@@ -68,9 +70,11 @@ class DaemonStats:
 
 
 class Daemon:
-    def __init__(self, config: Config, log: EventLog):
+    def __init__(self, config: Config, log: EventLog, reload_config: Callable[[], Config] | None = None):
         self.config = config
         self.log = log
+        # Re-reads the file and the flags (SIGHUP); None: reload unsupported.
+        self.reload_config = reload_config
         self.settings = DatapathSettings(
             listen_port=config.port,
             instance=config.instance,
@@ -91,6 +95,7 @@ class Daemon:
         self.apply_pending = False
         self.stats = DaemonStats()
         self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
         self._state_dirty = True
         self._dp_cls: type[Datapath] | None = None
 
@@ -107,6 +112,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
         dp_cls: type[Datapath] | None = None
         try:
             dp_cls, self.datapath_reason = choose(self.config.datapath, self.settings)
@@ -210,7 +216,7 @@ class Daemon:
                 self.targets[b].origins = orig
                 continue
             prober = Prober(b, self.config.probe, self.ssl_context, server_name=names[b])
-            t = _Target(BackendHealth(b), orig, prober)
+            t = _Target(BackendHealth(b), orig, prober, host=names[b])
             self.targets[b] = t
             if self.selection is not None or self.datapath is not None:
                 t.task = asyncio.create_task(self._probe_loop(b, prober))
@@ -424,8 +430,10 @@ class Daemon:
                 now = loop.time()
                 wake = min(next_state, next_reconcile, next_resolve if has_names else now + 60)
                 get = asyncio.ensure_future(self.results.get())
-                done, _ = await asyncio.wait({get, stop_wait}, timeout=max(0.0, wake - now),
+                reload_wait = asyncio.ensure_future(self._reload_requested.wait())
+                done, _ = await asyncio.wait({get, stop_wait, reload_wait}, timeout=max(0.0, wake - now),
                                              return_when=asyncio.FIRST_COMPLETED)
+                reload_wait.cancel()
                 if get in done:
                     batch = [get.result()]
                     while not self.results.empty():  # coalesce a burst into one write
@@ -444,6 +452,10 @@ class Daemon:
                         self._write_state()
                 else:
                     get.cancel()
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    await self._reload()
+                    has_names = any(s.is_name for s in self.config.endpoints)
                 now = loop.time()
                 if has_names and now >= next_resolve:
                     next_resolve = now + self.config.resolve_interval
@@ -459,6 +471,69 @@ class Daemon:
         finally:
             stop_wait.cancel()
             passive_task.cancel()
+
+    # ---- reload (SIGHUP) -------------------------------------------------
+
+    async def _reload(self) -> None:
+        """Re-read the configuration. A valid one applies without a gap in
+        service (the kernel keeps steering with the current set until the new
+        one is written); an invalid one is rejected and the running one stays."""
+        if self.reload_config is None:
+            self.log.warn("reload_unsupported")
+            return
+        try:
+            new = self.reload_config()
+        except ConfigError as e:
+            self.log.error("reload_rejected", reason=str(e), kept="running configuration")
+            return
+        old = self.config
+        if new.instance != old.instance or new.state_dir != old.state_dir:
+            self.log.error("reload_rejected", reason="instance and run_dir name the lock and the kernel state; "
+                           "they cannot change on reload, restart the daemon", kept="running configuration")
+            return
+        changed = [k for k in type(new).model_fields if getattr(new, k) != getattr(old, k)]
+        if not changed:
+            self.log.info("reloaded", changed="nothing")
+            return
+        new_settings = DatapathSettings(
+            listen_port=new.port, instance=new.instance,
+            nft_stable_tcp_timestamps=new.nftables.stable_tcp_timestamps,
+        )
+        if {"port", "datapath", "nftables"} & set(changed):
+            try:
+                dp_cls, why = choose(new.datapath, new_settings)
+                current = self.selection.backends if self.selection else ()
+                datapath = dp_cls(new_settings)
+                datapath.install(current)  # atomic: replaces the listen port / table in place
+                datapath.apply(current)
+            except PrismError as e:
+                self.log.error("reload_rejected", reason=f"data path: {e}", kept="running configuration")
+                return
+            old_dp = self.datapath
+            self.datapath, self._dp_cls, self.datapath_reason, self.settings = datapath, dp_cls, why, new_settings
+            if old_dp is not None and old_dp.name != dp_cls.name:
+                old_dp.close()
+                self._remove_other_datapaths(dp_cls)
+            elif old_dp is not None:
+                old_dp.close()
+            self._passive_seen.clear()
+        self.config = new
+        self.log.fmt = new.log_format
+        if "probe" in changed:
+            self.ssl_context = make_ssl_context(new.probe)
+            for b, t in self.targets.items():
+                if t.task:
+                    t.task.cancel()
+                await t.prober.close()
+                t.prober = Prober(b, new.probe, self.ssl_context, server_name=t.host)
+                t.task = asyncio.create_task(self._probe_loop(b, t.prober))
+        if "endpoints" in changed:
+            self.resolved = {spec: bs for spec, bs in self.resolved.items() if spec in new.endpoints}
+            await self._resolve_all()
+        if self._select() or {"port", "datapath"} & set(changed):
+            self._apply(force=True)
+        self.log.info("reloaded", changed=",".join(changed))
+        self._write_state()
 
     # ---- state for `status` ---------------------------------------------
 

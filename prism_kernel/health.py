@@ -19,9 +19,11 @@ MAX_TIER = len(TIER_BOUNDS)
 # A smoothed latency must cross a boundary by this fraction before the tier
 # changes, so a backend sitting near a boundary does not flip back and forth.
 TIER_HYSTERESIS = 0.25
-# Latency is the lower median of the last LATENCY_WINDOW samples: one or two
-# outliers (a GC pause, a lost packet, a loaded machine) never move it, a
-# sustained change moves it after three samples.
+# Latency is the minimum of the last LATENCY_WINDOW samples: the floor of
+# what a round trip costs, i.e. the network distance plus the least server
+# time, which is what tiers are about (KubePrism tiers on TCP connect time).
+# Server-side spikes and noise never raise it; a backend that is slow on
+# every sample (far away, or saturated) does.
 LATENCY_WINDOW = 5
 # A backend's tier is unknown until it has this many samples (selection treats
 # a healthy backend with no tier yet as in the best tier, like KubePrism's
@@ -100,7 +102,7 @@ class BackendHealth:
     reason: str = "not probed yet"
     successes: int = 0  # consecutive
     failures: int = 0  # consecutive
-    latency: float | None = None  # smoothed (windowed lower median), seconds
+    latency: float | None = None  # smoothed (windowed minimum), seconds
     last_latency: float | None = None
     tier: int | None = None
     since: float | None = None  # `now` of the last up/down change
@@ -133,8 +135,7 @@ class BackendHealth:
             if result.latency is not None:
                 self.last_latency = result.latency
                 self.samples = (self.samples + [result.latency])[-LATENCY_WINDOW:]
-                ordered = sorted(self.samples)
-                self.latency = ordered[(len(ordered) - 1) // 2]
+                self.latency = min(self.samples)
                 self._update_tier(changes)
             if self.state == "unknown" or (self.state == "down" and self.successes >= rise):
                 if self.held_until is not None and now < self.held_until:

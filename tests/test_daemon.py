@@ -77,7 +77,7 @@ def test_stopped_backend_leaves_within_interval_x_fall_and_returns_after_rise(te
         # fall x interval, plus one interval for the probe in flight, jitter, and
         # the status poll; a loose bound that still fails if fall is ignored by
         # a factor of two.
-        assert took <= d.interval * (d.fall + 1) * 1.1 + 0.5, (took, left)
+        assert took <= d.interval * (d.fall + 1) * 1.1 + 0.5, (took, left, d.log_path.read_text())
         assert {who(ctx) for _ in range(30)} <= {"be0", "be1"}
 
         mark = len(d.events())
@@ -88,7 +88,7 @@ def test_stopped_backend_leaves_within_interval_x_fall_and_returns_after_rise(te
         back = time.monotonic() - t1
         # rise successes are needed: at least (rise - 1) full intervals (less jitter).
         assert back >= (d.rise - 1) * d.interval * 0.85, back
-        assert back <= d.interval * (d.rise + 1) * 1.1 + 0.5, back
+        assert back <= d.interval * (d.rise + 1) * 1.1 + 0.5, (back, d.log_path.read_text())
         assert up["previous"] == "down"
 
 
@@ -274,3 +274,45 @@ def test_daemon_kill_9_under_load_then_restart_adopts(testbed, datapath):
             assert set(loop.answered_by) <= {"be0", "be1", "be2"}
     finally:
         d1.stop()
+
+
+def test_sighup_reload_applies_a_valid_config_and_rejects_an_invalid_one(testbed, datapath):
+    tb = testbed
+    ctx = client_context(tb.ca_file)
+    conf = Path(tb.tmpdir) / "config.yaml"
+    conf.write_text("endpoints:\n" + "".join(f"  - {e}\n" for e in endpoints(tb)))
+    with Daemon([], datapath, tb.ca_file, tb.tmpdir, extra=["--config", str(conf)]) as d:
+        d.wait_ready()
+        d.wait_active(names(tb, 0, 1, 2))
+        with ClientLoop(ctx, rate=50, max_seconds=30) as loop:
+            # A valid change: be2 leaves the configuration.
+            conf.write_text("endpoints:\n" + "".join(f"  - {e}\n" for e in endpoints(tb)[:2]))
+            mark = len(d.events())
+            d.proc.send_signal(signal.SIGHUP)
+            ev = d.wait_event("reloaded", after=mark)
+            assert "endpoints" in ev["changed"]
+            d.wait_active(names(tb, 0, 1))
+            # An invalid file: rejected, nothing changes.
+            conf.write_text("endpoints:\n  - 198.18.1.2:99999\nbogus: 1\n")
+            mark = len(d.events())
+            d.proc.send_signal(signal.SIGHUP)
+            rej = d.wait_event("reload_rejected", after=mark)
+            assert "99999" in rej["reason"] and "bogus" in rej["reason"]
+            time.sleep(0.5)
+            assert d.proc.poll() is None
+            assert set(d.status()["state"]["active"]) == names(tb, 0, 1)
+            # Probe settings change: probes are rebuilt, health is kept, the
+            # set is not rewritten.
+            conf.write_text("endpoints:\n" + "".join(f"  - {e}\n" for e in endpoints(tb)[:2])
+                            + "probe:\n  jitter: 0.2\n")
+            mark = len(d.events())
+            d.proc.send_signal(signal.SIGHUP)
+            assert d.wait_event("reloaded", after=mark)["changed"] == "probe"
+            time.sleep(0.5)
+            assert not [e for e in d.events()[mark:] if e["event"] in ("backend_down", "set_written")]
+            # Unchanged file: nothing to do.
+            mark = len(d.events())
+            d.proc.send_signal(signal.SIGHUP)
+            assert d.wait_event("reloaded", after=mark)["changed"] == "nothing"
+        assert loop.failed == [] and loop.first_try_failed == 0, loop.failed[:5]
+        assert loop.answered_by.keys() <= {"be0", "be1", "be2"}

@@ -105,16 +105,24 @@ def test_sustained_slowdown_changes_tier_with_a_log_event():
     assert any(c.kind == "tier" for c in changes)
 
 
-def test_latency_is_the_lower_median_of_the_last_five():
+def test_latency_is_the_minimum_of_the_last_five():
     h = BackendHealth(B)
-    for i, lat in enumerate([0.001, 0.003, 0.002]):
+    for i, lat in enumerate([0.003, 0.001, 0.002]):
         h.observe(ProbeResult(True, lat), i, 2, 2)
-    assert h.latency == 0.002
+    assert h.latency == 0.001
     assert h.last_latency == 0.002
     for i, lat in enumerate([0.004, 0.005, 0.006]):
         h.observe(ProbeResult(True, lat), 10 + i, 2, 2)
-    assert h.samples == [0.003, 0.002, 0.004, 0.005, 0.006]
-    assert h.latency == 0.004
+    assert h.samples == [0.001, 0.002, 0.004, 0.005, 0.006]
+    assert h.latency == 0.001
+    h.observe(ProbeResult(True, 0.007), 20, 2, 2)  # 0.001 leaves the window
+    assert h.latency == 0.002
+
+
+def test_server_side_spikes_never_raise_the_latency():
+    h = BackendHealth(B)
+    run(h, [ProbeResult(True, lat) for lat in [0.0004, 0.003, 0.0005, 0.008, 0.0004, 0.002] * 5])
+    assert h.latency == 0.0004 and h.tier == 0
 
 
 def test_two_outliers_in_the_window_do_not_move_the_latency():
