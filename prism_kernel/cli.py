@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", metavar="logfmt|json", help="log line format (default logfmt)")
 
     st = sub.add_parser("status", help="show health, the active set and what the kernel holds")
-    st.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    st.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    st.add_argument("-w", "--watch", nargs="?", const=2.0, type=float, metavar="S",
+                    help="repeat every S seconds (default 2) until interrupted")
     st.add_argument("--instance", default="prism-kernel", metavar="NAME")
 
     cl = sub.add_parser("cleanup", help="remove everything the daemon created in the kernel and restore sysctls")
@@ -136,12 +139,24 @@ def _cleanup(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        return _dispatch(args)
+    except BrokenPipeError:
+        # `prism-kernel status | head`: the reader left; not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    try:
         if args.command == "run":
             return _run(args)
         if args.command == "status":
             from prism_kernel.status import run_status
 
-            return run_status(args.instance, Path(f"/run/{args.instance}"), args.output)
+            if args.watch is not None and args.watch <= 0:
+                raise ConfigError("--watch: the interval must be > 0 seconds")
+            return run_status(args.instance, Path(f"/run/{args.instance}"), args.output, watch=args.watch)
         if args.command == "cleanup":
             return _cleanup(args)
     except ConfigError as e:

@@ -2,6 +2,9 @@
 daemon holds the lock) next to what the kernel really holds (read directly,
 so it works with no daemon at all).
 
+`-o json` and `-o yaml` print the same document; `--watch S` repeats every
+S seconds (JSON: one compact document per line; YAML: `---`-separated).
+
 JSON schema (`-o json`), schema version 1:
   {"schema": 1, "instance": str,
    "daemon": {"running": bool, "pid": int|null},
@@ -17,7 +20,9 @@ otherwise (usable as a node health check).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -61,19 +66,38 @@ def gather(instance: str, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _table(rows: list[list[str]], out: TextIO) -> None:
+_COLOURS = {"up": "32", "down": "31", "unknown": "33", "warn": "33", "bad": "31", "bold": "1"}
+
+
+class _Paint:
+    """ANSI colour only when writing to a terminal (and NO_COLOR is unset)."""
+
+    def __init__(self, out: TextIO):
+        self.on = hasattr(out, "isatty") and out.isatty() and "NO_COLOR" not in os.environ
+
+    def __call__(self, text: str, colour: str) -> str:
+        if not self.on or colour not in _COLOURS:
+            return text
+        return f"\033[{_COLOURS[colour]}m{text}\033[0m"
+
+
+def _table(rows: list[list[str]], out: TextIO, colours: list[str | None] | None = None, paint: _Paint | None = None) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    for n, r in enumerate(rows):
+        cells = [c.ljust(w) for c, w in zip(r, widths)]
+        if paint and colours and n > 0 and colours[n - 1]:
+            cells[2] = paint(cells[2], colours[n - 1])  # the HEALTH column
+        out.write("  ".join(cells).rstrip() + "\n")
 
 
 def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    paint = _Paint(out)
     state = info["state"]
     d = info["daemon"]
     if d["running"]:
         who = f"running (pid {d['pid']})" if d["pid"] else "running"
     else:
-        who = "NOT RUNNING: the kernel keeps steering with what it holds below, but nothing probes the backends"
+        who = paint("NOT RUNNING", "bad") + ": the kernel keeps steering with what it holds below, but nothing probes the backends"
     out.write(f"prism-kernel instance {info['instance']}: daemon {who}\n")
     if state:
         p = state["probe"]
@@ -82,7 +106,7 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f"probe {p['mode']} every {p['interval_s']}s, timeout {p['timeout_s']}s, rise {p['rise']}, fall {p['fall']}\n"
         )
         if state.get("fail_open"):
-            out.write("FAIL-OPEN: no healthy backend; steering to every known backend\n")
+            out.write(paint("FAIL-OPEN", "bad") + ": no healthy backend; steering to every known backend\n")
     for name, k in info["kernel"].items():
         if not k.get("installed"):
             if "error" in k and (not state or state.get("datapath") == name):
@@ -101,27 +125,59 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
         counters.update(k.get("counters", {}))
     if state and state.get("backends"):
         rows = [["ENDPOINT", "ADDRESS", "HEALTH", "REASON", "LATENCY", "TIER", "ACTIVE", "STEERED"]]
+        colours: list[str | None] = []
         for b in state["backends"]:
+            health = b["state"]
+            if b["state"] == "down" and b.get("down_kind"):
+                health = f"down ({b['down_kind']})"
+            if b.get("held_out_for_s"):
+                health += f", held {b['held_out_for_s']}s (flaps {b.get('flaps', 0)})"
+            colours.append(b["state"])
             lat = "-" if b["latency_ms"] is None else f"{b['latency_ms']:.2f}ms"
             conns = counters.get(b["address"], {}).get("connections")
             rows.append([
-                ",".join(b["endpoints"]), b["address"], b["state"], b["reason"], lat,
+                ",".join(b["endpoints"]), b["address"], health, b["reason"], lat,
                 "-" if b["tier"] is None else str(b["tier"]), "yes" if b["active"] else "no",
                 "-" if conns is None else str(conns),
             ])
         out.write("\n")
-        _table(rows, out)
+        _table(rows, out, colours, paint)
     elif counters:
         rows = [["ADDRESS", "STEERED"]] + [[a, str(c.get("connections", 0))] for a, c in counters.items()]
         out.write("\n")
         _table(rows, out)
 
 
-def run_status(instance: str, run_dir: Path, output: str, out: TextIO = sys.stdout) -> int:
-    info = gather(instance, run_dir)
+def render(info: dict[str, Any], output: str, out: TextIO, one_line: bool = False) -> None:
     if output == "json":
-        json.dump(info, out, indent=2, default=str)
+        json.dump(info, out, indent=None if one_line else 2, default=str)
         out.write("\n")
+    elif output == "yaml":
+        import yaml
+
+        yaml.safe_dump(json.loads(json.dumps(info, default=str)), out, sort_keys=False)
     else:
         render_text(info, out)
-    return 0 if info["daemon"]["running"] and info["healthy"] else 1
+
+
+def run_status(instance: str, run_dir: Path, output: str, out: TextIO = sys.stdout,
+               watch: float | None = None, max_rounds: int | None = None) -> int:
+    """Print the status once, or every `watch` seconds until interrupted
+    (`max_rounds` bounds it for tests). The exit code is the last round's."""
+    rounds = 0
+    while True:
+        info = gather(instance, run_dir)
+        if watch is not None and output == "table" and hasattr(out, "isatty") and out.isatty():
+            out.write("\033[H\033[2J")  # clear the terminal between rounds
+        render(info, output, out, one_line=watch is not None)
+        out.flush()
+        rounds += 1
+        code = 0 if info["daemon"]["running"] and info["healthy"] else 1
+        if watch is None or (max_rounds is not None and rounds >= max_rounds):
+            return code
+        if output != "table":
+            out.write("---\n" if output == "yaml" else "")
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return code

@@ -1,0 +1,73 @@
+"""`prism-kernel status` for people and scripts (no daemon needed)."""
+
+import io
+import json
+import subprocess
+import sys
+
+import yaml
+
+from prism_kernel.status import render, render_text, run_status
+
+STATE = {
+    "schema": 1, "pid": 1, "instance": "x", "datapath": "ebpf", "datapath_reason": "auto: eBPF available",
+    "listen_port": 7445, "probe": {"mode": "readyz", "interval_s": 1.0, "timeout_s": 1.0, "rise": 2, "fall": 2},
+    "fail_open": False, "active": ["198.18.1.2:6443"],
+    "backends": [
+        {"address": "198.18.1.2:6443", "endpoints": ["198.18.1.2:6443"], "state": "up", "reason": "ok",
+         "latency_ms": 0.4, "tier": 0, "active": True, "down_kind": None, "flaps": 0, "held_out_for_s": None},
+        {"address": "198.18.2.2:6443", "endpoints": ["198.18.2.2:6443"], "state": "down", "reason": "refused",
+         "latency_ms": None, "tier": None, "active": False, "down_kind": "dead", "flaps": 2, "held_out_for_s": 3.5},
+    ],
+}
+INFO = {"schema": 1, "instance": "x", "daemon": {"running": True, "pid": 1}, "healthy": True, "state": STATE,
+        "kernel": {"ebpf": {"installed": True, "backends": ["198.18.1.2:6443"],
+                            "counters": {"198.18.1.2:6443": {"connections": 7}}, "details": {"pin_dir": "/sys/fs/bpf/x"}}}}
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_table_shows_health_reason_hold_and_kernel_counters():
+    out = io.StringIO()
+    render_text(INFO, out)
+    text = out.getvalue()
+    assert "down (dead), held 3.5s (flaps 2)" in text
+    assert "refused" in text and "0.40ms" in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("198.18.1.2")]
+    assert lines and lines[0].split()[-1] == "7"  # STEERED from the kernel counters
+    assert "\033[" not in text  # no colour when not a terminal
+
+
+def test_colour_only_on_a_terminal(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    out = Tty()
+    render_text(INFO, out)
+    assert "\033[32m" in out.getvalue() and "\033[31m" in out.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = Tty()
+    render_text(INFO, out)
+    assert "\033[" not in out.getvalue()
+
+
+def test_yaml_and_json_carry_the_same_document():
+    j, y = io.StringIO(), io.StringIO()
+    render(INFO, "json", j)
+    render(INFO, "yaml", y)
+    assert json.loads(j.getvalue()) == yaml.safe_load(y.getvalue()) == json.loads(json.dumps(INFO))
+
+
+def test_watch_repeats_and_exit_code_says_unhealthy(tmp_path):
+    out = io.StringIO()
+    code = run_status("pk-status-none", tmp_path, "json", out, watch=0.01, max_rounds=3)
+    docs = [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
+    assert len(docs) == 3 and all(not d["daemon"]["running"] for d in docs)
+    assert code == 1  # no daemon: not healthy, usable as a health check
+
+
+def test_cli_pipe_to_a_closed_reader_is_quiet():
+    p = subprocess.run(f"{sys.executable} -m prism_kernel status -o yaml --instance pk-status-none | head -1",
+                       shell=True, capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in p.stderr and p.stdout.startswith("schema: 1")
