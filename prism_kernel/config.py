@@ -67,14 +67,21 @@ class ProbeConfig(BaseModel):
         "readyz: TLS + GET /readyz, healthy only on 200.",
     )
     interval: Duration = Field(1.0, gt=0, le=3600, description="Seconds between probes of one backend.")
-    timeout: Duration = Field(1.0, gt=0, le=60, description="Seconds one probe may take.")
+    timeout: Duration = Field(
+        0.5, gt=0, le=60,
+        description="Seconds one probe may take. A timeout is confirmed at once with a fresh TLS handshake: "
+        "a frozen server fails it and is taken out (its connections aborted); a live but slow one passes "
+        "and only counts as not ready.",
+    )
     rise: int = Field(2, ge=1, le=100, description="Consecutive successes that bring a backend up.")
     fall: int = Field(2, ge=1, le=100, description="Consecutive failures that take a backend down.")
     jitter: float = Field(0.1, ge=0, le=0.5, description="Random spread of the interval, as a fraction.")
     confirm_timeout: Duration = Field(
         0.3, gt=0, le=10,
-        description="When the kernel sees a steered connect fail (eBPF path), the daemon confirms with an "
-        "immediate TCP connect that may take this long; a failed confirmation takes the backend down at once.",
+        description="A failure that looks fatal (the kernel saw a steered connect refused or its SYN lost, or a "
+        "probe got no answer) is confirmed at once with a fresh connect and TLS handshake that may take this "
+        "long (at least 4x the backend's latency); a failed confirmation takes the backend down without "
+        "waiting for `fall`.",
     )
     ca_file: str | None = Field(None, description="PEM CA bundle that signs the API servers' certificates.")
     client_cert_file: str | None = Field(None, description="Client certificate (PEM), for API servers that deny anonymous /readyz.")

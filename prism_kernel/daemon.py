@@ -28,10 +28,10 @@ from prism_kernel.datapath import Datapath, DatapathSettings, choose, datapath_c
 from prism_kernel.datapath.base import PassiveCounts
 from prism_kernel.endpoints import EndpointSpec, resolve
 from prism_kernel.errors import ConfigError, DatapathError, DatapathUnavailable, PrismError
-from prism_kernel.health import BackendHealth, Change, ProbeResult
+from prism_kernel.health import BackendHealth, Change, ProbeResult, failure_kind
 from prism_kernel.log import EventLog
 from prism_kernel.model import Backend
-from prism_kernel.probes import Prober, confirm_tcp, make_ssl_context
+from prism_kernel.probes import Prober, confirm, make_confirm_context, make_ssl_context
 from prism_kernel.runstate import DaemonLock, remove_state, write_state
 from prism_kernel.selection import Candidate, FullSelection, select
 
@@ -54,6 +54,10 @@ class _Target:
     origins: list[str]
     prober: Prober
     host: str = ""  # the host the operator wrote (a DNS name, or the address): the TLS name
+    # A confirmation answered after a readyz timeout: the process is alive,
+    # only slow (e.g. etcd trouble). Its readyz timeouts are then "not ready",
+    # never "dead", until a probe succeeds again.
+    alive_but_slow: bool = False
     task: asyncio.Task | None = None
     since_wall: float | None = None
 
@@ -87,6 +91,7 @@ class Daemon:
         # confirming probe answers, None for a scheduled probe.
         self.results: asyncio.Queue[tuple[Backend, ProbeResult, str | None]] = asyncio.Queue()
         self._confirming: set[Backend] = set()
+        self._confirm_tls = make_confirm_context() if config.probe.mode != "tcp" else None
         self._passive_seen: dict[Backend, PassiveCounts] = {}
         self.datapath: Datapath | None = None
         self.datapath_reason = ""
@@ -262,13 +267,24 @@ class Daemon:
         cfg = self.config.probe
         if passive is not None:
             if result.ok:
-                # The kernel saw one steered connect fail, a fresh connect
-                # works: a lost SYN, not a dead backend. Scheduled probes decide.
-                self.log.info("passive_unconfirmed", address=str(backend), kernel_saw=passive)
+                # The fatal-looking failure is not confirmed: a lost SYN, or a
+                # live server that is only slow. Scheduled probes decide.
+                self.log.info("failure_unconfirmed", address=str(backend), saw=passive)
+                if passive == "readyz timeout":
+                    t.alive_but_slow = True
                 return []
             changes = t.health.mark_down(f"{passive}, confirmed: {result.reason}", time.monotonic())
         else:
+            if result.ok:
+                t.alive_but_slow = False
+            elif result.reason == "readyz timeout" and t.alive_but_slow:
+                result = ProbeResult(False, None, "readyz slow (tls ok)")
             changes = t.health.observe(result, time.monotonic(), cfg.rise, cfg.fall)
+            if (not result.ok and failure_kind(result.reason) == "dead"
+                    and t.health.state == "up" and backend not in self._confirming):
+                # One fatal-looking probe failure: confirm it now rather than
+                # wait `fall` intervals.
+                self._start_confirm(backend, result.reason)
         for c in changes:
             self._log_change(t, c)
             if c.kind in ("up", "down"):
@@ -389,13 +405,20 @@ class Daemon:
                 kernel_saw = "kernel: refused" if refused > 0 else "kernel: SYN timeout"
                 self.log.info("passive_failure", address=str(b), kernel_saw=kernel_saw,
                               refused=refused, syn_timeouts=timeouts)
-                self._confirming.add(b)
-                asyncio.create_task(self._confirm(b, kernel_saw))
+                self._start_confirm(b, kernel_saw)
 
-    async def _confirm(self, backend: Backend, kernel_saw: str) -> None:
+    def _start_confirm(self, backend: Backend, saw: str) -> None:
+        self._confirming.add(backend)
+        asyncio.create_task(self._confirm(backend, saw))
+
+    async def _confirm(self, backend: Backend, saw: str) -> None:
+        t = self.targets.get(backend)
+        # At least 4x the backend's latency, so that a far endpoint is not
+        # judged by a near one's clock.
+        timeout = max(self.config.probe.confirm_timeout, 4 * ((t.health.latency if t else None) or 0))
         try:
-            result = await confirm_tcp(backend, self.config.probe.confirm_timeout)
-            self.results.put_nowait((backend, result, kernel_saw))
+            result = await confirm(backend, timeout, self._confirm_tls)
+            self.results.put_nowait((backend, result, saw))
         finally:
             self._confirming.discard(backend)
 

@@ -48,7 +48,7 @@ def failure_kind(reason: str) -> FailureKind:
     connections to it are useless, close them). Unready: it answers but says
     not ready (/readyz non-200, e.g. draining) or its certificate does not
     verify: stop sending new connections, leave the existing ones alone."""
-    if reason.startswith(("http ", "bad http")) or (reason.startswith("tls: ") and "timeout" not in reason):
+    if reason.startswith(("http ", "bad http", "readyz slow")) or (reason.startswith("tls: ") and "timeout" not in reason):
         return "unready"
     return "dead"
 

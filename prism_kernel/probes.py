@@ -208,15 +208,34 @@ class Prober:
                 return
 
 
-async def confirm_tcp(backend: Backend, timeout: float) -> ProbeResult:
-    """A bare TCP connect: confirms (or not) a failure the kernel reported
-    for a steered connect. Cheap for the API server: no TLS, no request."""
+def make_confirm_context() -> ssl.SSLContext:
+    """For confirmations only: they ask "does the server's TLS stack answer",
+    not "is its certificate right" (a verify failure means it is alive)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def confirm(backend: Backend, timeout: float, tls: ssl.SSLContext | None) -> ProbeResult:
+    """Is the backend alive? A fresh TCP connect, plus a TLS handshake unless
+    probing in tcp mode: a frozen server still completes TCP in its kernel,
+    but only a live process completes a handshake. Cheap for the API server
+    (no request) and only run after a failure."""
     start = time.monotonic()
+    phase = ["connect"]
+
+    async def attempt() -> None:
+        _reader, writer = await asyncio.open_connection(str(backend.address), backend.port)
+        try:
+            if tls is not None:
+                phase[0] = "tls handshake"
+                await writer.start_tls(tls, server_hostname=None)
+        finally:
+            writer.transport.abort()
+
     try:
-        _reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(str(backend.address), backend.port), timeout
-        )
+        await asyncio.wait_for(attempt(), timeout)
     except Exception as exc:  # noqa: BLE001 - every failure is a result
-        return ProbeResult(False, None, classify(exc, "connect"))
-    writer.transport.abort()
+        return ProbeResult(False, None, classify(exc, phase[0]))
     return ProbeResult(True, time.monotonic() - start, "ok")

@@ -211,3 +211,149 @@ def kernel_leftovers(instance: str = TEST_INSTANCE) -> list[str]:
     if pin_dir.exists():
         left.append(f"bpf pins {pin_dir}: {sorted(os.listdir(pin_dir))}")
     return left
+
+
+@dataclass
+class Request:
+    t0: float  # monotonic start of the first attempt
+    t1: float  # monotonic end (success or final failure)
+    ok: bool
+    backend: str | None
+    first_error: str | None  # the first attempt's error, when it was retried
+    first_error_backend_hint: str | None = None
+
+
+@dataclass
+class RecordingClient:
+    """New connections at a steady rate (the issue's fault clients: ~200/s,
+    2 s timeout per attempt, one retry), each request recorded, bounded in
+    count and time. A few threads so one hanging attempt does not stall the
+    rate."""
+
+    ctx: ssl.SSLContext
+    port: int = TEST_PORT
+    rate: float = 150.0
+    timeout: float = 2.0
+    threads: int = 4
+    max_seconds: float = 60.0
+    requests: list[Request] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _one(self) -> Request:
+        t0 = time.monotonic()
+        first_error = None
+        for attempt in range(2):
+            try:
+                status, headers, _ = https_get(self.ctx, "/whoami", port=self.port, timeout=self.timeout)
+                if status != 200:
+                    raise OSError(f"http {status}")
+                return Request(t0, time.monotonic(), True, headers.get("x-backend"), first_error)
+            except (OSError, ValueError, IndexError) as e:
+                if attempt == 0:
+                    first_error = f"{type(e).__name__}: {e}"
+                else:
+                    return Request(t0, time.monotonic(), False, None, first_error)
+        raise AssertionError("unreachable")
+
+    def _run(self, n: int) -> None:
+        start = time.monotonic()
+        i = 0
+        per_thread = self.rate / self.threads
+        while not self._stop.is_set() and time.monotonic() - start < self.max_seconds:
+            r = self._one()
+            with self._lock:
+                self.requests.append(r)
+            i += 1
+            delay = start + i / per_thread - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+
+    def __enter__(self) -> "RecordingClient":
+        for n in range(self.threads):
+            t = threading.Thread(target=self._run, args=(n,), daemon=True)
+            t.start()
+            self._workers.append(t)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(self.timeout * 2 + 5)
+
+    # --- what the fault tests assert on -------------------------------------
+
+    def failed(self) -> list[Request]:
+        return [r for r in self.requests if not r.ok]
+
+    def longest(self) -> float:
+        return max((r.t1 - r.t0 for r in self.requests), default=0.0)
+
+    def last_first_try_failure(self, since: float) -> float | None:
+        """When the last attempt that had to be retried started, relative to
+        `since`: the last new connection steered to the faulty backend."""
+        ts = [r.t0 - since for r in self.requests if r.first_error and r.t0 >= since]
+        return max(ts) if ts else None
+
+
+class Stream:
+    """A long-lived streaming request through 127.0.0.1:PORT (like a watch):
+    records which backend serves it and when it ends."""
+
+    def __init__(self, ctx: ssl.SSLContext, port: int = TEST_PORT):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.sock.sendall(b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise OSError("stream closed before its headers")
+            head += chunk
+        headers = {k.strip().lower(): v.strip() for k, _, v in
+                   (ln.partition(":") for ln in head.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:])}
+        self.backend = headers.get("x-backend")
+        self.closed_at: float | None = None
+        self.error: str | None = None
+        self.bytes = 0
+        self.sock.settimeout(None)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                data = self.sock.recv(4096)
+                if not data:
+                    self.error = "eof"
+                    break
+                self.bytes += len(data)
+        except OSError as e:
+            self.error = f"{type(e).__name__}: {e}"
+        self.closed_at = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self.closed_at is None
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def open_streams(ctx: ssl.SSLContext, want: set[str], port: int = TEST_PORT, attempts: int = 60) -> dict[str, Stream]:
+    """Open streams until one lands on each backend in `want` (the kernel
+    spreads them at random); the extra ones are closed."""
+    got: dict[str, Stream] = {}
+    for _ in range(attempts):
+        s = Stream(ctx, port)
+        if s.backend in want and s.backend not in got:
+            got[s.backend] = s
+        else:
+            s.close()
+        if set(got) == want:
+            return got
+    raise AssertionError(f"streams reached only {set(got)} of {want}")
