@@ -1,4 +1,4 @@
-"""Command line: `prism-kernel run | status | cleanup`.
+"""Command line: `prism-kernel run | status | doctor | cleanup`.
 
 Exit codes: 0 ok; 1 runtime failure (or, for status, no healthy backend);
 2 invalid configuration or flags (nothing in the kernel touched); 3 another
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_kernel import __version__
-from prism_kernel.config import build_config, load_yaml
+from prism_kernel.config import DEFAULT_PORT, build_config, load_yaml
 from prism_kernel.errors import ConfigError, PrismError
 from prism_kernel.log import EventLog, route_logging
 
@@ -50,12 +50,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="remove the data path when stopping (default: leave it steering)")
     run.add_argument("--instance", metavar="NAME", help="name of the kernel state (default prism-kernel)")
     run.add_argument("--log-format", metavar="logfmt|json", help="log line format (default logfmt)")
+    run.add_argument("--metrics-address", metavar="IP",
+                     help="address of /metrics, /healthz, /readyz (default 127.0.0.1)")
+    run.add_argument("--metrics-port", metavar="PORT", help="port of the metrics server (default 7450)")
+    run.add_argument("--no-metrics", dest="metrics_enabled", action="store_false", default=None,
+                     help="serve no /metrics, /healthz, /readyz")
 
     st = sub.add_parser("status", help="show health, the active set and what the kernel holds")
     st.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     st.add_argument("-w", "--watch", nargs="?", const=2.0, type=float, metavar="S",
                     help="repeat every S seconds (default 2) until interrupted")
     st.add_argument("--instance", default="prism-kernel", metavar="NAME")
+
+    dr = sub.add_parser("doctor", help="check this node: kernel features, capabilities, port; which data path auto would use")
+    dr.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT", help="local port the daemon would use (default 7445)")
+    dr.add_argument("--instance", default="prism-kernel", metavar="NAME")
+    dr.add_argument("-o", "--output", choices=["text", "json"], default="text")
 
     cl = sub.add_parser("cleanup", help="remove everything the daemon created in the kernel and restore sysctls")
     cl.add_argument("--instance", default="prism-kernel", metavar="NAME")
@@ -72,6 +82,11 @@ def config_from_args(args: argparse.Namespace):
         "cleanup_on_exit": args.cleanup_on_exit,
         "instance": args.instance,
         "log_format": args.log_format,
+        "metrics": {
+            "enabled": args.metrics_enabled,
+            "address": args.metrics_address,
+            "port": args.metrics_port,
+        },
         "probe": {
             "mode": args.probe_mode,
             "interval": args.probe_interval,
@@ -159,6 +174,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return run_status(args.instance, Path(f"/run/{args.instance}"), args.output, watch=args.watch)
         if args.command == "cleanup":
             return _cleanup(args)
+        if args.command == "doctor":
+            from prism_kernel.doctor import run_doctor
+
+            return run_doctor(args.port, args.instance, args.output)
     except ConfigError as e:
         print(f"prism-kernel: {e}", file=sys.stderr)
         return e.exit_code

@@ -6,6 +6,7 @@ configuration is valid.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
@@ -142,6 +143,28 @@ class NftablesConfig(BaseModel):
     )
 
 
+class MetricsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Serve /metrics (Prometheus), /healthz and /readyz over HTTP.")
+    address: str = Field(
+        "127.0.0.1",
+        description="IP address of the metrics server; loopback by default, 0.0.0.0 or :: to expose it.",
+    )
+    port: int = Field(7450, ge=0, le=65535, description="TCP port of the metrics server (0: any free port).")
+    heartbeat_timeout: Duration = Field(
+        30.0, gt=0, le=3600, description="/healthz fails when the daemon loop has not turned for this long.",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address (use 127.0.0.1, ::1, 0.0.0.0 or ::)") from None
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -154,6 +177,7 @@ class Config(BaseModel):
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     nftables: NftablesConfig = Field(default_factory=NftablesConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     resolve_interval: Duration = Field(30.0, gt=0, le=86400, description="Seconds between DNS re-resolutions of named endpoints.")
     cleanup_on_exit: bool = Field(False, description="Remove the data path when the daemon stops (tests, demos). Off: the node keeps API access while the daemon restarts.")
     instance: str = Field(
@@ -197,6 +221,16 @@ class Config(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _heartbeat_outlasts_first_round(self) -> "Config":
+        # The first probe round waits up to probe.timeout with no loop turn.
+        if self.metrics.enabled and self.metrics.heartbeat_timeout <= self.probe.timeout + 1:
+            raise ValueError(
+                f"metrics.heartbeat_timeout {self.metrics.heartbeat_timeout}s must be more than "
+                f"probe.timeout {self.probe.timeout}s + 1s"
+            )
+        return self
+
     @property
     def state_dir(self) -> Path:
         return Path(self.run_dir or f"/run/{self.instance}")
@@ -221,6 +255,9 @@ FLAG_NAMES = {
     ("cleanup_on_exit",): "--cleanup-on-exit",
     ("instance",): "--instance",
     ("log_format",): "--log-format",
+    ("metrics", "enabled"): "--no-metrics",
+    ("metrics", "address"): "--metrics-address",
+    ("metrics", "port"): "--metrics-port",
 }
 
 

@@ -30,6 +30,7 @@ from prism_kernel.endpoints import EndpointSpec, resolve
 from prism_kernel.errors import ConfigError, DatapathError, DatapathUnavailable, PrismError
 from prism_kernel.health import BackendHealth, Change, ProbeResult, failure_kind
 from prism_kernel.log import EventLog
+from prism_kernel.metrics import Metrics, MetricsServer, datapath_readers
 from prism_kernel.model import Backend
 from prism_kernel.probes import Prober, confirm, make_confirm_context, make_ssl_context
 from prism_kernel.runstate import DaemonLock, remove_state, write_state
@@ -103,6 +104,10 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._state_dirty = True
         self._dp_cls: type[Datapath] | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        if config.metrics.enabled:
+            self.metrics = Metrics(heartbeat_timeout=config.metrics.heartbeat_timeout)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -114,6 +119,15 @@ class Daemon:
     async def run(self) -> int:
         lock = DaemonLock(self.config.state_dir)
         lock.acquire()
+        if self.metrics is not None:
+            # After the lock: a second daemon fails on the lock (exit 3), not on the port.
+            self.metrics_server = MetricsServer(self.metrics, self.config.metrics.address, self.config.metrics.port)
+            try:
+                self.metrics_server.start()
+            except BaseException:
+                lock.release()
+                raise
+            self.log.info("metrics_listening", address=self.metrics_server.address)
         loop = asyncio.get_running_loop()
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
@@ -122,6 +136,8 @@ class Daemon:
         try:
             dp_cls, self.datapath_reason = choose(self.config.datapath, self.settings)
             self._dp_cls = dp_cls
+            if self.metrics is not None:
+                self.metrics.set_kernel_readers(*datapath_readers(dp_cls, self.settings))
             self.log.info(
                 "start", version=__version__, pid=os.getpid(), instance=self.config.instance,
                 datapath=dp_cls.name, why=self.datapath_reason, port=self.config.port,
@@ -129,6 +145,7 @@ class Daemon:
             )
             await self._resolve_all()
             while not self.targets and not self._stop.is_set():
+                self._heartbeat()
                 self.log.error("no_backends", reason="no endpoint resolved to an address; retrying")
                 await self._sleep_or_stop(min(5.0, self.config.resolve_interval))
                 await self._resolve_all()
@@ -143,7 +160,7 @@ class Daemon:
             if adopted:
                 self._apply(force=True)
             else:
-                self._record_write(self.selection.backends, 0.0)
+                self._record_write(self.selection.backends, None)
             self._remove_other_datapaths(dp_cls)
             # An adopted data path may hold connections to a backend that
             # died while no daemon ran.
@@ -153,6 +170,8 @@ class Daemon:
             await self._main_loop()
             return 0
         finally:
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             for t in self.targets.values():
                 if t.task:
                     t.task.cancel()
@@ -178,6 +197,10 @@ class Daemon:
                 continue
             for line in removed:
                 self.log.info("removed_other_datapath", datapath=name, removed=line)
+
+    def _heartbeat(self) -> None:
+        if self.metrics is not None:
+            self.metrics.heartbeat()
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         try:
@@ -259,6 +282,7 @@ class Daemon:
                 break
             self._observe(backend, result)
             pending.discard(backend)
+            self._heartbeat()
 
     def _observe(self, backend: Backend, result: ProbeResult, passive: str | None = None) -> list[Change]:
         t = self.targets.get(backend)
@@ -285,6 +309,11 @@ class Daemon:
                 # One fatal-looking probe failure: confirm it now rather than
                 # wait `fall` intervals.
                 self._start_confirm(backend, result.reason)
+        if self.metrics is not None:
+            if passive is None:
+                self.metrics.observe_probe(backend, result, changes)
+            else:
+                self.metrics.observe_changes(backend, changes)
         for c in changes:
             self._log_change(t, c)
             if c.kind in ("up", "down"):
@@ -339,6 +368,8 @@ class Daemon:
             written = self.datapath.apply(backends)
         except DatapathError as e:
             self.stats.kernel_write_errors += 1
+            if self.metrics is not None:
+                self.metrics.observe_kernel_write_error()
             self.apply_pending = True
             self.log.error("write_failed", error=str(e), backends=",".join(map(str, backends)))
             return
@@ -347,9 +378,13 @@ class Daemon:
             self._record_write(backends, time.monotonic() - start)
         self.applied = backends
 
-    def _record_write(self, backends: tuple[Backend, ...], seconds: float) -> None:
-        if self.applied is not None and set(self.applied) - set(backends):
+    def _record_write(self, backends: tuple[Backend, ...], seconds: float | None) -> None:
+        """`seconds`: how long the write took; None when it was not timed."""
+        failover = self.applied is not None and bool(set(self.applied) - set(backends))
+        if failover:
             self.stats.failovers += 1
+        if self.metrics is not None:
+            self.metrics.observe_kernel_write(seconds, failover=failover)
         self.applied = backends
         self.stats.kernel_writes += 1
         self.stats.last_write_wall = time.time()
@@ -357,7 +392,7 @@ class Daemon:
         sel = self.selection
         modes = ",".join(f"ipv{f}:{s.mode}" for f, s in sel.by_family.items()) if sel else ""
         self.log.info("set_written", backends=",".join(map(str, backends)), selection=modes,
-                      duration_ms=round(seconds * 1000, 3))
+                      duration_ms=None if seconds is None else round(seconds * 1000, 3))
         self._state_dirty = True
 
     def _close_dead(self, backends: list[Backend]) -> None:
@@ -374,6 +409,8 @@ class Daemon:
             self.log.error("close_connections_failed", backends=",".join(map(str, backends)), error=str(e))
             return
         self.stats.connections_closed += n
+        if self.metrics is not None:
+            self.metrics.observe_connections_closed(n)
         self.log.info("connections_closed", backends=",".join(map(str, backends)), count=n,
                       duration_ms=round((time.monotonic() - start) * 1000, 3))
 
@@ -430,13 +467,13 @@ class Daemon:
         try:
             if self.datapath.apply(self.selection.backends):
                 self.log.warn("repaired", reason="kernel state differed from the selection")
-                self._record_write(self.selection.backends, 0.0)
+                self._record_write(self.selection.backends, None)
         except DatapathError as e:
             self.log.warn("reinstall", reason=str(e))
             try:
                 self.datapath.install(self.selection.backends)
                 self.datapath.apply(self.selection.backends)
-                self._record_write(self.selection.backends, 0.0)
+                self._record_write(self.selection.backends, None)
             except DatapathError as e2:
                 self.log.error("reinstall_failed", error=str(e2))
 
@@ -450,6 +487,7 @@ class Daemon:
         passive_task = asyncio.create_task(self._passive_loop())
         try:
             while not self._stop.is_set():
+                self._heartbeat()
                 now = loop.time()
                 wake = min(next_state, next_reconcile, next_resolve if has_names else now + 60)
                 get = asyncio.ensure_future(self.results.get())
@@ -540,6 +578,10 @@ class Daemon:
             elif old_dp is not None:
                 old_dp.close()
             self._passive_seen.clear()
+            if self.metrics is not None:
+                self.metrics.set_kernel_readers(*datapath_readers(dp_cls, new_settings))
+        if "metrics" in changed:
+            self._reload_metrics(old, new)
         self.config = new
         self.log.fmt = new.log_format
         if "probe" in changed:
@@ -557,6 +599,34 @@ class Daemon:
             self._apply(force=True)
         self.log.info("reloaded", changed=",".join(changed))
         self._write_state()
+
+    def _reload_metrics(self, old: Config, new: Config) -> None:
+        """Apply a changed `metrics` section: rebind the server when its
+        address, port or on/off changed; on a bind error keep the old one."""
+        if self.metrics is None:
+            if new.metrics.enabled:
+                self.log.warn("reload_partial", reason="metrics were off at start; restart the daemon to serve them")
+            return
+        self.metrics.heartbeat_timeout = new.metrics.heartbeat_timeout
+        where = lambda m: (m.enabled, m.address, m.port)  # noqa: E731
+        if where(old.metrics) == where(new.metrics):
+            return
+        old_server = self.metrics_server
+        if old_server is not None:
+            old_server.stop()
+        self.metrics_server = None
+        if new.metrics.enabled:
+            server = MetricsServer(self.metrics, new.metrics.address, new.metrics.port)
+            try:
+                server.start()
+            except PrismError as e:
+                self.log.error("reload_partial", reason=str(e), kept="the previous metrics address")
+                if old_server is not None:
+                    old_server.start()
+                    self.metrics_server = old_server
+                return
+            self.metrics_server = server
+            self.log.info("metrics_listening", address=server.address)
 
     # ---- state for `status` ---------------------------------------------
 
@@ -614,8 +684,11 @@ class Daemon:
         }
 
     def _write_state(self) -> None:
+        snap = self.snapshot()
+        if self.metrics is not None:
+            self.metrics.publish(snap)  # a new dict each time, never changed after this
         try:
-            write_state(self.config.state_dir, self.snapshot())
+            write_state(self.config.state_dir, snap)
             self._state_dirty = False
         except OSError as e:
             self.log.warn("state_write_failed", error=str(e))

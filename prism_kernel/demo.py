@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"three fake API servers on hosts in network namespaces: {', '.join(endpoints)}")
             argv = [sys.executable, "-m", "prism_kernel", "run", "--instance", INSTANCE, "--port", str(args.port),
                     "--datapath", args.datapath, "--ca-file", tb.ca_file, "--probe-interval", "500ms",
-                    "--cleanup-on-exit"]
+                    "--cleanup-on-exit", "--metrics-port", "0"]
             for e in endpoints:
                 argv += ["--endpoint", e]
             _say("starting: " + " ".join(["prism-kernel", *argv[3:]]))

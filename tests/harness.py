@@ -42,7 +42,7 @@ class Daemon:
         argv = [sys.executable, "-m", "prism_kernel", "run", "--port", str(port), "--datapath", datapath,
                 "--instance", instance, "--probe", probe, "--probe-interval", str(interval),
                 "--probe-timeout", str(timeout), "--probe-rise", str(rise), "--probe-fall", str(fall),
-                "--log-format", "json"]
+                "--log-format", "json", "--metrics-port", "0"]  # any free port: never clash with a live daemon
         for e in endpoints:
             argv += ["--endpoint", e]
         if ca_file:
@@ -79,6 +79,9 @@ class Daemon:
                 raise AssertionError(f"daemon exited {self.proc.returncode} waiting for {event}:\n{self.log_path.read_text()}")
             time.sleep(0.05)
         raise AssertionError(f"no {event} {match} within {timeout}s:\n{self.log_path.read_text()}")
+
+    def metrics_url(self) -> str:
+        return f"http://{self.wait_event('metrics_listening')['address']}"
 
     def wait_ready(self, timeout: float = 30) -> dict:
         return self.wait_event("datapath_ready", timeout)

@@ -316,3 +316,46 @@ def test_sighup_reload_applies_a_valid_config_and_rejects_an_invalid_one(testbed
             assert d.wait_event("reloaded", after=mark)["changed"] == "nothing"
         assert loop.failed == [] and loop.first_try_failed == 0, loop.failed[:5]
         assert loop.answered_by.keys() <= {"be0", "be1", "be2"}
+
+
+def test_metrics_endpoint_of_a_real_daemon(testbed, datapath):
+    """Scrape the running daemon; parse with prometheus-client's own parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tb = testbed
+    with Daemon(endpoints(tb), datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        d.wait_active(names(tb, 0, 1, 2))
+        base = d.metrics_url()
+        ctx = client_context(tb.ca_file)
+        served = {}
+        for _ in range(9):
+            n = who(ctx)
+            served[n] = served.get(n, 0) + 1
+        tb.backends[1].stop()
+        d.wait_active(names(tb, 0, 2))
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        def value(name, **labels):
+            for s in families[name].samples:
+                if all(s.labels.get(k) == v for k, v in labels.items()) and not s.name.endswith(("_created",)):
+                    return s.value
+            raise AssertionError(f"{name} {labels} not in scrape")
+        be1 = tb.backends[1].endpoint
+        assert value("prism_kernel_backend_up", endpoint=be1) == 0
+        assert value("prism_kernel_backend_up", endpoint=tb.backends[0].endpoint) == 1
+        assert value("prism_kernel_backend_active", endpoint=be1) == 0
+        assert value("prism_kernel_datapath_info", datapath=datapath) == 1
+        assert value("prism_kernel_kernel_writes") >= 2  # counter family name without _total
+        # Read from the kernel's per-backend counters at scrape time. (A
+        # backend's counter is dropped when it leaves the set: be1 is not
+        # checked.)
+        for i in (0, 2):
+            got = value("prism_kernel_steered_connections", endpoint=tb.backends[i].endpoint)
+            assert got >= served.get(f"be{i}", 0), (i, got, served)
+        assert value("prism_kernel_probe_failures", endpoint=be1, reason="refused") >= 1
+        for path, code in (("/healthz", 200), ("/readyz", 200)):
+            with urllib.request.urlopen(base + path, timeout=5) as r:
+                assert r.status == code

@@ -1,0 +1,733 @@
+"""`prism-kernel doctor`: can prism-kernel run on this node, and if not, why.
+
+One line per check, each with a verdict and what to do:
+
+  ok    nothing to do
+  warn  prism-kernel runs, but something is degraded or needs attention
+        (e.g. eBPF is missing, so `auto` falls back to nftables; or a listener
+        already holds the port)
+  fail  one of the reasons no data path can run here
+
+The checks (ids in `-o json`):
+  kernel              release; eBPF needs >= 5.14 (SO_NETNS_COOKIE)
+  bpf.sock_addr       cgroup sock_addr programs (connect4/6)        } loaded here for
+  bpf.getpeername     getpeername4/6 hooks (5.8)                    } an instant, never
+  bpf.netns_cookie    bpf_get_netns_cookie() in sock_addr (5.7)     } attached, freed
+  bpf.sock_ops        sock_ops programs (failed-connect signals)    } at once
+  bpf.cgroup_link     bpf_link for cgroups (5.7): LINK_CREATE against /dev/null
+                      must fail with EBADF (not a cgroup), not EINVAL
+  cgroup              the real cgroup v2 root (datapath/cgroup.py)
+  bpffs               /sys/fs/bpf mounted
+  headers             /lib/modules/$(uname -r)/build and source, for bcc
+  bcc                 bcc importable by the loader's Python
+  nftables.module     python3-nftables / libnftables
+  capabilities        CapEff: CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF, CAP_PERFMON
+  port                listeners on 127.0.0.1:PORT / [::1]:PORT (Talos KubePrism)
+  metrics_port        127.0.0.1:7450 (metrics.DEFAULT_METRICS_PORT) free or the daemon's
+  sysctls             net.ipv4.conf.all.route_localnet, net.ipv4.tcp_timestamps
+  datapath.ebpf       EbpfDatapath.check_available (compile + load in a child)
+  datapath.nftables   NftablesDatapath.check_available (kernel dry run)
+  auto                what `--datapath auto` chooses and why (datapath.choose)
+
+Nothing here changes kernel state: the BPF probes load tiny programs that are
+freed when their fd closes (never attached, never pinned); the eBPF check
+compiles and loads in a child that exits; the nftables check is a dry run
+that the kernel validates and never commits (it may autoload nf_tables
+modules, as any nft command does); sysctls, mounts and listeners are only read.
+
+Exit code: 0 when the daemon can run (`auto` finds a data path), 1 when not,
+2 for a bad argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from prism_kernel.config import DEFAULT_PORT
+
+try:  # the daemon's /metrics, /healthz, /readyz port
+    from prism_kernel.metrics import DEFAULT_METRICS_PORT
+except Exception:  # pragma: no cover - doctor must work even when metrics cannot load
+    DEFAULT_METRICS_PORT = 7450
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+SCHEMA = 1
+
+# Capability bits (include/uapi/linux/capability.h)
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+CAPS = {"CAP_SYS_ADMIN": CAP_SYS_ADMIN, "CAP_NET_ADMIN": CAP_NET_ADMIN,
+        "CAP_BPF": CAP_BPF, "CAP_PERFMON": CAP_PERFMON}
+
+# Oldest kernel of each eBPF feature the data path uses.
+MIN_KERNEL_EBPF = (5, 14)  # SO_NETNS_COOKIE (the host netns cookie the programs compare with)
+
+# bpf(2): BPF_PROG_LOAD and the types the probes load.
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SOCK_OPS = 13
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_FUNC_get_netns_cookie = 122
+
+# Never suggested as an alternative port: what Talos uses on a node (KubePrism
+# 7445, apid 50000, trustd 50001, API server 6443, kubelet 10250, etcd
+# 2379/2380), 7446-7448 (Eclipse Zenoh, and taken by another KubePrism-like
+# endpoint) and prism-kernel's own metrics port (prism_kernel/metrics.py).
+_AVOID_PORTS = {6443, 7445, 7446, 7447, 7448, DEFAULT_METRICS_PORT, 10250, 2379, 2380, 50000, 50001}
+
+_COLOURS = {OK: "\033[32m", WARN: "\033[33m", FAIL: "\033[31m"}
+_RESET = "\033[0m"
+
+
+@dataclass
+class Check:
+    id: str
+    verdict: str          # ok | warn | fail (final, after _settle)
+    summary: str          # what was found
+    action: str = ""      # what to do; empty when nothing is
+    # Data paths that cannot run while this check is not ok. A check that is
+    # not ok becomes `fail` only when no data path can run at all.
+    needed_by: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def _cap_eff() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def _has(cap_eff: int, bit: int) -> bool:
+    return bool(cap_eff >> bit & 1)
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int, int]:
+    release = release or os.uname().release
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    if not m:
+        return (0, 0, 0)
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+_MOV_R0_1 = _insn(0xB7, dst=0, imm=1)   # r0 = 1 (allow)
+_EXIT = _insn(0x95)                      # exit
+_CALL = 0x85
+
+
+def _prog_load(prog_type: int, insns: bytes, expected_attach_type: int = 0) -> int:
+    """Load a tiny program; returns its fd (the caller closes it: the program
+    is then freed). Raises OSError with the kernel's errno."""
+    from prism_kernel.datapath import _bpfsys as bpf
+
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    a = bpf._attr()
+    # prog_type u32, insn_cnt u32, insns u64, license u64, log_level u32,
+    # log_size u32, log_buf u64, kern_version u32, prog_flags u32,
+    # prog_name char[16], prog_ifindex u32, expected_attach_type u32
+    struct.pack_into("=IIQQIIQII", a, 0, prog_type, len(insns) // 8, ctypes.addressof(code),
+                     ctypes.addressof(license_), 0, 0, 0, 0, 0)
+    name = b"pk_doctor"
+    a[48:48 + len(name)] = name
+    struct.pack_into("=I", a, 68, expected_attach_type)
+    return bpf._bpf(BPF_PROG_LOAD, a)
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """A reason that may span lines (a verifier log) as one line: its first
+    line and its last telling line (the verifier's verdict)."""
+    lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+    if not lines:
+        return ""
+    if len(lines) > 1:
+        tail = [l for l in lines[1:] if not l.startswith(("processed ", ";"))]
+        lines = [lines[0], "[...]", tail[-1]] if tail else [lines[0]]
+    one = " ".join(lines)
+    return one if len(one) <= limit else one[:limit - 3] + "..."
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------
+# checks
+
+
+def check_kernel() -> Check:
+    release = os.uname().release
+    v = kernel_version(release)
+    if v[:2] >= MIN_KERNEL_EBPF:
+        return Check("kernel", OK, f"Linux {release}: new enough for the eBPF data path "
+                     f"(needs >= {MIN_KERNEL_EBPF[0]}.{MIN_KERNEL_EBPF[1]})",
+                     details={"release": release})
+    return Check("kernel", WARN,
+                 f"Linux {release} is older than {MIN_KERNEL_EBPF[0]}.{MIN_KERNEL_EBPF[1]}: "
+                 "the eBPF data path needs SO_NETNS_COOKIE (5.14), getpeername hooks (5.8), "
+                 "bpf_link for cgroups (5.7)",
+                 "upgrade the kernel for eBPF; until then `auto` uses nftables",
+                 needed_by=("ebpf",), details={"release": release})
+
+
+def _bpf_probe(cid: str, what: str, since: str, prog_type: int, insns: bytes,
+               attach: int = 0, purpose: str = "") -> Check:
+    fd = None
+    try:
+        fd = _prog_load(prog_type, insns, attach)
+        return Check(cid, OK, f"{what}: supported", details={"since": since})
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES):
+            # Unknown rather than missing: the capabilities check names the cause.
+            return Check(cid, WARN, f"{what}: cannot probe without privileges ({e.strerror})",
+                         "run doctor as root (see capabilities)",
+                         details={"since": since, "errno": e.errno})
+        if e.errno == errno.ENOSYS:
+            return Check(cid, WARN, f"{what}: no bpf(2) syscall in this kernel (CONFIG_BPF_SYSCALL)",
+                         "use a kernel with BPF; `auto` uses nftables meanwhile",
+                         needed_by=("ebpf",), details={"since": since, "errno": e.errno})
+        return Check(cid, WARN, f"{what}: not supported by this kernel ({e.strerror}; since Linux {since})",
+                     f"needs Linux >= {since}{purpose}; `auto` uses nftables meanwhile",
+                     needed_by=("ebpf",), details={"since": since, "errno": e.errno})
+    finally:
+        _close(fd)
+
+
+def check_bpf_features() -> list[Check]:
+    from prism_kernel.datapath import _bpfsys as bpf
+
+    prog = _MOV_R0_1 + _EXIT
+    checks = [
+        _bpf_probe("bpf.sock_addr", "cgroup sock_addr programs (connect4/connect6)", "4.17",
+                   BPF_PROG_TYPE_CGROUP_SOCK_ADDR, prog, bpf.BPF_CGROUP_INET4_CONNECT),
+        _bpf_probe("bpf.getpeername", "getpeername4/6 hooks", "5.8",
+                   BPF_PROG_TYPE_CGROUP_SOCK_ADDR, prog, bpf.BPF_CGROUP_INET4_GETPEERNAME),
+        _bpf_probe("bpf.netns_cookie", "bpf_get_netns_cookie() in sock_addr programs", "5.7",
+                   BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                   _insn(_CALL, imm=BPF_FUNC_get_netns_cookie) + prog, bpf.BPF_CGROUP_INET4_CONNECT),
+        _bpf_probe("bpf.sock_ops", "sock_ops programs (refused and black-holed connects seen in the kernel)",
+                   "4.13", BPF_PROG_TYPE_SOCK_OPS, prog),
+    ]
+    checks.append(_check_cgroup_link(prog))
+    return checks
+
+
+def _check_cgroup_link(prog: bytes) -> Check:
+    """bpf_link for cgroups: BPF_LINK_CREATE with a valid sock_addr program and
+    /dev/null as the target. A kernel that knows cgroup links looks the target
+    up as a cgroup and answers EBADF; one that does not answers EINVAL.
+    /dev/null can never be a cgroup, so nothing is ever attached."""
+    from prism_kernel.datapath import _bpfsys as bpf
+
+    what = "bpf_link for cgroups (atomic program swap on upgrade, pinned links)"
+    pfd = tfd = None
+    try:
+        try:
+            pfd = _prog_load(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, prog, bpf.BPF_CGROUP_INET4_CONNECT)
+        except OSError as e:
+            return Check("bpf.cgroup_link", WARN, f"{what}: not probed (no sock_addr program: {e.strerror})",
+                         "see bpf.sock_addr")
+        tfd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            lfd = bpf.link_create(pfd, tfd, bpf.BPF_CGROUP_INET4_CONNECT)
+        except OSError as e:
+            if e.errno == errno.EBADF:
+                return Check("bpf.cgroup_link", OK, f"{what}: supported", details={"since": "5.7"})
+            return Check("bpf.cgroup_link", WARN, f"{what}: not supported ({e.strerror}; since Linux 5.7)",
+                         "needs Linux >= 5.7; `auto` uses nftables meanwhile", needed_by=("ebpf",),
+                         details={"since": "5.7", "errno": e.errno})
+        # Cannot happen (/dev/null is no cgroup); never leave it attached.
+        try:
+            bpf.link_detach(lfd)
+        finally:
+            _close(lfd)
+        return Check("bpf.cgroup_link", WARN, f"{what}: unexpected answer from the kernel",
+                     needed_by=("ebpf",))
+    finally:
+        _close(pfd)
+        _close(tfd)
+
+
+def check_cgroup() -> Check:
+    from prism_kernel.datapath.cgroup import (
+        PROC_CGROUP_INIT_INO,
+        cgroup2_mounts,
+        find_cgroup2_root,
+        in_initial_cgroup_namespace,
+    )
+    from prism_kernel.errors import DatapathError
+
+    details: dict[str, Any] = {
+        "initial_cgroup_namespace": in_initial_cgroup_namespace(),
+        "cgroup2_mounts": [{"mount_point": m.mount_point, "root": m.root} for m in cgroup2_mounts()],
+    }
+    try:
+        root = find_cgroup2_root()
+    except DatapathError as e:
+        action = ("run prism-kernel in the host cgroup namespace: as a systemd service, or as a "
+                  "privileged container (containerd and CRI-O give privileged containers the host "
+                  "cgroup namespace); it refuses to attach below the real root (cilium#48420)")
+        if not details["initial_cgroup_namespace"]:
+            try:
+                ino = os.stat("/proc/self/ns/cgroup").st_ino
+                details["cgroup_namespace_inode"] = f"{ino:#x} (initial: {PROC_CGROUP_INIT_INO:#x})"
+            except OSError:
+                pass
+        elif not details["cgroup2_mounts"]:
+            action = "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup) or, in a container, mount the host's /sys/fs/cgroup"
+        return Check("cgroup", WARN, f"no usable cgroup v2 root: {e}", action,
+                     needed_by=("ebpf",), details=details)
+    details["root"] = root
+    layout = "pure v2" if root == "/sys/fs/cgroup" else "hybrid layout" if root.endswith("/unified") else "custom mount"
+    return Check("cgroup", OK, f"real cgroup v2 root at {root} ({layout}; cgroup id 1, initial cgroup namespace)",
+                 details=details)
+
+
+def _mount_of(fstype: str, path: str) -> dict[str, Any] | None:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split(" ")
+                if len(fields) >= 5 and right.split(" ", 1)[0] == fstype and fields[4] == path:
+                    return {"mount_point": path, "propagation": [o for o in fields[6:] if ":" in o] or ["private"]}
+    except OSError:
+        pass
+    return None
+
+
+def check_bpffs() -> Check:
+    from prism_kernel.datapath.ebpf import BPFFS
+
+    m = _mount_of("bpf", BPFFS)
+    if m:
+        return Check("bpffs", OK, f"bpffs mounted at {BPFFS} (propagation {' '.join(m['propagation'])})",
+                     details=m)
+    return Check("bpffs", WARN, f"no bpffs at {BPFFS}: the daemon mounts one when it starts (needs CAP_SYS_ADMIN)",
+                 f"mount -t bpf bpf {BPFFS} (systemd does at boot). In a container, mount the host's "
+                 f"{BPFFS} (hostPath, mountPropagation Bidirectional): a bpffs of the container's own dies "
+                 "with it and takes the pinned links, and the steering, with it",
+                 details={"mount_point": BPFFS})
+
+
+def check_headers() -> Check:
+    release = os.uname().release
+    mod = Path(f"/lib/modules/{release}")
+    build, source = mod / "build", mod / "source"
+    found = {"build": os.path.realpath(build) if build.exists() else None,
+             "source": os.path.realpath(source) if source.exists() else None}
+    if (build / "include").is_dir():
+        note = f"{build} -> {found['build']}"
+        if not source.exists():
+            note += f" ({source} missing: bcc uses build alone when it holds the full tree)"
+        return Check("headers", OK, f"kernel headers for bcc: {note}", details=found)
+    return Check("headers", WARN, f"no kernel headers at {build}: bcc cannot compile the eBPF programs",
+                 f"install linux-headers-{release}; a kernel without a headers package of its own works "
+                 "with any Debian linux-headers-amd64 (the programs use only the stable uapi): "
+                 "packaging/dev.sh setup links build/source to them, the container image does it "
+                 "at start (packaging/container-entrypoint.sh)",
+                 needed_by=("ebpf",), details=found)
+
+
+def check_bcc() -> Check:
+    from prism_kernel.datapath.ebpf import _loader_python
+
+    py = _loader_python()
+    try:
+        proc = subprocess.run([py, "-c", "import bcc, sys; sys.stdout.write(bcc.__file__)"],
+                              capture_output=True, text=True, timeout=60, cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        proc, err = None, str(e)
+    else:
+        err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    if proc is not None and proc.returncode == 0:
+        return Check("bcc", OK, f"bcc importable by the loader ({py}: {proc.stdout.strip()})",
+                     details={"python": py, "module": proc.stdout.strip()})
+    return Check("bcc", WARN, f"bcc not importable by {py}: {err}",
+                 "apt-get install python3-bpfcc (Debian's bcc; the PyPI package 'bcc' is unrelated) "
+                 "and use a venv made with --system-site-packages",
+                 needed_by=("ebpf",), details={"python": py})
+
+
+def check_nftables_module() -> Check:
+    try:
+        import nftables  # noqa: F401  (Debian python3-nftables)
+    except ImportError as e:
+        return Check("nftables.module", WARN, f"Python module 'nftables' not importable ({e})",
+                     "apt-get install nftables python3-nftables and use a venv made with "
+                     "--system-site-packages", needed_by=("nftables",))
+    try:
+        nft = nftables.Nftables()
+        nft.set_json_output(True)
+        rc, out, err = nft.json_cmd({"nftables": [{"list": {"tables": {"family": "ip"}}}]})
+    except Exception as e:  # OSError: libnftables.so.1 missing
+        return Check("nftables.module", WARN, f"libnftables not usable: {e}",
+                     "apt-get install nftables", needed_by=("nftables",))
+    version = None
+    if rc == 0 and isinstance(out, dict):
+        for o in out.get("nftables", []):
+            if "metainfo" in o:
+                version = o["metainfo"].get("version")
+    if rc != 0:
+        err = _one_line(err or "")
+        action = ("run as root (CAP_NET_ADMIN)" if "not permitted" in err
+                  else "needs nf_tables in the kernel (CONFIG_NF_TABLES)")
+        return Check("nftables.module", WARN, f"libnftables loads, but listing tables fails: {err}",
+                     action, needed_by=("nftables",))
+    return Check("nftables.module", OK, f"python3-nftables and libnftables {version or '?'} work",
+                 details={"module": nftables.__file__, "libnftables": version})
+
+
+def check_capabilities(cap_eff: int | None = None) -> Check:
+    cap = _cap_eff() if cap_eff is None else cap_eff
+    have = {name: _has(cap, bit) for name, bit in CAPS.items()}
+    present = [n for n, v in have.items() if v]
+    shown = ", ".join(present) or "none of them"
+    details = {"cap_eff": f"{cap:016x}", "euid": os.geteuid(), **have}
+    sys_admin, net_admin = have["CAP_SYS_ADMIN"], have["CAP_NET_ADMIN"]
+    bpf = have["CAP_BPF"] or sys_admin
+    perfmon = have["CAP_PERFMON"] or sys_admin
+    if sys_admin and net_admin:
+        return Check("capabilities", OK, f"effective: {shown} (CAP_SYS_ADMIN covers CAP_BPF and CAP_PERFMON)",
+                     details=details)
+    missing: list[str] = []
+    blocked: list[str] = []
+    problems: list[str] = []
+    if not net_admin:
+        missing.append("CAP_NET_ADMIN")
+        blocked.append("nftables")
+        problems.append("nftables, route_localnet and aborting connections (sock_diag destroy) need CAP_NET_ADMIN")
+    if not (bpf and (net_admin or sys_admin)):
+        blocked.append("ebpf")
+        problems.append("loading cgroup sock_addr programs needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN")
+    elif not perfmon:
+        blocked.append("ebpf")
+        problems.append("without CAP_PERFMON (or CAP_SYS_ADMIN) the verifier rejects the connect6 program "
+                        "(\"pointer arithmetic ... prohibited for !root\")")
+    if not sys_admin:
+        missing.append("CAP_SYS_ADMIN")
+        if "ebpf" not in blocked:
+            problems.append("without CAP_SYS_ADMIN a fresh install works but a restarted daemon cannot adopt "
+                            "the pinned data path (bcc's pinned maps and BPF_*_GET_FD_BY_ID need it), nor "
+                            "mount bpffs")
+    for name in ("CAP_BPF", "CAP_PERFMON"):
+        if not have[name] and not sys_admin:
+            missing.append(name)
+    verdict = WARN
+    return Check("capabilities", verdict, f"effective: {shown}; " + "; ".join(problems),
+                 "run as root, or grant CAP_SYS_ADMIN CAP_NET_ADMIN CAP_BPF CAP_PERFMON "
+                 "(packaging/prism-kernel.service, or privileged: true in a pod)",
+                 needed_by=tuple(dict.fromkeys(blocked)), details={**details, "missing": missing})
+
+
+def _listeners(port: int) -> list[dict[str, Any]]:
+    """Sockets listening on PORT that a connect to 127.0.0.1:PORT or [::1]:PORT
+    would reach (loopback or wildcard), from /proc/net/tcp{,6}: read-only."""
+    out = []
+    for path, fam in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        try:
+            lines = Path(path).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10 or f[3] != "0A":  # TCP_LISTEN
+                continue
+            addr_hex, port_hex = f[1].split(":")
+            if int(port_hex, 16) != port:
+                continue
+            raw = bytes.fromhex(addr_hex)
+            if fam == 4:
+                addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
+                relevant = addr == "0.0.0.0" or addr.startswith("127.")
+            else:
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                addr = socket.inet_ntop(socket.AF_INET6, raw)
+                relevant = addr in ("::", "::1") or addr.startswith("::ffff:127.")
+            if relevant:
+                out.append({"address": f"[{addr}]:{port}" if fam == 6 else f"{addr}:{port}",
+                            "inode": int(f[9])})
+    if out:
+        owners = _socket_owners({l["inode"] for l in out})
+        for l in out:
+            l["process"] = owners.get(l["inode"])
+    return out
+
+
+def _socket_owners(inodes: set[int]) -> dict[int, str]:
+    """inode -> "comm (pid N)", by scanning /proc/*/fd (best effort, needs root)."""
+    found: dict[int, str] = {}
+    want = {f"socket:[{i}]": i for i in inodes}
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in want:
+                try:
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    comm = "?"
+                found[want[target]] = f"{comm} (pid {pid})"
+        if len(found) == len(want):
+            break
+    return found
+
+
+def _free_port_near(port: int) -> int | None:
+    for p in range(max(port + 1, 1024), min(port + 64, 65535)):
+        if p not in _AVOID_PORTS and not _listeners(p):
+            return p
+    return None
+
+
+def check_port(port: int, instance: str) -> Check:
+    from prism_kernel.runstate import daemon_pid
+
+    pid = daemon_pid(Path(f"/run/{instance}"))
+    details: dict[str, Any] = {"port": port, "instance_daemon_pid": pid if pid and pid > 0 else None,
+                               "instance_daemon_running": pid is not None}
+    listeners = _listeners(port)
+    details["listeners"] = listeners
+    if not listeners:
+        running = f"; a prism-kernel daemon runs for instance {instance!r}" if pid else ""
+        return Check("port", OK, f"nothing listens on 127.0.0.1:{port} or [::1]:{port}{running}", details=details)
+    who = ", ".join(f"{l['address']}" + (f" ({l['process']})" if l.get("process") else "") for l in listeners)
+    alt = _free_port_near(port)
+    details["suggested_port"] = alt
+    alt_text = f"--port {alt} (free here)" if alt else "another free port"
+    if port == DEFAULT_PORT:
+        kubeprism = ("; on Talos this is KubePrism, a userspace proxy on 7445 (enabled by default "
+                     "since Talos 1.6)")
+        instead = ("instead of it: disable it (Talos < 1.14: machine.features.kubePrism.enabled: false; "
+                   "Talos >= 1.14: remove the KubePrismConfig document) and keep prism-kernel on 7445, "
+                   "so the clients configured for 7445 keep their configuration (docs/integration.md)")
+    else:
+        kubeprism = ""
+        instead = "instead of it: stop that listener first"
+    return Check(
+        "port", WARN,
+        f"port {port} is taken: {who}{kubeprism}. prism-kernel would still steer every connect to "
+        f"127.0.0.1:{port} from the host network namespace (the kernel rewrites it before it reaches "
+        "the listener), silently taking the port over",
+        f"run beside it on {alt_text} and point the clients you choose there, or {instead}",
+        details=details)
+
+
+def check_metrics_port(instance: str, port: int = DEFAULT_METRICS_PORT) -> Check:
+    from prism_kernel.runstate import daemon_pid
+
+    listeners = _listeners(port)
+    if not listeners:
+        return Check("metrics_port", OK, f"127.0.0.1:{port} (/metrics, /healthz, /readyz) is free",
+                     details={"port": port})
+    pid = daemon_pid(Path(f"/run/{instance}"))
+    owners = [l.get("process") or "" for l in listeners]
+    if pid and pid > 0 and all(o.endswith(f"(pid {pid})") for o in owners):
+        return Check("metrics_port", OK, f"127.0.0.1:{port} is served by the running daemon (pid {pid})",
+                     details={"port": port, "listeners": listeners})
+    who = ", ".join(f"{l['address']}" + (f" ({l['process']})" if l.get("process") else "") for l in listeners)
+    return Check("metrics_port", WARN, f"metrics port {port} is taken: {who}; the daemon's /metrics, "
+                 "/healthz and /readyz (the DaemonSet's probes) would not be reachable there",
+                 "free the port, or give the daemon another metrics port (and the probes with it)",
+                 details={"port": port, "listeners": listeners})
+
+
+def check_sysctls() -> Check:
+    from prism_kernel.datapath import sysctl
+
+    values: dict[str, str | None] = {}
+    for name in ("net.ipv4.conf.all.route_localnet", "net.ipv4.tcp_timestamps"):
+        try:
+            values[name] = sysctl.read(name)
+        except Exception:
+            values[name] = None
+    rl, ts = values["net.ipv4.conf.all.route_localnet"], values["net.ipv4.tcp_timestamps"]
+    parts = [f"route_localnet={rl}", f"tcp_timestamps={ts}"]
+    notes = []
+    if rl == "0":
+        notes.append("the nftables path sets route_localnet=1 (with kube-proxy's CVE-2020-8558 guard) "
+                     "and restores it on cleanup")
+    elif rl == "1":
+        notes.append("route_localnet is already 1: whoever set it (kube-proxy, another prism-kernel "
+                     "instance) should also drop martian packets to 127.0.0.0/8 (CVE-2020-8558)")
+    if ts == "1":
+        notes.append("the nftables path sets tcp_timestamps=2 while installed (nftables.stable_tcp_timestamps; "
+                     "see README) and restores it on cleanup")
+    elif ts in ("0", "2"):
+        notes.append(f"tcp_timestamps={ts} is left as it is")
+    notes.append("the eBPF path changes neither")
+    return Check("sysctls", OK, ", ".join(parts) + ": " + "; ".join(notes), details=values)
+
+
+def check_datapath(name: str, port: int, instance: str) -> Check:
+    from prism_kernel.datapath import DatapathSettings, datapath_class
+    from prism_kernel.errors import DatapathUnavailable, PrismError
+
+    settings = DatapathSettings(listen_port=port, instance=instance)
+    cid = f"datapath.{name}"
+    try:
+        datapath_class(name).check_available(settings)
+    except DatapathUnavailable as e:
+        return Check(cid, WARN, f"{name} data path unavailable: {_one_line(e.reason)}",
+                     "see the checks above", needed_by=(name,), details={"reason": e.reason})
+    except (PrismError, OSError) as e:
+        return Check(cid, WARN, f"{name} data path check failed: {_one_line(str(e))}", needed_by=(name,),
+                     details={"reason": str(e)})
+    what = {"ebpf": "compiled and loaded the programs in a child (nothing attached or pinned)",
+            "nftables": "the kernel accepted the ruleset in a dry run (nothing committed)"}[name]
+    return Check(cid, OK, f"{name} data path available: {what}")
+
+
+def check_auto(port: int, instance: str) -> Check:
+    from prism_kernel.datapath import DatapathSettings, choose
+    from prism_kernel.errors import DatapathUnavailable, PrismError
+
+    settings = DatapathSettings(listen_port=port, instance=instance)
+    try:
+        cls, why = choose("auto", settings)
+    except DatapathUnavailable as e:
+        return Check("auto", FAIL, f"no data path can run here: {_one_line(e.reason)}",
+                     "fix the checks marked fail above, then run doctor again",
+                     details={"datapath": None, "reason": e.reason})
+    except (PrismError, OSError) as e:
+        return Check("auto", FAIL, f"no data path can run here: {_one_line(str(e))}", "fix the checks above",
+                     details={"datapath": None, "reason": str(e)})
+    if cls.name == "ebpf":
+        return Check("auto", OK, f"--datapath auto would use ebpf ({why}): connect() rewritten at the "
+                     "cgroup root, no NAT, no conntrack", details={"datapath": "ebpf", "reason": why})
+    return Check("auto", WARN, f"--datapath auto would use {cls.name} ({_one_line(why)})",
+                 "nftables works (DNAT + route_localnet, ~0.9x of direct); fix the eBPF checks above "
+                 "for the faster, NAT-free path", details={"datapath": cls.name, "reason": why})
+
+
+# --------------------------------------------------------------------------
+# running
+
+
+def gather(port: int, instance: str) -> dict[str, Any]:
+    checks: list[Check] = [check_kernel()]
+    checks += check_bpf_features()
+    checks += [check_cgroup(), check_bpffs(), check_headers(), check_bcc(), check_nftables_module(),
+               check_capabilities(), check_port(port, instance), check_metrics_port(instance), check_sysctls(),
+               check_datapath("ebpf", port, instance), check_datapath("nftables", port, instance)]
+    auto = check_auto(port, instance)
+    checks.append(auto)
+    available = {c.id.split(".", 1)[1] for c in checks if c.id.startswith("datapath.") and c.verdict == OK}
+    _settle(checks, available)
+    can_run = auto.details.get("datapath") is not None
+    return {
+        "schema": SCHEMA,
+        "instance": instance,
+        "port": port,
+        "can_run": can_run,
+        "datapath": auto.details.get("datapath"),
+        "reason": auto.details.get("reason"),
+        "checks": [asdict(c) for c in checks],
+    }
+
+
+def _settle(checks: list[Check], available: set[str]) -> None:
+    """A check that is not ok is `fail` only when it blocks a data path and no
+    data path can run at all; otherwise `warn` (prism-kernel runs regardless)."""
+    for c in checks:
+        if c.verdict == OK or c.id == "auto":
+            continue
+        c.verdict = FAIL if c.needed_by and not available else WARN
+
+
+def render_text(report: dict[str, Any], out: TextIO, colour: bool) -> None:
+    out.write(f"prism-kernel doctor: instance {report['instance']!r}, port {report['port']}\n")
+    width = max(len(c["id"]) for c in report["checks"])
+    for c in report["checks"]:
+        verdict = c["verdict"]
+        tag = f"{verdict:<4}"
+        if colour:
+            tag = f"{_COLOURS[verdict]}{tag}{_RESET}"
+        line = f"{tag}  {c['id']:<{width}}  {c['summary']}"
+        if c["action"] and verdict != OK:
+            line += f". Do: {c['action']}"
+        out.write(line + "\n")
+    if report["can_run"]:
+        out.write(f"result: prism-kernel can run here; --datapath auto would use {report['datapath']}\n")
+    else:
+        out.write("result: prism-kernel cannot run here (no data path available)\n")
+
+
+def run_doctor(port: int, instance: str, output: str = "text") -> int:
+    """Entry point of `prism-kernel doctor`. Returns the exit code: 0 the
+    daemon can run here, 1 it cannot, 2 bad argument."""
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        print(f"prism-kernel doctor: --port must be 1..65535, not {port!r}", file=sys.stderr)
+        return 2
+    if output not in ("text", "json"):
+        print(f"prism-kernel doctor: -o must be text or json, not {output!r}", file=sys.stderr)
+        return 2
+    report = gather(port, instance)
+    if output == "json":
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        render_text(report, sys.stdout, colour)
+    sys.stdout.flush()
+    return 0 if report["can_run"] else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `prism-kernel doctor` (shared with `python -m prism_kernel.doctor`)."""
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT",
+                        help=f"local port the daemon would use (default {DEFAULT_PORT})")
+    parser.add_argument("--instance", default="prism-kernel", metavar="NAME",
+                        help="instance name (default prism-kernel)")
+    parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="prism-kernel doctor",
+                                description="Check whether prism-kernel can run on this node, and why not.")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run_doctor(args.port, args.instance, args.output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

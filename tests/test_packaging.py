@@ -1,0 +1,436 @@
+"""Packaging: the systemd unit, the DaemonSet, the Containerfile and its
+entrypoint, the example configuration, and the generated configuration
+reference (docs/configuration.md must equal the generator's output).
+
+Nothing here needs root or touches the kernel. `systemd-analyze`, `hadolint`
+and `shellcheck` are used when installed; kubectl cannot validate manifests
+without an API server (it needs discovery and the server's OpenAPI), so the
+DaemonSet is checked against the Kubernetes field names it uses instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prism_kernel.config import Config, FLAG_NAMES, build_config
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGING = REPO / "packaging"
+UNIT = PACKAGING / "prism-kernel.service"
+DAEMONSET = PACKAGING / "daemonset.yaml"
+CONTAINERFILE = PACKAGING / "Containerfile"
+ENTRYPOINT = PACKAGING / "container-entrypoint.sh"
+EXAMPLE_CONFIG = PACKAGING / "config.example.yaml"
+CONFIG_REFERENCE = REPO / "docs" / "configuration.md"
+
+
+# --------------------------------------------------------------------------
+# systemd unit
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """systemd's format: sections, keys that may repeat, comments, no continuations here."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        assert not line.endswith("\\"), f"line continuation not expected: {raw}"
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections.setdefault(current, {})
+            continue
+        assert current is not None and "=" in line, raw
+        key, _, value = line.partition("=")
+        sections[current].setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def _seconds(value: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|min)?", value)
+    assert m, value
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "min": 60, None: 1}[m.group(2)]
+
+
+def test_unit_settings():
+    u = parse_unit(UNIT.read_text())
+    unit, service, install = u["Unit"], u["Service"], u["Install"]
+    assert "kubelet.service" in " ".join(unit["Before"]).split()
+    assert unit["StartLimitIntervalSec"] == ["0"]
+    assert service["Restart"] == ["always"]
+    assert _seconds(service["RestartSec"][0]) <= 5
+    exec_start = service["ExecStart"][0].split()
+    assert exec_start[0].endswith("/prism-kernel") and exec_start[1] == "run"
+    assert exec_start[2:] == ["--config", "/etc/prism-kernel/config.yaml"]
+    assert "--cleanup-on-exit" not in exec_start
+    # A stop never removes the data path: SIGTERM only, nothing run after it.
+    assert service["KillSignal"] == ["SIGTERM"]
+    for key in ("ExecStop", "ExecStopPost", "ExecReload"):
+        assert key not in service, f"{key} must not be set"
+    assert service["RuntimeDirectory"] == ["prism-kernel"]
+    assert service["RuntimeDirectoryPreserve"] == ["yes"]
+    caps = {"CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"}
+    assert set(service["CapabilityBoundingSet"][0].split()) == caps
+    assert set(service["AmbientCapabilities"][0].split()) == caps
+    # Mount-namespace sandboxing would make a bpffs the daemon mounts private
+    # to the service (gone, with the steering, when it stops); and
+    # ProtectKernelTunables would make /proc/sys read-only.
+    for key in ("ProtectSystem", "PrivateTmp", "ProtectHome", "ProtectControlGroups", "ProtectKernelTunables",
+                "ReadWritePaths", "ReadOnlyPaths", "PrivateMounts", "TemporaryFileSystem", "RootDirectory"):
+        assert key not in service, f"{key} would put the service in its own mount namespace or lock /proc/sys"
+    wanted_by = " ".join(install["WantedBy"]).split()
+    assert "multi-user.target" in wanted_by and "kubelet.service" in wanted_by
+
+
+def test_unit_systemd_analyze_verify(tmp_path):
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed (the settings are checked by test_unit_settings)")
+    # verify checks that ExecStart= exists: point it at an installed executable.
+    exe = Path(sys.executable).parent / "prism-kernel"
+    if not os.access(exe, os.X_OK):
+        exe = Path(shutil.which("true") or "/bin/true")
+    text = UNIT.read_text().replace("/usr/local/bin/prism-kernel", str(exe))
+    (tmp_path / "prism-kernel.service").write_text(text)
+    # The units it is ordered against and wanted by.
+    (tmp_path / "kubelet.service").write_text("[Unit]\nDescription=stand-in kubelet\n[Service]\nExecStart=/bin/true\n")
+    r = subprocess.run([tool, "verify", "--man=no", str(tmp_path / "prism-kernel.service")],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    # verify exits 0 even for a setting it ignores ("Failed to parse ..."):
+    # any message naming our unit counts as a failure.
+    complaints = [l for l in (r.stdout + r.stderr).splitlines() if "prism-kernel.service" in l]
+    assert r.returncode == 0 and complaints == [], r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------
+# DaemonSet
+
+# Field names of the Kubernetes API objects the manifest uses (core/v1,
+# apps/v1): a misspelt key is an error here, as it is for kubectl --validate.
+POD_SPEC = {
+    "activeDeadlineSeconds", "affinity", "automountServiceAccountToken", "containers", "dnsConfig", "dnsPolicy",
+    "enableServiceLinks", "ephemeralContainers", "hostAliases", "hostIPC", "hostNetwork", "hostPID", "hostUsers",
+    "hostname", "imagePullSecrets", "initContainers", "nodeName", "nodeSelector", "os", "overhead",
+    "preemptionPolicy", "priority", "priorityClassName", "readinessGates", "resourceClaims", "resources",
+    "restartPolicy", "runtimeClassName", "schedulerName", "schedulingGates", "securityContext", "serviceAccount",
+    "serviceAccountName", "setHostnameAsFQDN", "shareProcessNamespace", "subdomain",
+    "terminationGracePeriodSeconds", "tolerations", "topologySpreadConstraints", "volumes",
+}
+CONTAINER = {
+    "args", "command", "env", "envFrom", "image", "imagePullPolicy", "lifecycle", "livenessProbe", "name", "ports",
+    "readinessProbe", "resizePolicy", "resources", "restartPolicy", "securityContext", "startupProbe", "stdin",
+    "stdinOnce", "terminationMessagePath", "terminationMessagePolicy", "tty", "volumeDevices", "volumeMounts",
+    "workingDir",
+}
+PROBE = {"exec", "failureThreshold", "grpc", "httpGet", "initialDelaySeconds", "periodSeconds", "successThreshold",
+         "tcpSocket", "terminationGracePeriodSeconds", "timeoutSeconds"}
+HTTP_GET = {"host", "httpHeaders", "path", "port", "scheme"}
+VOLUME_MOUNT = {"mountPath", "mountPropagation", "name", "readOnly", "recursiveReadOnly", "subPath", "subPathExpr"}
+TOLERATION = {"effect", "key", "operator", "tolerationSeconds", "value"}
+CONTAINER_PORT = {"containerPort", "hostIP", "hostPort", "name", "protocol"}
+SECURITY_CONTEXT = {"allowPrivilegeEscalation", "appArmorProfile", "capabilities", "privileged", "procMount",
+                    "readOnlyRootFilesystem", "runAsGroup", "runAsNonRoot", "runAsUser", "seLinuxOptions",
+                    "seccompProfile", "windowsOptions"}
+HOST_PATH_TYPES = {"", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket", "CharDevice", "BlockDevice"}
+
+
+def _keys(obj: dict, allowed: set[str], what: str) -> None:
+    unknown = set(obj) - allowed
+    assert not unknown, f"{what}: unknown field(s) {sorted(unknown)}"
+
+
+def load_manifest() -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d]
+    by_kind = {}
+    for d in docs:
+        assert {"apiVersion", "kind", "metadata"} <= set(d), d
+        assert d["kind"] not in by_kind, f"two {d['kind']}s"
+        by_kind[d["kind"]] = d
+    assert set(by_kind) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "DaemonSet"}
+    return by_kind
+
+
+def test_daemonset_structure():
+    m = load_manifest()
+    ds = m["DaemonSet"]
+    assert ds["apiVersion"] == "apps/v1" and ds["metadata"]["namespace"] == "kube-system"
+    _keys(ds["spec"], {"selector", "template", "updateStrategy", "minReadySeconds", "revisionHistoryLimit"},
+          "DaemonSet.spec")
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+
+    pod = ds["spec"]["template"]["spec"]
+    _keys(pod, POD_SPEC, "PodSpec")
+    assert pod["hostNetwork"] is True
+    assert pod.get("hostPID", False) is False  # privileged gives the host cgroup namespace; no nsenter
+    assert pod["dnsPolicy"] == "Default"  # never cluster DNS (it may need prism-kernel)
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert 0 < pod["terminationGracePeriodSeconds"] <= 30
+    assert pod["serviceAccountName"] == m["ServiceAccount"]["metadata"]["name"]
+    tolerations = pod["tolerations"]
+    for t in tolerations:
+        _keys(t, TOLERATION, "toleration")
+        assert t["operator"] in ("Exists", "Equal")
+        assert t["effect"] in ("NoSchedule", "PreferNoSchedule", "NoExecute")
+    tol = {(t["key"], t["effect"]) for t in tolerations}
+    assert ("node-role.kubernetes.io/control-plane", "NoSchedule") in tol
+    assert ("node.kubernetes.io/not-ready", "NoSchedule") in tol
+    assert ("node.kubernetes.io/not-ready", "NoExecute") in tol
+
+    (c,) = pod["containers"]
+    _keys(c, CONTAINER, "container")
+    _keys(c["securityContext"], SECURITY_CONTEXT, "securityContext")
+    assert c["securityContext"]["privileged"] is True
+    assert c["args"] == ["run", "--config", "/etc/prism-kernel/config.yaml"]
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for v in volumes.values():
+        sources = set(v) - {"name"}
+        assert len(sources) == 1 and sources <= {"hostPath", "configMap"}, v
+        if "hostPath" in v:
+            _keys(v["hostPath"], {"path", "type"}, "hostPath")
+            assert v["hostPath"].get("type", "") in HOST_PATH_TYPES
+    mounts = {}
+    for vm in c["volumeMounts"]:
+        _keys(vm, VOLUME_MOUNT, "volumeMount")
+        assert vm["name"] in volumes, vm
+        assert vm.get("mountPropagation", "None") in ("None", "HostToContainer", "Bidirectional")
+        mounts[vm["mountPath"]] = (vm, volumes[vm["name"]])
+
+    def host(path: str) -> tuple[dict, str]:
+        vm, vol = mounts[path]
+        return vm, vol["hostPath"]["path"]
+
+    vm, src = host("/sys/fs/bpf")
+    assert src == "/sys/fs/bpf" and vm["mountPropagation"] == "Bidirectional"
+    vm, src = host("/sys/fs/cgroup")
+    assert src == "/sys/fs/cgroup"
+    vm, src = host("/run/prism-kernel")
+    assert src == "/run/prism-kernel" and mounts["/run/prism-kernel"][1]["hostPath"]["type"] == "DirectoryOrCreate"
+    assert not vm.get("readOnly", False)
+    for path, host_path in (("/host/lib/modules", "/lib/modules"), ("/host/usr/src", "/usr/src")):
+        vm, src = host(path)
+        assert src == host_path and vm["readOnly"] is True
+    vm, vol = mounts["/etc/prism-kernel"]
+    assert vol["configMap"]["name"] == m["ConfigMap"]["metadata"]["name"] and vm["readOnly"] is True
+
+
+def test_daemonset_probes_use_the_metrics_port():
+    from prism_kernel.metrics import DEFAULT_METRICS_PORT
+
+    c = load_manifest()["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
+    for p in c["ports"]:
+        _keys(p, CONTAINER_PORT, "containerPort")
+    assert [p["containerPort"] for p in c["ports"]] == [DEFAULT_METRICS_PORT]
+    for name, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        probe = c[name]
+        _keys(probe, PROBE, name)
+        _keys(probe["httpGet"], HTTP_GET, f"{name}.httpGet")
+        # The metrics server listens on the node's loopback (hostNetwork);
+        # kubelet's default probe host would be the node IP.
+        assert probe["httpGet"] == {"host": "127.0.0.1", "path": path, "port": DEFAULT_METRICS_PORT}
+
+
+def test_daemonset_rbac_reads_only_endpointslices_in_default():
+    m = load_manifest()
+    sa, role, binding = m["ServiceAccount"], m["Role"], m["RoleBinding"]
+    assert sa["metadata"]["namespace"] == "kube-system"
+    assert role["apiVersion"] == "rbac.authorization.k8s.io/v1"
+    assert role["metadata"]["namespace"] == "default"
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert binding["metadata"]["namespace"] == "default"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": "kube-system"}]
+
+
+def _ca_file(tmp_path: Path) -> str:
+    trustme = pytest.importorskip("trustme")
+    path = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def test_daemonset_config_is_valid(tmp_path):
+    cm = load_manifest()["ConfigMap"]
+    assert cm["metadata"]["namespace"] == "kube-system"
+    data = yaml.safe_load(cm["data"]["config.yaml"])
+    assert data["cleanup_on_exit"] is False
+    assert data["probe"]["ca_file"] == "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    data["probe"]["ca_file"] = _ca_file(tmp_path)  # the ServiceAccount CA only exists in the pod
+    config = build_config(data, {})
+    assert config.port == 7445 and config.datapath == "auto"
+    kubeconfig = yaml.safe_load(cm["data"]["kubeconfig"])
+    cluster = kubeconfig["clusters"][0]["cluster"]
+    assert cluster["tls-server-name"] == "kubernetes"
+    assert kubeconfig["users"][0]["user"]["tokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert kubeconfig["current-context"] == kubeconfig["contexts"][0]["name"]
+
+
+def test_example_config_is_valid(tmp_path):
+    data = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    assert data["cleanup_on_exit"] is False
+    data["probe"]["ca_file"] = _ca_file(tmp_path)
+    build_config(data, {})
+
+
+# --------------------------------------------------------------------------
+# Containerfile and its entrypoint
+
+
+def containerfile_instructions() -> list[tuple[str, str]]:
+    text = CONTAINERFILE.read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_containerfile():
+    ins = containerfile_instructions()
+    assert ins[0][0] == "FROM" and re.search(r"debian:bookworm", ins[0][1])
+    run = " ".join(rest for word, rest in ins if word == "RUN")
+    for pkg in ("python3-bpfcc", "bpftool", "nftables", "python3-nftables", "linux-headers-amd64", "python3-venv"):
+        assert re.search(rf"(^|\s){re.escape(pkg)}(\s|$)", run), f"{pkg} not installed"
+    assert "venv --system-site-packages" in run
+    for word, rest in ins:
+        if word == "COPY":
+            parts = [p for p in rest.split() if not p.startswith("--")]
+            for src in parts[:-1]:
+                assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+    import json
+
+    entry = json.loads(next(rest for word, rest in ins if word == "ENTRYPOINT"))
+    cmd = json.loads(next(rest for word, rest in ins if word == "CMD"))
+    assert entry == ["/usr/local/bin/prism-kernel-entrypoint"]
+    assert cmd == ["run", "--config", "/etc/prism-kernel/config.yaml"]
+    assert "packaging/container-entrypoint.sh /usr/local/bin/prism-kernel-entrypoint" in \
+        " ".join(rest for word, rest in ins if word == "COPY")
+    hadolint = shutil.which("hadolint")
+    if hadolint:
+        r = subprocess.run([hadolint, str(CONTAINERFILE)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_entrypoint_lints():
+    assert ENTRYPOINT.stat().st_mode & stat.S_IXUSR
+    r = subprocess.run(["sh", "-n", str(ENTRYPOINT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck:
+        r = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _run_entrypoint(root: Path, bin_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(ENTRYPOINT), "run", "--config", "/etc/prism-kernel/config.yaml"],
+                          capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PRISM_KERNEL_ENTRYPOINT_ROOT": str(root)})
+
+
+@pytest.fixture
+def fake_prism(tmp_path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "prism-kernel"
+    fake.write_text('#!/bin/sh\necho "prism-kernel $*"\n')
+    fake.chmod(0o755)
+    return bin_dir
+
+
+def test_entrypoint_links_the_nodes_headers(tmp_path, fake_prism):
+    release = os.uname().release
+    root = tmp_path / "root"
+    # The node's headers: /lib/modules/R/build -> /usr/src/linux-headers-R (absolute, as on a host).
+    (root / "host/usr/src/linux-headers-node/include").mkdir(parents=True)
+    (root / f"host/lib/modules/{release}").mkdir(parents=True)
+    (root / f"host/lib/modules/{release}/build").symlink_to("/usr/src/linux-headers-node")
+    # The image's own Debian headers, which must not be chosen here.
+    (root / "usr/src/linux-headers-6.1.0-99-amd64/include").mkdir(parents=True)
+    (root / "usr/src/linux-headers-6.1.0-99-common/include").mkdir(parents=True)
+    r = _run_entrypoint(root, fake_prism)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "prism-kernel run --config /etc/prism-kernel/config.yaml"
+    mod = root / f"lib/modules/{release}"
+    assert os.readlink(mod / "build") == str(root / "host/usr/src/linux-headers-node")
+    assert os.readlink(mod / "source") == str(root / "host/usr/src/linux-headers-node")
+    assert "the node's kernel headers" in r.stderr
+
+
+def test_entrypoint_falls_back_to_the_image_headers(tmp_path, fake_prism):
+    release = os.uname().release
+    root = tmp_path / "root"
+    (root / "host/lib/modules").mkdir(parents=True)  # a node without headers (Talos)
+    for ver in ("6.1.0-98", "6.1.0-99"):
+        (root / f"usr/src/linux-headers-{ver}-amd64/include").mkdir(parents=True)
+        (root / f"usr/src/linux-headers-{ver}-common/include").mkdir(parents=True)
+    r = _run_entrypoint(root, fake_prism)
+    assert r.returncode == 0, r.stderr
+    mod = root / f"lib/modules/{release}"
+    assert os.readlink(mod / "build") == str(root / "usr/src/linux-headers-6.1.0-99-amd64")
+    assert os.readlink(mod / "source") == str(root / "usr/src/linux-headers-6.1.0-99-common")
+
+
+def test_entrypoint_without_any_headers_still_starts(tmp_path, fake_prism):
+    root = tmp_path / "root"
+    root.mkdir()
+    r = _run_entrypoint(root, fake_prism)
+    assert r.returncode == 0, r.stderr
+    assert "auto uses nftables" in r.stderr
+    assert r.stdout.startswith("prism-kernel run")
+
+
+# --------------------------------------------------------------------------
+# configuration reference
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("gen_config_reference", PACKAGING / "gen_config_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_configuration_reference_is_up_to_date():
+    gen = _generator()
+    assert CONFIG_REFERENCE.read_text() == gen.render(), (
+        "docs/configuration.md is out of date: run python packaging/gen_config_reference.py")
+
+
+def test_configuration_reference_names_every_key_and_flag():
+    text = CONFIG_REFERENCE.read_text()
+
+    def paths(model, prefix=()):
+        for name, field in model.model_fields.items():
+            sub = field.annotation if isinstance(field.annotation, type) and hasattr(field.annotation, "model_fields") else None
+            yield prefix + (name,)
+            if sub is not None:
+                yield from paths(sub, prefix + (name,))
+
+    for path in paths(Config):
+        assert f"| `{'.'.join(path)}` |" in text, f"{'.'.join(path)} missing"
+    for flag in FLAG_NAMES.values():
+        assert f"`{flag}`" in text, f"{flag} missing"
+
+
+def test_generator_check_mode():
+    r = subprocess.run([sys.executable, str(PACKAGING / "gen_config_reference.py"), "--check"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
