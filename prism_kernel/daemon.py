@@ -38,6 +38,7 @@ from prism_kernel.selection import Candidate, FullSelection, select
 
 STATE_WRITE_EVERY = 2.0  # seconds: latency figures in the state file refresh this often
 RECONCILE_EVERY = 10.0  # seconds: re-assert the set, repairs state removed behind our back
+RESOLVE_TIMEOUT = 5.0  # seconds for one name's getaddrinfo
 PASSIVE_POLL_EVERY = 0.1  # seconds: reading the kernel's outcome counters costs a few syscalls
 
 
@@ -212,7 +213,10 @@ class Daemon:
 
     async def _resolve_all(self) -> None:
         specs = list(self.config.endpoints)
-        results = await asyncio.gather(*(resolve(s) for s in specs), return_exceptions=True)
+        # getaddrinfo has no timeout of its own: a DNS server that does not
+        # answer must not hold the names back for long.
+        results = await asyncio.gather(*(asyncio.wait_for(resolve(s), RESOLVE_TIMEOUT) for s in specs),
+                                       return_exceptions=True)
         for spec, res in zip(specs, results):
             if isinstance(res, BaseException):
                 # Keep what the name resolved to before: a DNS outage must not
@@ -338,6 +342,12 @@ class Daemon:
             self.log.info("tier_change", **common, old=c.old, new=c.new, why=c.reason)
 
     # ---- selection and the kernel ---------------------------------------
+
+    async def _resolve_and_apply(self) -> None:
+        await self._resolve_all()
+        if self._select():
+            self._apply()
+            self._write_state()
 
     def _select(self) -> bool:
         """Recompute the selection; True when the backend set changed."""
@@ -485,6 +495,7 @@ class Daemon:
         has_names = any(s.is_name for s in self.config.endpoints)
         stop_wait = asyncio.ensure_future(self._stop.wait())
         passive_task = asyncio.create_task(self._passive_loop())
+        resolving: asyncio.Task | None = None
         try:
             while not self._stop.is_set():
                 self._heartbeat()
@@ -518,11 +529,10 @@ class Daemon:
                     await self._reload()
                     has_names = any(s.is_name for s in self.config.endpoints)
                 now = loop.time()
-                if has_names and now >= next_resolve:
+                if has_names and now >= next_resolve and (resolving is None or resolving.done()):
+                    # In the background: probe results (failover) never wait for DNS.
                     next_resolve = now + self.config.resolve_interval
-                    await self._resolve_all()
-                    if self._select():
-                        self._apply()
+                    resolving = asyncio.create_task(self._resolve_and_apply())
                 if now >= next_reconcile:
                     next_reconcile = now + RECONCILE_EVERY
                     self._reconcile()
@@ -532,6 +542,8 @@ class Daemon:
         finally:
             stop_wait.cancel()
             passive_task.cancel()
+            if resolving is not None:
+                resolving.cancel()
 
     # ---- reload (SIGHUP) -------------------------------------------------
 

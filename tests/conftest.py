@@ -14,11 +14,27 @@ from tests.harness import TEST_INSTANCE, cleanup_instance, kernel_leftovers
 TESTBED_PREFIX = "pkt"
 
 
+HOSTS_MARKER = "# prism-kernel-test"
+
+
+def _clear_hosts_entries() -> None:
+    """/etc/hosts lines a test added (names for the re-resolution test)."""
+    try:
+        lines = open("/etc/hosts").read().splitlines(keepends=True)
+    except OSError:
+        return
+    kept = [ln for ln in lines if HOSTS_MARKER not in ln]
+    if kept != lines:
+        with open("/etc/hosts", "w") as f:
+            f.writelines(kept)
+
+
 def _clear_everything() -> None:
     from tests.testbed import clear_stale
 
     cleanup_instance(TEST_INSTANCE)
     clear_stale(TESTBED_PREFIX)
+    _clear_hosts_entries()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,3 +63,21 @@ def testbed():
             yield tb
         finally:
             cleanup_instance(TEST_INSTANCE)
+
+
+@pytest.fixture
+def hosts_file():
+    """Set test names in /etc/hosts (resolved by glibc without any DNS
+    traffic); every line carries a marker and is removed afterwards."""
+
+    def set_names(mapping: dict[str, list[str]]) -> None:
+        _clear_hosts_entries()
+        with open("/etc/hosts", "a") as f:
+            for name, addrs in mapping.items():
+                for a in addrs:
+                    f.write(f"{a} {name} {HOSTS_MARKER}\n")
+
+    try:
+        yield set_names
+    finally:
+        _clear_hosts_entries()

@@ -359,3 +359,30 @@ def test_metrics_endpoint_of_a_real_daemon(testbed, datapath):
         for path, code in (("/healthz", 200), ("/readyz", 200)):
             with urllib.request.urlopen(base + path, timeout=5) as r:
                 assert r.status == code
+
+
+def test_dns_names_are_re_resolved_and_every_address_is_a_backend(testbed, datapath, hosts_file):
+    tb = testbed
+    name = "cp.pk-test.invalid"
+    hosts_file({name: [tb.backends[0].address]})
+    conf = Path(tb.tmpdir) / "config.yaml"
+    conf.write_text(f"endpoints:\n  - {name}:6443\nresolve_interval: 500ms\n")
+    with Daemon([], datapath, tb.ca_file, tb.tmpdir, extra=["--config", str(conf),
+                                                            "--tls-server-name", "kubernetes"]) as d:
+        d.wait_ready()
+        d.wait_active(names(tb, 0))
+        # The name now has two other addresses: both become backends.
+        hosts_file({name: [tb.backends[1].address, tb.backends[2].address]})
+        d.wait_event("resolved", endpoint=f"{name}:6443")
+        d.wait_active(names(tb, 1, 2), timeout=10)
+        st = d.status()["state"]
+        rows = {b["address"]: b for b in st["backends"]}
+        assert set(rows) == names(tb, 1, 2)
+        assert all(r["endpoints"] == [f"{name}:6443"] for r in rows.values())
+        assert all(r["state"] == "up" for r in rows.values()), rows  # verified as "kubernetes"
+        assert not st["fail_open"]
+        # The name stops resolving: the last addresses are kept.
+        hosts_file({})
+        d.wait_event("resolve_failed", endpoint=f"{name}:6443")
+        time.sleep(1.0)
+        assert set(d.status()["state"]["active"]) == names(tb, 1, 2)
