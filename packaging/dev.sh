@@ -3,6 +3,7 @@
 #   packaging/dev.sh demo    install everything, then run the demo
 #   packaging/dev.sh test    install everything, then run the test suite
 #   packaging/dev.sh bench   install everything, then run the benchmark
+#   packaging/dev.sh bench-failover   ... then the failover benchmark
 #   packaging/dev.sh setup   install everything only
 # Installing is idempotent and quick when already done.
 set -euo pipefail
@@ -89,5 +90,6 @@ case "$cmd" in
     [ $rc -eq 5 ] && echo "dev.sh: pytest collected no tests" >&2
     exit $rc ;;
   bench) setup; install_debian_packages "${BENCH_PACKAGES[@]}"; cd "$REPO"; exec "$VENV/bin/python" -m bench.run "$@" ;;
-  *) die "unknown command '$cmd' (setup|demo|test|bench)" ;;
+  bench-failover) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.failover "$@" ;;
+  *) die "unknown command '$cmd' (setup|demo|test|bench|bench-failover)" ;;
 esac
