@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--endpoint", dest="endpoints", action="extend", nargs="+", metavar="HOST:PORT",
                      help="API server endpoint; repeatable; replaces the file's list")
     run.add_argument("--port", metavar="PORT", help="local port (default 7445)")
+    run.add_argument("--discovery", dest="discovery_enabled", action="store_true", default=None,
+                     help="also steer to the API servers of the `kubernetes` Service's EndpointSlices")
+    run.add_argument("--kubeconfig", metavar="FILE",
+                     help="kubeconfig for discovery (default /etc/kubernetes/kubelet.conf)")
     run.add_argument("--datapath", metavar="auto|ebpf|nftables", help="kernel data path (default auto)")
     run.add_argument("--probe", dest="probe_mode", metavar="tcp|tls|readyz", help="probe mode (default readyz)")
     run.add_argument("--probe-interval", metavar="S", help="seconds between probes, or 500ms (default 1s)")
@@ -82,6 +86,10 @@ def config_from_args(args: argparse.Namespace):
         "cleanup_on_exit": args.cleanup_on_exit,
         "instance": args.instance,
         "log_format": args.log_format,
+        "discovery": {
+            "enabled": args.discovery_enabled,
+            "kubeconfig": args.kubeconfig,
+        },
         "metrics": {
             "enabled": args.metrics_enabled,
             "address": args.metrics_address,

@@ -165,6 +165,51 @@ class MetricsConfig(BaseModel):
             raise ValueError(f"{v!r} is not an IP address (use 127.0.0.1, ::1, 0.0.0.0 or ::)") from None
 
 
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class DiscoveryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        False,
+        description="Add the API servers named by the EndpointSlices of Service `service` in `namespace`, "
+        "watched through 127.0.0.1:PORT itself; static endpoints are always kept.",
+    )
+    kubeconfig: str = Field(
+        "/etc/kubernetes/kubelet.conf",
+        description="Kubeconfig with the cluster CA and credentials (client certificate, token or tokenFile); "
+        "its server is replaced by https://127.0.0.1:PORT. Re-read for every connection.",
+    )
+    context: str | None = Field(None, description="Kubeconfig context; default its current-context.")
+    namespace: str = Field("default", pattern=_DNS_LABEL, description="Namespace of the Service.")
+    service: str = Field("kubernetes", pattern=_DNS_LABEL, description="Service whose EndpointSlices name the API servers.")
+    cache_file: str | None = Field(
+        None,
+        description="Last discovered list, used at start when the API is unreachable; "
+        "default /var/lib/<instance>/discovered-endpoints.json (survives reboots, unlike run_dir).",
+    )
+    tls_server_name: str | None = Field(
+        None,
+        description="Name to verify in the API server certificate; default the kubeconfig cluster's "
+        "tls-server-name, else 127.0.0.1 (the certificate must name it).",
+    )
+    watch_timeout: Duration = Field(300.0, ge=10, le=3600, description="Seconds a watch lasts before it is renewed (randomized up to +25%).")
+
+    @model_validator(mode="after")
+    def _kubeconfig_usable(self) -> "DiscoveryConfig":
+        # A kubeconfig that is not there yet (kubelet TLS bootstrap) is waited
+        # for at run time; one that is there must be usable now.
+        if self.enabled and Path(self.kubeconfig).exists():
+            from prism_kernel.discovery import KubeconfigError, load_kubeconfig
+
+            try:
+                load_kubeconfig(self.kubeconfig, self.context)
+            except KubeconfigError as e:
+                raise ValueError(e.problems[0]) from None
+        return self
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -178,6 +223,7 @@ class Config(BaseModel):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     nftables: NftablesConfig = Field(default_factory=NftablesConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     resolve_interval: Duration = Field(30.0, gt=0, le=86400, description="Seconds between DNS re-resolutions of named endpoints.")
     cleanup_on_exit: bool = Field(False, description="Remove the data path when the daemon stops (tests, demos). Off: the node keeps API access while the daemon restarts.")
     instance: str = Field(
@@ -235,6 +281,10 @@ class Config(BaseModel):
     def state_dir(self) -> Path:
         return Path(self.run_dir or f"/run/{self.instance}")
 
+    @property
+    def discovery_cache_file(self) -> Path:
+        return Path(self.discovery.cache_file or f"/var/lib/{self.instance}/discovered-endpoints.json")
+
 
 # Flag name for each field, so errors name what the operator typed.
 FLAG_NAMES = {
@@ -253,6 +303,8 @@ FLAG_NAMES = {
     ("probe", "insecure_skip_verify"): "--insecure-skip-verify",
     ("probe", "server_name"): "--tls-server-name",
     ("cleanup_on_exit",): "--cleanup-on-exit",
+    ("discovery", "enabled"): "--discovery",
+    ("discovery", "kubeconfig"): "--kubeconfig",
     ("instance",): "--instance",
     ("log_format",): "--log-format",
     ("metrics", "enabled"): "--no-metrics",

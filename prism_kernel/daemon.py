@@ -13,6 +13,7 @@ removes it instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import random
@@ -26,6 +27,7 @@ from prism_kernel.config import Config
 from prism_kernel.datapath import ALL as ALL_DATAPATHS
 from prism_kernel.datapath import Datapath, DatapathSettings, choose, datapath_class
 from prism_kernel.datapath.base import PassiveCounts
+from prism_kernel.discovery import EndpointSliceWatcher
 from prism_kernel.endpoints import EndpointSpec, resolve
 from prism_kernel.errors import ConfigError, DatapathError, DatapathUnavailable, PrismError
 from prism_kernel.health import BackendHealth, Change, ProbeResult, failure_kind
@@ -107,6 +109,10 @@ class Daemon:
         self._dp_cls: type[Datapath] | None = None
         self.metrics: Metrics | None = None
         self.metrics_server: MetricsServer | None = None
+        # Endpoint discovery: what the EndpointSlices name, next to the static endpoints.
+        self.discovered: list[EndpointSpec] = []
+        self.watcher: EndpointSliceWatcher | None = self._make_watcher(config)
+        self._watch_task: asyncio.Task | None = None
         if config.metrics.enabled:
             self.metrics = Metrics(heartbeat_timeout=config.metrics.heartbeat_timeout)
 
@@ -144,6 +150,9 @@ class Daemon:
                 datapath=dp_cls.name, why=self.datapath_reason, port=self.config.port,
                 probe=self.config.probe.mode, interval=self.config.probe.interval,
             )
+            if self.watcher is not None:
+                # The last discovered list: the API may be unreachable now.
+                self.discovered = self.watcher.load_cached()
             await self._resolve_all()
             while not self.targets and not self._stop.is_set():
                 self._heartbeat()
@@ -168,9 +177,12 @@ class Daemon:
             self._close_dead([b for b, t in self.targets.items()
                               if t.health.state == "down" and t.health.down_kind == "dead"])
             self._write_state()
+            # Only now: discovery goes through 127.0.0.1:PORT, which steers from here on.
+            self._start_discovery()
             await self._main_loop()
             return 0
         finally:
+            await self._stop_discovery()
             if self.metrics_server is not None:
                 self.metrics_server.stop()
             for t in self.targets.values():
@@ -211,8 +223,48 @@ class Daemon:
 
     # ---- endpoints -------------------------------------------------------
 
+    def _make_watcher(self, config: Config) -> EndpointSliceWatcher | None:
+        d = config.discovery
+        if not d.enabled:
+            return None
+        return EndpointSliceWatcher(
+            d.kubeconfig, f"https://127.0.0.1:{config.port}", namespace=d.namespace, service=d.service,
+            cache_file=config.discovery_cache_file, log=self.log, context=d.context,
+            tls_server_name=d.tls_server_name, watch_timeout=d.watch_timeout,
+        )
+
+    def _start_discovery(self) -> None:
+        if self.watcher is not None and self._watch_task is None:
+            self._watch_task = asyncio.create_task(self.watcher.run(self._on_discovered))
+
+    async def _stop_discovery(self) -> None:
+        task, self._watch_task = self._watch_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _all_specs(self) -> list[EndpointSpec]:
+        """Static endpoints (always kept), then the discovered ones not among them."""
+        static = set(self.config.endpoints)
+        return list(self.config.endpoints) + [s for s in self.discovered if s not in static]
+
+    def _on_discovered(self, specs: list[EndpointSpec]) -> None:
+        """The watcher's callback (never called with an empty list): the
+        discovered endpoints are addresses, no DNS; new ones are probed before
+        they are chosen, gone ones leave the set at once."""
+        self.discovered = list(specs)
+        keep = set(self._all_specs())
+        self.resolved = {s: bs for s, bs in self.resolved.items() if s in keep}
+        for s in self.discovered:
+            self.resolved[s] = [Backend.of(s.host, s.port)]
+        self._sync_targets()
+        if self.datapath is not None and self._select():
+            self._apply()
+        self._write_state()
+
     async def _resolve_all(self) -> None:
-        specs = list(self.config.endpoints)
+        specs = self._all_specs()
         # getaddrinfo has no timeout of its own: a DNS server that does not
         # answer must not hold the names back for long.
         results = await asyncio.gather(*(asyncio.wait_for(resolve(s), RESOLVE_TIMEOUT) for s in specs),
@@ -232,15 +284,17 @@ class Daemon:
     def _sync_targets(self) -> None:
         origins: dict[Backend, list[str]] = {}
         names: dict[Backend, str] = {}
-        for spec in self.config.endpoints:
+        static = set(self.config.endpoints)
+        for spec in self._all_specs():
             for b in self.resolved.get(spec, []):
-                origins.setdefault(b, []).append(str(spec))
+                origins.setdefault(b, []).append(str(spec) if spec in static else "endpointslice")
                 names.setdefault(b, spec.host)
         for b in list(self.targets):
             if b not in origins:
                 t = self.targets.pop(b)
                 if t.task:
                     t.task.cancel()
+                t.prober._drop()  # its kept-alive readyz connection goes too
                 self.log.info("backend_removed", address=str(b))
                 self._state_dirty = True
         for b, orig in origins.items():
@@ -604,8 +658,15 @@ class Daemon:
                 await t.prober.close()
                 t.prober = Prober(b, new.probe, self.ssl_context, server_name=t.host)
                 t.task = asyncio.create_task(self._probe_loop(b, t.prober))
-        if "endpoints" in changed:
-            self.resolved = {spec: bs for spec, bs in self.resolved.items() if spec in new.endpoints}
+        if "discovery" in changed or ("port" in changed and self.watcher is not None):
+            await self._stop_discovery()
+            self.watcher = self._make_watcher(new)
+            if self.watcher is None:
+                self.discovered = []
+            self._start_discovery()
+        if {"endpoints", "discovery"} & set(changed):
+            keep = set(self._all_specs())
+            self.resolved = {spec: bs for spec, bs in self.resolved.items() if spec in keep}
             await self._resolve_all()
         if self._select() or {"port", "datapath"} & set(changed):
             self._apply(force=True)
@@ -693,6 +754,7 @@ class Daemon:
             "last_write_at": _iso(self.stats.last_write_wall),
             "failovers": self.stats.failovers,
             "connections_closed": self.stats.connections_closed,
+            "discovery": self.watcher.status() if self.watcher is not None else None,
         }
 
     def _write_state(self) -> None:

@@ -22,7 +22,8 @@ class EventLog:
         self.stream = stream or sys.stderr
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+        now = time.time()  # one clock read: seconds and milliseconds must agree
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
         record = {"ts": ts, "level": level, "event": event, **{k: v for k, v in fields.items() if v is not None}}
         if self.fmt == "json":
             line = json.dumps(record, default=str)

@@ -103,6 +103,7 @@ class Prober:
         self._drop()
 
     def _drop(self) -> None:
+        """Abort the kept-alive connection, if any (also from sync code)."""
         if self._conn is not None:
             self._conn[1].transport.abort()
             self._conn = None

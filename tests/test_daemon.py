@@ -386,3 +386,43 @@ def test_dns_names_are_re_resolved_and_every_address_is_a_backend(testbed, datap
         d.wait_event("resolve_failed", endpoint=f"{name}:6443")
         time.sleep(1.0)
         assert set(d.status()["state"]["active"]) == names(tb, 1, 2)
+
+
+def test_endpointslice_discovery_through_the_steered_endpoint(testbed, datapath):
+    """Control-plane nodes that join or leave appear without a config change:
+    the daemon watches the `kubernetes` EndpointSlices through 127.0.0.1:PORT
+    (its own steering), never applies an empty list, keeps the static
+    endpoints, and starts from the cached list when the API is unreachable."""
+    import json as _json
+
+    tb = testbed
+    be0, be1, be2 = tb.backends
+    tb.set_endpointslices([be0.address, be1.address, be2.address])
+    kubeconfig = tb.write_kubeconfig(server="https://192.0.2.1:6443")  # replaced by 127.0.0.1:PORT
+    cache = Path(tb.tmpdir) / "discovered.json"
+    conf = Path(tb.tmpdir) / "config.yaml"
+    conf.write_text(_json.dumps({"discovery": {"enabled": True, "kubeconfig": kubeconfig, "cache_file": str(cache),
+                                               "tls_server_name": "kubernetes"}}))
+    with Daemon([be0.endpoint], datapath, tb.ca_file, tb.tmpdir, extra=["--config", str(conf)]) as d:
+        d.wait_ready()
+        d.wait_active(names(tb, 0, 1, 2), timeout=15)  # one static endpoint, two discovered
+        rows = {b["address"]: b for b in d.status()["state"]["backends"]}
+        assert rows[be1.endpoint]["endpoints"] == ["endpointslice"]
+        tb.set_endpointslices([be0.address, be1.address])  # a node leaves
+        d.wait_active(names(tb, 0, 1), timeout=10)
+        be0.stop()  # the static endpoint dies: the watch reconnects through the steering
+        tb.set_endpointslices([be1.address, be2.address])
+        d.wait_active(names(tb, 1, 2), timeout=20)
+        rows = {b["address"]: b for b in d.status()["state"]["backends"]}
+        assert be0.endpoint in rows, "static endpoints are always kept"
+        tb.set_endpointslices([])  # never applied
+        time.sleep(1.5)
+        assert set(d.status()["state"]["active"]) == names(tb, 1, 2)
+        assert sorted(_json.loads(cache.read_text())["endpoints"]) == sorted([be1.endpoint, be2.endpoint])
+    # Next start while the API serves an empty list (never applied): the
+    # cached list is used at once.
+    be0.start()
+    tb.set_endpointslices([])
+    with Daemon([be0.endpoint], datapath, tb.ca_file, tb.tmpdir, extra=["--config", str(conf)]) as d2:
+        d2.wait_ready()
+        d2.wait_active(names(tb, 0, 1, 2), timeout=10)

@@ -6,6 +6,7 @@ See tests/testbed/README.md for the topology and the fault switches.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ipaddress
 import json
 import os
@@ -24,6 +25,8 @@ from tests.testbed import _sys
 from tests.testbed._sys import TestbedError, ip
 
 DEFAULT_PREFIX = "pkt"
+ES_SERVICE_LABEL = "kubernetes.io/service-name"
+ES_START_RV = 1000  # resourceVersions of the fake cluster start here
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,5}")  # short: veth names are {prefix}h{N} (<= 15 chars)
 
 # Prefixes with a live Testbed in this process (a second one would deadlock on the flock).
@@ -155,6 +158,7 @@ class FakeApiServer:
         self._accept_delay = 0.0
         self._blackholed = False
         self._frozen = False
+        self._es_stale = False  # EndpointSlice changes it missed while frozen
 
     # --- addresses ---------------------------------------------------------------
 
@@ -207,6 +211,8 @@ class FakeApiServer:
             args += ["--listen", a]
         if self._draining:
             args.append("--draining")
+        args += ["--endpointslices", self._tb._es_state_file(self),
+                 "--bookmark-interval", repr(self._tb._es_bookmark_interval)]
         return _sys.ns_python(self.netns, _sys.FAKEAPI_MODULE, args)
 
     def _spawn(self) -> None:
@@ -306,6 +312,8 @@ class FakeApiServer:
         os.kill(self.pid, signal.SIGCONT)
         self._wait_state(lambda s: s not in ("T", "t"), "running")
         self._frozen = False
+        if self._es_stale:
+            self._tb._es_push(self)
 
     @property
     def frozen(self) -> bool:
@@ -439,6 +447,15 @@ class Testbed:
         self._local_blackholed: dict[str, int] = {}
         self._local_table = f"{prefix}_testbed"
         self._open = False
+        # EndpointSlices of Service `kubernetes`: one resourceVersion counter for
+        # all servers (one etcd); a model per server (what it serves) and the
+        # model servers added later start with. Auto: the backends' addresses.
+        self._es_rv = ES_START_RV
+        self._es_auto = True
+        self._es_auto_port: int | None = None
+        self._es_default: dict = {"rv": ES_START_RV, "slices": {}, "tombstones": {}}
+        self._es_models: dict[str, dict] = {}
+        self._es_bookmark_interval = 1.0
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -470,6 +487,7 @@ class Testbed:
             (_state_dir(self.prefix) / "tmpdir").write_text(self.tmpdir)
             self._make_ca()
             new = [self._add_backend_host(ipv6=False) for _ in range(self.n_backends)]
+            self._es_refresh_auto()
             self._start_all(new)
         except BaseException:
             self.close()
@@ -633,6 +651,7 @@ class Testbed:
         IPv4 one."""
         self._need_open()
         srv = self._add_backend_host(ipv6=ipv6)
+        self._es_refresh_auto()
         self._start_all([srv])
         return srv
 
@@ -663,6 +682,211 @@ class Testbed:
                   {"drop": None}]
                  for port in sorted(set(self._local_blackholed.values()))]
         _sys.nft_apply(_sys.drop_table_batch("inet", self._local_table, -300, rules), None)
+
+    # --- EndpointSlices of Service `kubernetes` -----------------------------------------
+
+    @staticmethod
+    def endpointslice_objects(addresses: list[str], port: int = 6443, *,
+                              not_ready: list[str] | tuple = (), service: str = "kubernetes",
+                              namespace: str = "default") -> list[dict]:
+        """The EndpointSlices kube-apiserver publishes for `addresses` (one slice per
+        family: `kubernetes` for the first, `kubernetes-ipv6`/`-ipv4` for the
+        other), each endpoint ready unless listed in `not_ready`, port `https`.
+        No addresses: one IPv4 slice without endpoints."""
+        by_family: dict[int, list[str]] = {}
+        for a in list(addresses) + [a for a in not_ready if a not in addresses]:
+            ip = ipaddress.ip_address(a)
+            by_family.setdefault(ip.version, [])
+            if ip.compressed not in by_family[ip.version]:
+                by_family[ip.version].append(ip.compressed)
+        if not by_family:
+            by_family[4] = []
+        nr = {ipaddress.ip_address(a).compressed for a in not_ready}
+        out = []
+        for i, (fam, addrs) in enumerate(by_family.items()):
+            name = service if i == 0 else f"{service}-ipv{fam}"
+            out.append({
+                "kind": "EndpointSlice",
+                "apiVersion": "discovery.k8s.io/v1",
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": {ES_SERVICE_LABEL: service,
+                                        "endpointslice.kubernetes.io/managed-by": "kube-apiserver"}},
+                "addressType": f"IPv{fam}",
+                "endpoints": [{"addresses": [a], "conditions": {"ready": a not in nr}}
+                              for a in addrs],
+                "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+            })
+        return out
+
+    def set_endpointslices(self, addresses: list[str] | None = None, port: int | None = None, *,
+                           not_ready: list[str] | tuple = (), slices: list[dict] | None = None,
+                           servers: "list[FakeApiServer | str] | None" = None) -> int:
+        """Change the EndpointSlices of Service `kubernetes` the fake servers serve;
+        open watches get ADDED/MODIFIED/DELETED events. `addresses` (IPv4/IPv6)
+        with `port` (default: the testbed's port) and `not_ready` addresses, or
+        raw `slices` (EndpointSlice objects: FQDN slices, other ports or labels).
+        Neither: back to the default, the backends' addresses. `servers`: only
+        these (per-server state); default all, and servers added later.
+        Returns the resourceVersion after the change (the same counter for all
+        servers, like one etcd). In effect on every running server on return."""
+        self._need_open()
+        if slices is not None and addresses is not None:
+            raise ValueError("give addresses or slices, not both")
+        if addresses is None and slices is None:
+            if servers is not None:
+                raise ValueError("the default (backends' addresses) is for all servers")
+            self._es_auto, self._es_auto_port = True, port
+            return self._es_refresh_auto()
+        if slices is None:
+            objs = self.endpointslice_objects(list(addresses or []), port or self.port,
+                                              not_ready=not_ready)
+        else:
+            objs = []
+            for sl in slices:
+                sl = copy.deepcopy(sl)
+                md = sl.setdefault("metadata", {})
+                if not md.get("name"):
+                    raise ValueError("every slice needs metadata.name")
+                md.setdefault("namespace", "default")
+                md.setdefault("labels", {ES_SERVICE_LABEL: "kubernetes"})
+                sl.setdefault("kind", "EndpointSlice")
+                sl.setdefault("apiVersion", "discovery.k8s.io/v1")
+                objs.append(sl)
+        if servers is None:
+            self._es_auto = False
+        return self._es_set(objs, None if servers is None else [self._server(s) for s in servers])
+
+    def endpointslices(self, server: "FakeApiServer | str | None" = None) -> list[dict]:
+        """The EndpointSlices `server` serves (default: what all servers serve)."""
+        model = self._es_default if server is None else self._es_model(self._server(server))
+        return [copy.deepcopy(o) for _n, o in sorted(model["slices"].items())]
+
+    @property
+    def endpointslice_rv(self) -> int:
+        return self._es_rv
+
+    def expire_endpointslice_watches(self, servers=None) -> int:
+        """410 Gone, as when the watch cache has moved on: history dropped (a watch
+        from an older resourceVersion than the current one gets an ERROR 410) and
+        every open watch gets an ERROR 410 event and ends. Returns how many
+        watches were open."""
+        n = 0
+        for srv in self._es_targets(servers):
+            srv._control({"op": "compact"})
+            n += srv._control({"op": "expire_watches"})["watches"]
+        return n
+
+    def close_endpointslice_watches(self, servers=None) -> int:
+        """End every open watch cleanly, as its timeoutSeconds would. Returns how many."""
+        return sum(srv._control({"op": "close_watches"})["watches"]
+                   for srv in self._es_targets(servers))
+
+    def set_watch_bookmarks(self, interval: float) -> None:
+        """Seconds between BOOKMARK events on watches that allow them (0 = none);
+        default 1 s. Kept across stop()/start()."""
+        self._es_bookmark_interval = max(0.0, float(interval))
+        for srv in self._es_targets(None):
+            srv._control({"op": "set", "bookmark_interval": self._es_bookmark_interval})
+
+    def endpointslice_stats(self, server: "FakeApiServer | str") -> dict:
+        """EndpointSlice counters of a running server: gets, lists, watches, gone,
+        unauthorized, events_sent, bookmarks_sent, last_auth, last_client_cn,
+        last_user_agent, last_query; plus active_watches."""
+        srv = self._server(server)
+        reply = srv._control({"op": "stats"})
+        return {**reply["stats"]["endpointslices"], "active_watches": reply["watches"]}
+
+    # internals
+
+    def _server(self, s: "FakeApiServer | str") -> FakeApiServer:
+        return s if isinstance(s, FakeApiServer) else self.backend(s)
+
+    def _es_targets(self, servers) -> list[FakeApiServer]:
+        targets = self.servers if servers is None else [self._server(s) for s in servers]
+        return [s for s in targets if s.running and not s.frozen]
+
+    def _es_model(self, srv: FakeApiServer) -> dict:
+        if srv.name not in self._es_models:
+            self._es_models[srv.name] = copy.deepcopy(self._es_default)
+        return self._es_models[srv.name]
+
+    def _es_state_file(self, srv: FakeApiServer) -> str:
+        model = self._es_model(srv)
+        path = Path(self.tmpdir) / f"{srv.name}.endpointslices.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rv": model["rv"], "slices": list(model["slices"].values()),
+                                   "tombstones": model["tombstones"]}))
+        os.replace(tmp, path)
+        srv._es_stale = False
+        return str(path)
+
+    def _es_refresh_auto(self) -> int:
+        if not self._es_auto:
+            return self._es_rv
+        addrs = [s.address4 or s.address for s in self.backends]
+        return self._es_set(self.endpointslice_objects(addrs, self._es_auto_port or self.port), None)
+
+    @staticmethod
+    def _es_content(obj: dict) -> dict:
+        o = copy.deepcopy(obj)
+        md = o.get("metadata", {})
+        for k in ("resourceVersion", "generation", "uid", "creationTimestamp"):
+            md.pop(k, None)
+        return o
+
+    def _es_set(self, objs: list[dict], targets: list[FakeApiServer] | None) -> int:
+        new = {o["metadata"]["name"]: o for o in objs}
+        models = [self._es_model(s) for s in (self.servers if targets is None else targets)]
+        if targets is None:
+            models.append(self._es_default)
+        changed: set[str] = set()
+        for m in models:
+            for name, obj in new.items():
+                old = m["slices"].get(name)
+                if old is None or self._es_content(old) != self._es_content(obj):
+                    changed.add(name)
+            changed |= set(m["slices"]) - set(new)
+        if not changed:
+            return self._es_rv
+        rv_of = {}
+        for name in sorted(changed):
+            self._es_rv += 1
+            rv_of[name] = self._es_rv
+        for m in models:
+            slices = {}
+            for name, obj in new.items():
+                old = m["slices"].get(name)
+                if old is not None and self._es_content(old) == self._es_content(obj):
+                    slices[name] = old
+                    continue
+                obj = copy.deepcopy(obj)
+                md = obj["metadata"]
+                md["resourceVersion"] = str(rv_of[name])
+                md["generation"] = (old or {}).get("metadata", {}).get("generation", 0) + 1
+                md["uid"] = (old or {}).get("metadata", {}).get("uid") or \
+                    f"00000000-0000-4000-8000-{rv_of[name]:012d}"
+                md["creationTimestamp"] = (old or {}).get("metadata", {}).get("creationTimestamp") \
+                    or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                slices[name] = obj
+                m["tombstones"].pop(name, None)
+            for name in set(m["slices"]) - set(new):
+                m["tombstones"][name] = rv_of[name]
+            m["slices"] = slices
+            m["rv"] = self._es_rv
+        for srv in (self.servers if targets is None else targets):
+            self._es_push(srv)
+        return self._es_rv
+
+    def _es_push(self, srv: FakeApiServer) -> None:
+        if not srv.running:
+            return  # start() hands it the state
+        if srv.frozen:
+            srv._es_stale = True  # thaw() hands it the state
+            return
+        m = self._es_model(srv)
+        srv._control({"op": "endpointslices", "rv": m["rv"], "slices": list(m["slices"].values()),
+                      "tombstones": m["tombstones"]})
+        srv._es_stale = False
 
     # --- conveniences --------------------------------------------------------------
 

@@ -17,11 +17,27 @@ Handlers
     /whoami                                    {"backend", "peer", "local", ...}
     /stream                                    chunked, one JSON line every 100 ms until
                                                the client goes away (``?interval=S&count=N``)
+    /apis/discovery.k8s.io/v1[/namespaces/NS]/endpointslices[/NAME]
+                                               EndpointSlice get, list (labelSelector,
+                                               fieldSelector) and watch (``?watch=1``:
+                                               resourceVersion, allowWatchBookmarks,
+                                               timeoutSeconds, sendInitialEvents; 410 Gone
+                                               for a compacted resourceVersion)
     anything else                              404 with a kube-style Status object
+
+EndpointSlices: the state (``{"rv": N, "slices": [...], "tombstones": {name: rv}}``)
+comes from ``--endpointslices FILE`` at start and from the control op
+``endpointslices`` (the same document); the server diffs it against what it
+holds and sends ADDED/MODIFIED/DELETED events to open watches. The testbed
+assigns resourceVersions, one counter for all servers, like one etcd.
+A bearer token ``invalid-token`` gets 401 on the EndpointSlice paths.
 
 Control: a Unix socket (``--control``) speaking one JSON object per line, e.g.
 ``{"op": "set", "draining": true}`` -> ``{"ok": true, ...}``. Ops: ``ping``,
-``set`` (``draining``, ``delay``, ``accept_delay``), ``stats``, ``reset_stats``.
+``set`` (``draining``, ``delay``, ``accept_delay``, ``bookmark_interval``), ``stats``,
+``reset_stats``, ``endpointslices`` (new state), ``compact`` (watching from an older
+resourceVersion than the current one gets 410), ``expire_watches`` (open watches get
+an ERROR 410 event and end), ``close_watches`` (open watches end cleanly).
 
 When ready (all sockets bound and listening) it writes one line
 ``READY {"pid": ...}`` to stdout and closes stdout. It exits by itself when its
@@ -32,8 +48,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
+import copy
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -56,14 +76,23 @@ VERSION = {
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    410: "Gone",
     413: "Payload Too Large",
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
 MAX_BODY = 1 << 20
 NAMESPACES = ("default", "kube-system")
+ES_GROUP = "discovery.k8s.io"
+ES_GV = "discovery.k8s.io/v1"
+ES_PATH_RE = re.compile(
+    r"^/apis/discovery\.k8s\.io/v1(?:/namespaces/(?P<ns>[^/]+))?/endpointslices(?:/(?P<name>[^/]+))?/?$")
+ES_HISTORY = 1000  # events kept for watches that resume from a resourceVersion
+DEFAULT_WATCH_TIMEOUT = 1800  # kube-apiserver: --min-request-timeout, randomized; here fixed
+INVALID_TOKEN = "invalid-token"
 
 
 def fmt_addr(sockaddr) -> tuple[str, int, str]:
@@ -90,6 +119,9 @@ class Stats:
         self.tls_handshake_failures = 0
         self.paths: dict[str, int] = {}
         self.started = time.monotonic()
+        self.es = {"gets": 0, "lists": 0, "watches": 0, "gone": 0, "unauthorized": 0,
+                   "events_sent": 0, "bookmarks_sent": 0, "last_auth": None,
+                   "last_client_cn": None, "last_user_agent": None, "last_query": None}
 
     def as_dict(self, active: int) -> dict:
         return {
@@ -101,7 +133,147 @@ class Stats:
             "tls_handshake_failures": self.tls_handshake_failures,
             "paths": dict(self.paths),
             "seconds": round(time.monotonic() - self.started, 3),
+            "endpointslices": dict(self.es),
         }
+
+
+# --- EndpointSlices ------------------------------------------------------------------
+
+
+def _rv_of(obj: dict) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _obj_key(obj: dict) -> tuple[str, str]:
+    md = obj.get("metadata") or {}
+    return str(md.get("namespace") or "default"), str(md.get("name") or "")
+
+
+def _split_requirements(text: str) -> list[str]:
+    """Split a selector at commas that are not inside parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [r.strip() for r in out if r.strip()]
+
+
+def label_selector(text: str):
+    """A predicate over a labels dict for a Kubernetes label selector: k=v, k==v,
+    k!=v, k, !k, k in (a,b), k notin (a,b). ValueError when it does not parse."""
+    preds = []
+    for req in _split_requirements(text or ""):
+        m = re.fullmatch(r"([^\s!=(),]+)\s+(in|notin)\s+\(([^)]*)\)", req)
+        if m:
+            key, op = m.group(1), m.group(2)
+            vals = {v.strip() for v in m.group(3).split(",") if v.strip()}
+            if op == "in":
+                preds.append(lambda lb, k=key, vs=vals: lb.get(k) in vs)
+            else:
+                preds.append(lambda lb, k=key, vs=vals: lb.get(k) not in vs)
+            continue
+        m = re.fullmatch(r"([^\s!=(),]+)\s*(!=|==|=)\s*([^\s!=(),]*)", req)
+        if m:
+            key, op, val = m.groups()
+            if op == "!=":
+                preds.append(lambda lb, k=key, v=val: lb.get(k) != v)
+            else:
+                preds.append(lambda lb, k=key, v=val: lb.get(k) == v)
+            continue
+        m = re.fullmatch(r"(!?)([^\s!=(),]+)", req)
+        if m:
+            neg, key = m.groups()
+            preds.append(lambda lb, k=key, n=bool(neg): (k in lb) != n)
+            continue
+        raise ValueError(f"unable to parse requirement: {req!r}")
+    return lambda labels: all(p(labels or {}) for p in preds)
+
+
+def field_selector(text: str):
+    """metadata.name / metadata.namespace with =, == or != (what kubectl sends)."""
+    preds = []
+    for req in _split_requirements(text or ""):
+        m = re.fullmatch(r"(metadata\.name|metadata\.namespace)\s*(!=|==|=)\s*(\S*)", req)
+        if not m:
+            raise ValueError(f"field label not supported: {req!r}")
+        fld, op, val = m.groups()
+        idx = 1 if fld == "metadata.name" else 0
+        preds.append(lambda key, i=idx, v=val, ne=(op == "!="): (key[i] == v) != ne)
+    return lambda obj: all(p(_obj_key(obj)) for p in preds)
+
+
+class SliceStore:
+    """EndpointSlices of one server, with a history of events for watches that
+    resume from a resourceVersion, and the queues of the open watches."""
+
+    def __init__(self) -> None:
+        self.rv = 0
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.history: collections.deque = collections.deque()  # (rv, type, old, new)
+        self.oldest = 0  # a watch may resume from any resourceVersion >= this
+        self.watchers: set[asyncio.Queue] = set()
+
+    def load(self, state: dict) -> None:
+        """The state at start: no events, nothing to resume from before it."""
+        self.objects = {_obj_key(o): o for o in state.get("slices") or []}
+        self.rv = int(state.get("rv") or 0)
+        self.history.clear()
+        self.oldest = self.rv
+
+    def apply(self, state: dict) -> int:
+        """Move to a new state; the difference becomes ADDED/MODIFIED/DELETED
+        events (each at the object's resourceVersion). Returns how many."""
+        new = {_obj_key(o): o for o in state.get("slices") or []}
+        tomb = state.get("tombstones") or {}
+        target_rv = int(state.get("rv") or 0)
+        events = []
+        for k, obj in new.items():
+            old = self.objects.get(k)
+            if old is None:
+                events.append((_rv_of(obj), "ADDED", None, obj))
+            elif _rv_of(old) != _rv_of(obj):
+                events.append((_rv_of(obj), "MODIFIED", old, obj))
+        for k, old in self.objects.items():
+            if k not in new:
+                gone = copy.deepcopy(old)
+                drv = int(tomb.get(k[1], target_rv))
+                gone.setdefault("metadata", {})["resourceVersion"] = str(drv)
+                events.append((drv, "DELETED", old, gone))
+        events.sort(key=lambda e: e[0])
+        self.objects = new
+        self.rv = max(self.rv, target_rv, *(e[0] for e in events)) if events else max(self.rv, target_rv)
+        for ev in events:
+            self.history.append(ev)
+            while len(self.history) > ES_HISTORY:
+                self.oldest = self.history.popleft()[0]
+            for q in self.watchers:
+                q.put_nowait(("event", ev))
+        return len(events)
+
+    def compact(self) -> None:
+        self.history.clear()
+        self.oldest = self.rv
+
+    def signal(self, kind: str) -> int:
+        for q in self.watchers:
+            q.put_nowait((kind, None))
+        return len(self.watchers)
+
+
+def _status(code: int, reason: str, message: str, **extra) -> dict:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code, **extra}
 
 
 class FakeApi:
@@ -116,6 +288,11 @@ class FakeApi:
         self.conn_serial = 0
         self.tasks: set[asyncio.Task] = set()
         self.loop = asyncio.get_running_loop()
+        self.slices = SliceStore()
+        self.bookmark_interval = args.bookmark_interval
+        if args.endpointslices:
+            with open(args.endpointslices) as f:
+                self.slices.load(json.load(f))
         self.tls_ctx = None
         if args.tls_port:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -190,7 +367,7 @@ class FakeApi:
             if req is None:
                 return
             n += 1
-            keep = await self.handle(req, writer, conn_id, n, tls)
+            keep = await self.handle(req, writer, conn_id, n, tls, reader=reader)
             if not keep:
                 return
 
@@ -280,7 +457,7 @@ class FakeApi:
 
     # --- handlers ----------------------------------------------------------
 
-    async def handle(self, req, writer, conn_id: int, n: int, tls: bool) -> bool:
+    async def handle(self, req, writer, conn_id: int, n: int, tls: bool, reader=None) -> bool:
         method, target, _version, headers, keep = req
         self.stats.requests += 1
         split = urlsplit(target)
@@ -340,8 +517,27 @@ class FakeApi:
             return await self.respond_json(writer, 200, {
                 "kind": "APIGroupList",
                 "apiVersion": "v1",
-                "groups": [],
+                "groups": [self.es_group()],
             }, keep=keep, head_only=head_only)
+        if path.rstrip("/") == f"/apis/{ES_GROUP}":
+            return await self.respond_json(writer, 200, {"kind": "APIGroup", "apiVersion": "v1",
+                                                         **self.es_group()},
+                                           keep=keep, head_only=head_only)
+        if path.rstrip("/") == f"/apis/{ES_GV}":
+            return await self.respond_json(writer, 200, {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": ES_GV,
+                "resources": [{
+                    "name": "endpointslices", "singularName": "endpointslice", "namespaced": True,
+                    "kind": "EndpointSlice",
+                    "verbs": ["create", "delete", "deletecollection", "get", "list", "patch",
+                              "update", "watch"],
+                }],
+            }, keep=keep, head_only=head_only)
+        m = ES_PATH_RE.match(path)
+        if m:
+            return await self.endpointslices(writer, reader, headers, query, m, keep, head_only)
         if path == "/whoami":
             return await self.respond_json(writer, 200, self.whoami(writer, conn_id, n, tls),
                                            keep=keep, head_only=head_only)
@@ -435,6 +631,234 @@ class FakeApi:
         except (ConnectionError, OSError, ssl.SSLError):
             return
 
+
+    # --- EndpointSlices --------------------------------------------------------------
+
+    @staticmethod
+    def es_group() -> dict:
+        gv = {"groupVersion": ES_GV, "version": "v1"}
+        return {"name": ES_GROUP, "versions": [gv], "preferredVersion": gv}
+
+    async def endpointslices(self, writer, reader, headers, query, m, keep, head_only) -> bool:
+        es = self.stats.es
+        auth = headers.get("authorization", "")
+        cn = None
+        cert = writer.get_extra_info("peercert")
+        for rdn in (cert or {}).get("subject", ()):
+            for k, v in rdn:
+                if k == "commonName":
+                    cn = v
+        es["last_auth"] = auth.split(" ", 1)[0].lower() if auth else ("cert" if cn else "none")
+        es["last_client_cn"] = cn
+        es["last_user_agent"] = headers.get("user-agent")
+        es["last_query"] = {k: v[0] for k, v in query.items()}
+        if auth == f"Bearer {INVALID_TOKEN}":
+            es["unauthorized"] += 1
+            return await self.respond_json(writer, 401, _status(401, "Unauthorized", "Unauthorized"),
+                                           keep=keep, head_only=head_only)
+        ns, name = m.group("ns"), m.group("name")
+        q1 = {k: v[0] for k, v in query.items()}
+        try:
+            lsel = label_selector(q1.get("labelSelector", ""))
+            fsel = field_selector(q1.get("fieldSelector", ""))
+        except ValueError as e:
+            return await self.respond_json(writer, 400, _status(400, "BadRequest", str(e)),
+                                           keep=keep, head_only=head_only)
+        if name is not None:
+            if ns is None:
+                return await self.respond_json(writer, 404, _status(404, "NotFound", "not found"),
+                                               keep=keep, head_only=head_only)
+            fsel_name = field_selector(f"metadata.name={name}")
+        else:
+            fsel_name = None
+
+        def match(obj) -> bool:
+            if obj is None:
+                return False
+            k = _obj_key(obj)
+            if ns is not None and k[0] != ns:
+                return False
+            if fsel_name is not None and not fsel_name(obj):
+                return False
+            return lsel((obj.get("metadata") or {}).get("labels") or {}) and fsel(obj)
+
+        if q1.get("watch") in ("1", "true"):
+            es["watches"] += 1
+            # Like kube-apiserver, the connection stays open after a watch ended
+            # by its timeout (the terminating chunk), for the client to reuse.
+            return await self.watch_endpointslices(writer, reader, q1, match) and keep
+        if name is not None:
+            es["gets"] += 1
+            obj = self.slices.objects.get((ns, name))
+            if obj is None:
+                return await self.respond_json(writer, 404, _status(
+                    404, "NotFound", f'endpointslices.{ES_GROUP} "{name}" not found',
+                    details={"name": name, "group": ES_GROUP, "kind": "endpointslices"}),
+                    keep=keep, head_only=head_only)
+            return await self.respond_json(writer, 200, self.es_object(obj), keep=keep,
+                                           head_only=head_only)
+        es["lists"] += 1
+        items = [self.es_object(o, list_item=True)
+                 for _k, o in sorted(self.slices.objects.items()) if match(o)]
+        return await self.respond_json(writer, 200, {
+            "kind": "EndpointSliceList",
+            "apiVersion": ES_GV,
+            "metadata": {"resourceVersion": str(self.slices.rv)},
+            "items": items,
+        }, keep=keep, head_only=head_only)
+
+    @staticmethod
+    def es_object(obj: dict, list_item: bool = False) -> dict:
+        out = dict(obj)
+        if list_item:  # kube-apiserver leaves these out of list items
+            out.pop("kind", None)
+            out.pop("apiVersion", None)
+        else:
+            out.setdefault("kind", "EndpointSlice")
+            out.setdefault("apiVersion", ES_GV)
+        return out
+
+    async def watch_endpointslices(self, writer, reader, q1: dict, match) -> bool:
+        """A watch as kube-apiserver serves it: chunked, one JSON event per chunk.
+        True when it ended cleanly and the connection can serve another request."""
+        es = self.stats.es
+        store = self.slices
+        rv_param = q1.get("resourceVersion", "")
+        bookmarks = q1.get("allowWatchBookmarks") in ("true", "1")
+        send_initial = q1.get("sendInitialEvents") == "true"
+        try:
+            timeout = float(q1.get("timeoutSeconds") or 0) or DEFAULT_WATCH_TIMEOUT
+            since = int(rv_param) if rv_param not in ("", "0") else None
+        except ValueError:
+            return await self.respond_json(writer, 400, _status(
+                400, "BadRequest", f"invalid resourceVersion {rv_param!r}"), keep=True)
+        head = (
+            "HTTP/1.1 200 OK\r\n"
+            "Content-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n"
+            f"X-Backend: {self.name}\r\n"
+            "Cache-Control: no-cache, private\r\n"
+            f"Server: {SERVER_HEADER}\r\n"
+            "\r\n"
+        ).encode()
+        q: asyncio.Queue = asyncio.Queue()
+        store.watchers.add(q)
+        # Snapshot synchronously with the registration: later changes arrive on q.
+        snapshot = list(store.history)
+        current = [o for _k, o in sorted(store.objects.items())]
+        cur_rv, oldest = store.rv, store.oldest
+        eof = self.loop.create_task(reader.read(1)) if reader is not None else None
+
+        def event(typ: str, obj: dict) -> bytes:
+            data = (json.dumps({"type": typ, "object": self.es_object(obj)},
+                               separators=(",", ":")) + "\n").encode()
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        def bookmark(initial_end: bool = False) -> bytes:
+            md = {"resourceVersion": str(store.rv)}
+            if initial_end:
+                md["annotations"] = {"k8s.io/initial-events-end": "true"}
+            return event("BOOKMARK", {"kind": "EndpointSlice", "apiVersion": ES_GV, "metadata": md})
+
+        def translate(ev) -> bytes | None:
+            _rv, typ, old, new = ev
+            if typ == "ADDED":
+                return event("ADDED", new) if match(new) else None
+            if typ == "DELETED":
+                return event("DELETED", new) if match(old) else None
+            was, now = match(old), match(new)
+            if was and now:
+                return event("MODIFIED", new)
+            if was:
+                return event("DELETED", new)
+            if now:
+                return event("ADDED", new)
+            return None
+
+        try:
+            writer.write(head)
+            out: list[bytes] = []
+            if since is None or send_initial:
+                out += [event("ADDED", o) for o in current if match(o)]
+                if send_initial and bookmarks:
+                    out.append(bookmark(initial_end=True))
+            elif since < oldest:
+                es["gone"] += 1
+                out.append(event("ERROR", _status(
+                    410, "Expired", f"too old resource version: {since} ({oldest})")))
+                writer.write(b"".join(out) + b"0\r\n\r\n")
+                await writer.drain()
+                return True
+            elif since > cur_rv:
+                out.append(event("ERROR", _status(
+                    504, "Timeout", f"Too large resource version: {since}, current: {cur_rv}",
+                    details={"causes": [{"reason": "ResourceVersionTooLarge",
+                                         "message": "Too large resource version"}],
+                             "retryAfterSeconds": 1})))
+                writer.write(b"".join(out) + b"0\r\n\r\n")
+                await writer.drain()
+                return True
+            else:
+                out += [b for ev in snapshot if ev[0] > since and (b := translate(ev))]
+            es["events_sent"] += len(out)
+            if out:
+                writer.write(b"".join(out))
+            await writer.drain()
+            deadline = self.loop.time() + timeout
+            next_bm = self.loop.time() + self.bookmark_interval
+            while True:
+                now = self.loop.time()
+                if now >= deadline:
+                    break
+                wait = deadline - now
+                if bookmarks and self.bookmark_interval > 0:
+                    wait = min(wait, max(0.0, next_bm - now))
+                get = self.loop.create_task(q.get())
+                waiting = {get} if eof is None else {get, eof}
+                done, _ = await asyncio.wait(waiting, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                if eof is not None and eof in done:
+                    return False  # the client went away (or pipelined: not supported here)
+                if writer.transport.is_closing():
+                    return False
+                if get in done:
+                    kind, ev = get.result()
+                    if kind == "event":
+                        data = translate(ev)
+                        if data:
+                            es["events_sent"] += 1
+                            writer.write(data)
+                            await writer.drain()
+                    elif kind == "gone":
+                        es["gone"] += 1
+                        writer.write(event("ERROR", _status(
+                            410, "Expired",
+                            "The resourceVersion for the provided watch is too old.")))
+                        break
+                    elif kind == "close":
+                        break
+                    continue
+                if bookmarks and self.loop.time() >= next_bm:
+                    es["bookmarks_sent"] += 1
+                    writer.write(bookmark())
+                    await writer.drain()
+                    next_bm = self.loop.time() + self.bookmark_interval
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return eof is None or not eof.done()
+        except (ConnectionError, OSError, ssl.SSLError):
+            return False
+        finally:
+            store.watchers.discard(q)
+            if eof is not None and not eof.done():
+                eof.cancel()
+                # wait until the read is really withdrawn: the connection's next
+                # readuntil() must not meet it
+                with contextlib.suppress(asyncio.CancelledError):
+                    await eof
+
     # --- control -------------------------------------------------------------
 
     async def control(self, reader, writer) -> None:
@@ -457,7 +881,9 @@ class FakeApi:
 
     def state(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "draining": self.draining,
-                "delay": self.delay, "accept_delay": self.accept_delay}
+                "delay": self.delay, "accept_delay": self.accept_delay,
+                "bookmark_interval": self.bookmark_interval,
+                "endpointslices_rv": self.slices.rv, "watches": len(self.slices.watchers)}
 
     def control_op(self, msg: dict) -> dict:
         op = msg.get("op")
@@ -470,7 +896,20 @@ class FakeApi:
                 self.delay = max(0.0, float(msg["delay"]))
             if "accept_delay" in msg:
                 self.accept_delay = max(0.0, float(msg["accept_delay"]))
+            if "bookmark_interval" in msg:
+                self.bookmark_interval = max(0.0, float(msg["bookmark_interval"]))
             return {"ok": True, **self.state()}
+        if op == "endpointslices":
+            n = self.slices.apply(msg)
+            return {"ok": True, "events": n, "rv": self.slices.rv,
+                    "watches": len(self.slices.watchers)}
+        if op == "compact":
+            self.slices.compact()
+            return {"ok": True, "rv": self.slices.rv}
+        if op == "expire_watches":
+            return {"ok": True, "watches": self.slices.signal("gone")}
+        if op == "close_watches":
+            return {"ok": True, "watches": self.slices.signal("close")}
         if op == "stats":
             return {"ok": True, "stats": self.stats.as_dict(self.active), **self.state()}
         if op == "reset_stats":
@@ -512,7 +951,8 @@ async def amain(args: argparse.Namespace) -> None:
             os.unlink(args.control)
         except FileNotFoundError:
             pass
-        servers.append(await asyncio.start_unix_server(api.control, path=args.control))
+        servers.append(await asyncio.start_unix_server(api.control, path=args.control,
+                                                       limit=16 * 1024 * 1024))
 
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -562,6 +1002,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--accept-delay", type=float, default=0.0)
     p.add_argument("--backlog", type=int, default=4096)
+    p.add_argument("--endpointslices", metavar="FILE",
+                   help='EndpointSlice state at start: {"rv": N, "slices": [...]}')
+    p.add_argument("--bookmark-interval", type=float, default=1.0,
+                   help="seconds between BOOKMARK events on watches that allow them (0 = none)")
     p.add_argument("--parent-pid", type=int, default=0,
                    help="exit when the parent process is no longer this pid")
     p.add_argument("--testbed-prefix", default="",
