@@ -11,6 +11,9 @@
  *                                              [::ffff:127.0.0.1]:PORT -> [::ffff:v4 backend]
  *   getpeername4  BPF_CGROUP_INET4_GETPEERNAME  backend -> address the socket connected to
  *   getpeername6  BPF_CGROUP_INET6_GETPEERNAME  (same, AF_INET6 sockets)
+ *   sockops       BPF_CGROUP_SOCK_OPS           steered sockets only: per-socket record for
+ *                                              close_connections(), outcome counters
+ *                                              (refused / SYN timeouts / established)
  *
  * Only TCP connects, only to exactly the listen address and port, and only
  * in the host network namespace (netns cookie == pk_config.host_netns_cookie:
@@ -26,8 +29,19 @@
  *   pk_slots     HASH            key PK_SLOT_KEY(family, buf, index) -> backend.
  *   pk_counters  PERCPU_HASH     backend -> connections steered to it.
  *   pk_stats     PERCPU_ARRAY    PK_STAT_* global counters.
- *   pk_peers     SK_STORAGE      per socket {original dst, backend}: reverse
- *                                translation for getpeername(); freed with the socket.
+ *   pk_peers     SK_STORAGE      per socket {original dst, backend address as the socket
+ *                                sees it, backend key}: reverse translation for
+ *                                getpeername(), and THE mark of a steered socket for
+ *                                sockops; freed with the socket.
+ *   pk_socks     LRU_HASH        socket cookie -> {backend, local address and port}: every
+ *                                steered socket from tcp_connect() (SYN_SENT) until it
+ *                                reaches CLOSE, so that user space can enumerate the
+ *                                sockets steered to a backend and SOCK_DESTROY them by
+ *                                exact 4-tuple + cookie. Written and deleted by sockops
+ *                                only; LRU-bounded (PK_MAX_SOCKS) in case a delete is missed.
+ *   pk_passive   PERCPU_HASH     backend -> {refused, syn_timeouts, established}:
+ *                                cumulative outcome counters of steered connects, created
+ *                                by sockops on first use; never reset by updates.
  *
  * pk_active, pk_slots and pk_counters are hash maps created with
  * BPF_F_NO_PREALLOC on purpose: a hash update from user space builds a new
@@ -48,6 +62,23 @@
  * A connect that read the selector before step 2 and reaches a slot removed in
  * step 3 re-reads the selector (pk_pick(), at most PK_PICK_TRIES times), so it
  * picks from the new set; it never sees a mix of two sets.
+ *
+ * sockops (fast failover, issue 4). Runs for every TCP socket of the machine at
+ * a few points; only a socket connect4/connect6 steered (it has a pk_peers entry
+ * and is still connected to that backend) is acted on:
+ *   TCP_CONNECT_CB       (in tcp_connect(), SYN about to leave, local port known):
+ *                        OR in STATE_CB | RTO_CB for this socket, write pk_socks[cookie].
+ *   ACTIVE_ESTABLISHED_CB  established++ (the handshake completed).
+ *   RTO_CB in SYN_SENT   syn_timeouts++ (every firing: 1 s after the SYN of a
+ *                        black-holed connect, then every second while
+ *                        tcp_syn_linear_timeouts lasts, then doubling).
+ *   STATE_CB -> CLOSE    refused++ when it leaves SYN_SENT after a segment came
+ *                        in (segs_in > 0: the RST; a SYN-ACK would have made it
+ *                        ESTABLISHED). A SYN_SENT socket closed by its owner, aborted
+ *                        by SOCK_DESTROY, failed by ICMP or timed out has segs_in == 0
+ *                        and is not counted. Then pk_socks[cookie] is deleted.
+ * The cb flags are ORed into the socket's current ones: another sock_ops program's
+ * flags are kept.
  */
 
 #include <uapi/linux/bpf.h>
@@ -55,10 +86,13 @@
 #include <linux/socket.h>
 
 #ifndef PK_LAYOUT
-#define PK_LAYOUT 1
+#define PK_LAYOUT 2
 #endif
 #define PK_MAX_BACKENDS 64 /* per family; the daemon refuses more */
 #define PK_PICK_TRIES 3
+#define PK_MAX_SOCKS 65536   /* pk_socks: steered sockets tracked at once */
+#define PK_MAX_PASSIVE 1024  /* pk_passive: backends with outcome counters */
+#define PK_CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG)
 
 #define PK_FAMILY4 4
 #define PK_FAMILY6 6
@@ -69,6 +103,9 @@ enum {
 	PK_STAT_NO_BACKEND,   /* matching connects left alone: empty set for the family */
 	PK_STAT_RETRY,        /* selector re-read because a slot vanished under an update */
 	PK_STAT_PEER_XLATE,   /* getpeername() answers rewritten */
+	PK_STAT_SOCK_TRACKED, /* steered sockets entered in pk_socks (tcp_connect) */
+	PK_STAT_SOCK_FAILED,  /* ... and pk_socks updates that failed */
+	PK_STAT_PASSIVE_FULL, /* outcomes not counted: pk_passive full */
 	PK_STAT_MAX,
 };
 
@@ -80,6 +117,8 @@ enum {
 #define pk_htonl(x) (x)
 #define pk_htons(x) (x)
 #endif
+#define pk_ntohl(x) pk_htonl(x)
+#define pk_ntohs(x) pk_htons(x)
 #define PK_LOOPBACK4 pk_htonl(0x7f000001)  /* 127.0.0.1 */
 #define PK_V4MAPPED pk_htonl(0x0000ffff)   /* ::ffff:0:0/96, third word */
 
@@ -110,6 +149,22 @@ struct pk_peer {
 	__u16 orig_port;        /* network byte order */
 	__u16 backend_port;
 	__u32 pad;
+	struct pk_backend be;   /* the backend as keyed in pk_counters / pk_passive */
+};
+
+/* pk_socks value: a steered socket, enough for an exact SOCK_DESTROY
+ * (remote = be.addr:be.port, local = local_addr:local_port, cookie = the key). */
+struct pk_sock {
+	struct pk_backend be;
+	__u32 local_addr[4];  /* network byte order; IPv4 (also v4-mapped sockets) in [0] */
+	__u16 local_port;     /* network byte order */
+	__u16 pad;
+};
+
+struct pk_outcome {
+	__u64 refused;
+	__u64 syn_timeouts;
+	__u64 established;
 };
 
 /* --- maps ---------------------------------------------------------------- */
@@ -141,6 +196,8 @@ PK_MAP("hash", __u32, struct pk_backend, pk_slots, 4 * PK_MAX_BACKENDS, BPF_F_NO
 PK_MAP("percpu_hash", struct pk_backend, __u64, pk_counters, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 PK_MAP("percpu_array", __u32, __u64, pk_stats, PK_STAT_MAX, 0);
 PK_SK_STORAGE(pk_peers, struct pk_peer);
+PK_MAP("lru_hash", __u64, struct pk_sock, pk_socks, PK_MAX_SOCKS, 0);
+PK_MAP("percpu_hash", struct pk_backend, struct pk_outcome, pk_passive, PK_MAX_PASSIVE, BPF_F_NO_PREALLOC);
 
 /* --- helpers ------------------------------------------------------------- */
 
@@ -252,6 +309,7 @@ int connect4(struct bpf_sock_addr *ctx)
 	peer.orig_port = (__u16)ctx->user_port;
 	peer.backend_addr[0] = be.addr[0];
 	peer.backend_port = be.port;
+	__builtin_memcpy(&peer.be, &be, sizeof(be));
 
 	ctx->user_ip4 = be.addr[0];
 	ctx->user_port = be.port;
@@ -297,6 +355,7 @@ int connect6(struct bpf_sock_addr *ctx)
 		peer.backend_addr[3] = be.addr[3];
 	}
 	peer.backend_port = be.port;
+	__builtin_memcpy(&peer.be, &be, sizeof(be));
 
 	ctx->user_ip6[0] = peer.backend_addr[0];
 	ctx->user_ip6[1] = peer.backend_addr[1];
@@ -351,5 +410,115 @@ int getpeername6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[3] = p->orig_addr[3];
 	ctx->user_port = p->orig_port;
 	pk_stat_inc(PK_STAT_PEER_XLATE);
+	return 1;
+}
+
+/* --- sock_ops: outcome counters and the steered-socket index --------------- */
+
+/* The pk_peers entry of a socket this program steered and that is still
+ * connected to that backend (a socket can connect again elsewhere), else NULL. */
+static __always_inline struct pk_peer *pk_steered(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct pk_peer *p;
+
+	if (!sk)
+		return NULL;
+	p = pk_peers.sk_storage_get(sk, 0, 0);
+	if (!p)
+		return NULL;
+	if ((__u16)pk_ntohl(skops->remote_port) != pk_ntohs(p->be.port))
+		return NULL;
+	if (p->be.family == PK_FAMILY4) {
+		if (skops->remote_ip4 != p->be.addr[0])
+			return NULL;
+	} else {
+		if (skops->remote_ip6[0] != p->be.addr[0] || skops->remote_ip6[1] != p->be.addr[1] ||
+		    skops->remote_ip6[2] != p->be.addr[2] || skops->remote_ip6[3] != p->be.addr[3])
+			return NULL;
+	}
+	return p;
+}
+
+static __always_inline struct pk_outcome *pk_outcome_for(struct pk_backend *be)
+{
+	struct pk_outcome zero = {};
+	struct pk_outcome *o = pk_passive.lookup_or_try_init(be, &zero);
+
+	if (!o)
+		pk_stat_inc(PK_STAT_PASSIVE_FULL);
+	return o;
+}
+
+static __always_inline void pk_track(struct bpf_sock_ops *skops, struct pk_peer *p)
+{
+	struct pk_sock rec = {};
+	__u64 cookie = bpf_get_socket_cookie(skops);
+
+	__builtin_memcpy(&rec.be, &p->be, sizeof(rec.be));
+	if (p->be.family == PK_FAMILY4) {
+		rec.local_addr[0] = skops->local_ip4;
+	} else {
+		rec.local_addr[0] = skops->local_ip6[0];
+		rec.local_addr[1] = skops->local_ip6[1];
+		rec.local_addr[2] = skops->local_ip6[2];
+		rec.local_addr[3] = skops->local_ip6[3];
+	}
+	rec.local_port = pk_htons((__u16)skops->local_port);  /* host order in the context */
+	if (pk_socks.update(&cookie, &rec) == 0)
+		pk_stat_inc(PK_STAT_SOCK_TRACKED);
+	else
+		pk_stat_inc(PK_STAT_SOCK_FAILED);
+}
+
+int sockops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+	struct pk_outcome *o;
+	struct pk_peer *p;
+	__u64 cookie;
+
+	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+		p = pk_steered(skops);
+		if (!p)
+			return 1;
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | PK_CB_FLAGS);
+		pk_track(skops, p);
+		return 1;
+	}
+	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_RTO_CB &&
+	    op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
+	/* Cheapest test first: TCP_CONNECT_CB set these flags on our sockets. */
+	if ((skops->bpf_sock_ops_cb_flags & PK_CB_FLAGS) != PK_CB_FLAGS)
+		return 1;
+	p = pk_steered(skops);
+	if (!p)
+		return 1;
+
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		o = pk_outcome_for(&p->be);
+		if (o)
+			o->established += 1;  /* per-CPU: no atomic needed */
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_RTO_CB) {
+		if (skops->state == BPF_TCP_SYN_SENT) {
+			o = pk_outcome_for(&p->be);
+			if (o)
+				o->syn_timeouts += 1;
+		}
+		return 1;
+	}
+	/* BPF_SOCK_OPS_STATE_CB: args[0] old state, args[1] new state */
+	if (skops->args[1] != BPF_TCP_CLOSE)
+		return 1;
+	if (skops->args[0] == BPF_TCP_SYN_SENT && skops->segs_in > 0) {
+		o = pk_outcome_for(&p->be);
+		if (o)
+			o->refused += 1;
+	}
+	cookie = bpf_get_socket_cookie(skops);
+	pk_socks.delete(&cookie);
 	return 1;
 }

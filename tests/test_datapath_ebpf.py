@@ -33,7 +33,7 @@ if os.geteuid() != 0:
 
 from prism_kernel.datapath import _bpfsys as bpf  # noqa: E402
 from prism_kernel.datapath.base import DatapathSettings  # noqa: E402
-from prism_kernel.datapath.ebpf import EbpfDatapath, default_source  # noqa: E402
+from prism_kernel.datapath.ebpf import LAYOUT, EbpfDatapath, default_source  # noqa: E402
 from prism_kernel.errors import DatapathError, DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
 
@@ -298,7 +298,9 @@ def cgroup_root() -> str:
 
 
 ALL_TYPES = (bpf.BPF_CGROUP_INET4_CONNECT, bpf.BPF_CGROUP_INET6_CONNECT,
-             bpf.BPF_CGROUP_INET4_GETPEERNAME, bpf.BPF_CGROUP_INET6_GETPEERNAME)
+             bpf.BPF_CGROUP_INET4_GETPEERNAME, bpf.BPF_CGROUP_INET6_GETPEERNAME,
+             bpf.BPF_CGROUP_SOCK_OPS)
+ALL_HOOKS = ("connect4", "connect6", "getpeername4", "getpeername6", "sockops")  # ALL_TYPES order
 
 
 def run_py(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -445,7 +447,7 @@ def test_rapid_set_changes_never_fail_a_connect(testbed, dp_factory):
     assert st.details["generation"] == 51
     assert sorted(st.backends) == sorted(set(sets[-1]))
     # the slots map holds exactly the active set after each update
-    fd = bpf.obj_get(f"/sys/fs/bpf/{INSTANCE}/maps-v1/pk_slots")
+    fd = bpf.obj_get(f"/sys/fs/bpf/{INSTANCE}/maps-v{LAYOUT}/pk_slots")
     try:
         assert len(bpf.map_keys(fd, 4)) == len(sets[-1])
     finally:
@@ -506,7 +508,7 @@ def _changed_source(tmp_path: Path) -> Path:
     return src
 
 
-@pytest.mark.parametrize("layout", [1, 2], ids=["same-layout", "new-layout"])
+@pytest.mark.parametrize("layout", [LAYOUT, LAYOUT + 1], ids=["same-layout", "new-layout"])
 def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layout):
     old = dp_factory()
     backends = [testbed.backend("b1"), testbed.backend("b2", 6), testbed.backend("b2")]
@@ -526,12 +528,12 @@ def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layo
     assert st.details["link_ids"] == old_state.details["link_ids"]  # same links, new programs
     assert st.details["program_current"] is True
     assert sorted(st.backends) == sorted(backends)
-    for (hook, attach_type) in zip(("connect4", "connect6", "getpeername4", "getpeername6"), ALL_TYPES):
+    for (hook, attach_type) in zip(ALL_HOOKS, ALL_TYPES):
         ids = attached_ids(attach_type)
         assert new_ids[hook] in ids and old_ids[hook] not in ids
     maps_dirs = sorted(n for n in os.listdir(f"/sys/fs/bpf/{INSTANCE}") if n.startswith("maps-"))
     assert maps_dirs == [f"maps-v{layout}"]
-    if layout == 1:
+    if layout == LAYOUT:
         assert st.details["map_ids"] == old_state.details["map_ids"]  # maps kept
     assert ask("::1", socket.AF_INET6)[0] == "b2"
     # and the original program comes back the same way (a downgrade is an upgrade)
@@ -545,7 +547,7 @@ def test_upgrade_waits_for_a_set_when_the_old_maps_are_unreadable(testbed, dp_fa
     old = dp_factory()
     old.install([testbed.backend("b1")])
     old_ids = old.read_state().details["prog_ids"]
-    new = dp_factory(source=_changed_source(tmp_path), layout=2)
+    new = dp_factory(source=_changed_source(tmp_path), layout=LAYOUT + 1)
     monkeypatch.setattr(EbpfDatapath, "_read_attached_set", lambda self, links: None)
     assert new.install([]) is True
     # nothing swapped yet: the old program still steers to its set
@@ -628,7 +630,7 @@ def test_read_state_without_install_and_without_daemon(testbed, dp_factory):
         st = other.read_state()  # a `status` process: opens pins, no install()
         assert st.installed is True
         assert st.backends == (testbed.backend("b1"),)
-        assert set(st.details["prog_ids"]) == {"connect4", "connect6", "getpeername4", "getpeername6"}
+        assert set(st.details["prog_ids"]) == set(ALL_HOOKS)
         assert st.details["attach_cgroup"] == cgroup_root()
         assert st.details["cgroup_ids"] == [1]
         assert len(st.details["program_hash"]) == 64

@@ -8,7 +8,7 @@ exits, so the long-lived daemon stays small.
 Modes:
   load   compile bpf/prism_sock.c with its maps pinned in `map_dir` (bcc
          BPF_TABLE_PINNED: a pinned map of that path is reused, a missing one
-         is created and pinned), load the four programs and pin them in
+         is created and pinned), load the five programs and pin them in
          `stage_dir`. Attaches nothing: the daemon populates the maps and then
          creates or updates the cgroup links (ebpf.py), so steering never
          starts from an empty map.
@@ -24,12 +24,16 @@ import resource
 import sys
 import time
 
+CGROUP_SOCK_ADDR = 18  # enum bpf_prog_type
+SOCK_OPS = 13
+
 PROGRAMS = (
-    # name, expected attach type (enum bpf_attach_type)
-    ("connect4", 10),      # BPF_CGROUP_INET4_CONNECT
-    ("connect6", 11),      # BPF_CGROUP_INET6_CONNECT
-    ("getpeername4", 29),  # BPF_CGROUP_INET4_GETPEERNAME
-    ("getpeername6", 30),  # BPF_CGROUP_INET6_GETPEERNAME
+    # name, program type, expected attach type (enum bpf_attach_type; None: none needed)
+    ("connect4", CGROUP_SOCK_ADDR, 10),      # BPF_CGROUP_INET4_CONNECT
+    ("connect6", CGROUP_SOCK_ADDR, 11),      # BPF_CGROUP_INET6_CONNECT
+    ("getpeername4", CGROUP_SOCK_ADDR, 29),  # BPF_CGROUP_INET4_GETPEERNAME
+    ("getpeername6", CGROUP_SOCK_ADDR, 30),  # BPF_CGROUP_INET6_GETPEERNAME
+    ("sockops", SOCK_OPS, None),             # attached as BPF_CGROUP_SOCK_OPS (3)
 )
 
 
@@ -66,8 +70,11 @@ def run(req: dict) -> dict:
     t2 = time.monotonic()
     fds: dict[str, int] = {}
     try:
-        for name, attach_type in PROGRAMS:
-            fn = bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
+        for name, prog_type, attach_type in PROGRAMS:
+            if attach_type is None:
+                fn = bpf.load_func(name, prog_type)
+            else:
+                fn = bpf.load_func(name, prog_type, attach_type=attach_type)
             fds[name] = fn.fd
     except Exception as e:
         return {"ok": False, "stage": "load", "error": str(e)}

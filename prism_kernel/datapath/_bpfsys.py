@@ -3,7 +3,7 @@ drive pinned maps and links without importing bcc (bcc's compiler would cost
 the daemon ~130 MB of RSS).
 
 Only the commands prism-kernel uses: map create/lookup/update/delete/next-key,
-obj pin/get, get-fd-by-id, info-by-fd, prog query, link create/update/detach.
+batch lookup, obj pin/get, get-fd-by-id, info-by-fd, prog query, link create/update/detach.
 Every failure raises OSError with the kernel's errno and the command's name.
 """
 
@@ -32,12 +32,14 @@ BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_LINK_GET_FD_BY_ID = 30
+BPF_MAP_LOOKUP_BATCH = 24
 BPF_LINK_DETACH = 34
 
 # enum bpf_map_type (the ones used here)
 BPF_MAP_TYPE_ARRAY = 2
 
 # enum bpf_attach_type
+BPF_CGROUP_SOCK_OPS = 3
 BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_INET4_GETPEERNAME = 29
@@ -78,6 +80,7 @@ _CMD_NAMES = {
     BPF_OBJ_GET_INFO_BY_FD: "OBJ_GET_INFO_BY_FD", BPF_PROG_QUERY: "PROG_QUERY",
     BPF_LINK_CREATE: "LINK_CREATE", BPF_LINK_UPDATE: "LINK_UPDATE",
     BPF_LINK_GET_FD_BY_ID: "LINK_GET_FD_BY_ID", BPF_LINK_DETACH: "LINK_DETACH",
+    BPF_MAP_LOOKUP_BATCH: "MAP_LOOKUP_BATCH",
 }
 
 
@@ -309,6 +312,58 @@ def map_keys(fd: int, key_size: int, limit: int = 1 << 16) -> list[bytes]:
         cur = nxt.raw
         keys.append(cur)
     return keys
+
+
+def map_lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 256,
+                     limit: int = 1 << 20) -> list[tuple[bytes, bytes]]:
+    """All (key, value) pairs of a hash map (plain, per-CPU or LRU), `chunk`
+    elements per BPF_MAP_LOOKUP_BATCH call: one syscall for a small map.
+    `value_size` is what one lookup returns (per-CPU maps: the size rounded up
+    to 8, times possible_cpus()). Consistent per hash bucket, not across the
+    whole map (as any iteration of a live map). Bounded by `limit` elements.
+    Kernels without batch operations (< 5.6): GET_NEXT_KEY + LOOKUP per key."""
+    out: list[tuple[bytes, bytes]] = []
+    in_batch = ctypes.create_string_buffer(8)   # hash maps: a u32 bucket index
+    out_batch = ctypes.create_string_buffer(8)
+    first = True
+    while len(out) < limit:
+        keys = ctypes.create_string_buffer(key_size * chunk)
+        values = ctypes.create_string_buffer(value_size * chunk)
+        a = _attr()
+        # in_batch, out_batch, keys, values (u64 pointers), count u32, map_fd u32,
+        # elem_flags u64, flags u64
+        struct.pack_into("=QQQQIIQQ", a, 0, 0 if first else _addr(in_batch), _addr(out_batch),
+                         _addr(keys), _addr(values), chunk, fd, 0, 0)
+        done = False
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, a)
+        except OSError as e:
+            if e.errno == _errno.ENOSPC and chunk < (1 << 16):
+                chunk *= 4  # a bucket holds more elements than fit: retry larger
+                continue
+            if e.errno in (_errno.EINVAL, _errno.EOPNOTSUPP, 524) and first:  # 524: ENOTSUPP
+                return _lookup_each(fd, key_size, value_size, limit)
+            if e.errno != _errno.ENOENT:
+                raise
+            done = True
+        n = struct.unpack_from("=I", a, 32)[0]
+        kr, vr = keys.raw, values.raw
+        for i in range(n):
+            out.append((kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size]))
+        if done:
+            break
+        ctypes.memmove(in_batch, out_batch, 8)
+        first = False
+    return out
+
+
+def _lookup_each(fd: int, key_size: int, value_size: int, limit: int) -> list[tuple[bytes, bytes]]:
+    out = []
+    for key in map_keys(fd, key_size, limit):
+        v = map_lookup(fd, key, value_size)
+        if v is not None:
+            out.append((key, v))
+    return out
 
 
 def possible_cpus() -> int:

@@ -1,7 +1,8 @@
 """The eBPF data path: cgroup sock_addr programs at the cgroup v2 root rewrite
 connect() to 127.0.0.1:PORT / [::1]:PORT / [::ffff:127.0.0.1]:PORT into a
 connect() to a healthy API server, in the host network namespace only; the
-getpeername hooks make a steered socket report the address it connected to.
+getpeername hooks make a steered socket report the address it connected to;
+a sock_ops program follows the steered sockets (fast failover, below).
 The programs are in bpf/prism_sock.c (its header comment describes them).
 
 Process split
@@ -18,7 +19,8 @@ Pinned state (bpffs, mounted at /sys/fs/bpf when missing)
     /sys/fs/bpf/<instance>/
         meta                  ARRAY[1] {sha256 of program, map layout}: what is attached
         maps-v<LAYOUT>/       pk_config pk_active pk_slots pk_counters pk_stats pk_peers
-        links/                getpeername4 getpeername6 connect4 connect6 (bpf_link)
+                              pk_socks pk_passive
+        links/                getpeername4 getpeername6 sockops connect4 connect6 (bpf_link)
         stage-<pid>/          programs between load and attach (transient)
 
 Map layout and update order
@@ -26,9 +28,14 @@ Map layout and update order
 pk_config (ARRAY[1]) {host netns cookie, listen port}; pk_active (HASH[1],
 key 0) {generation, count4, count6, buf}; pk_slots (HASH) key
 (family << 24 | buf << 16 | index) -> backend; pk_counters (PERCPU_HASH)
-backend -> connects steered; pk_stats (PERCPU_ARRAY); pk_peers (SK_STORAGE).
-The listen port lives in pk_config, not in the program: a port change is a
-config write, not a new program.
+backend -> connects steered; pk_stats (PERCPU_ARRAY); pk_peers (SK_STORAGE);
+pk_socks (LRU_HASH, 65536) socket cookie -> {backend, local address, local
+port}; pk_passive (PERCPU_HASH, 1024) backend -> {refused, syn_timeouts,
+established}. The listen port lives in pk_config, not in the program: a port
+change is a config write, not a new program.
+
+Layout history: 1 = the four sock_addr programs; 2 = + sockops, pk_socks,
+pk_passive, pk_peers gains the backend key, pk_stats gains three counters.
 
 One writer (the daemon). `_write_set()` follows the order documented in
 bpf/prism_sock.c, the order Cilium's and Calico's service syncers use:
@@ -40,11 +47,42 @@ bpf/prism_sock.c, the order Cilium's and Calico's service syncers use:
   3. stale slots deleted (old buffer, beyond the counts);
   4. counters of removed backends deleted.
 A reader that loaded the old selector and finds its slot gone in 3. re-reads
-the selector (bounded, in the program).
+the selector (bounded, in the program). pk_passive is not touched by updates
+(its counters are cumulative); only when it is 3/4 full are the entries of
+backends outside the set dropped.
+
+Fast failover (issue 4)
+-----------------------
+* Which sockets are ours: connect4/connect6 mark every socket they steer
+  (pk_peers, per-socket storage, with the backend key). The sockops program
+  (BPF_CGROUP_SOCK_OPS at the same cgroup root) acts only on marked sockets
+  still connected to that backend: at TCP_CONNECT_CB (SYN about to leave,
+  local port chosen) it enables the STATE and RTO callbacks for the socket and
+  records it in pk_socks[socket cookie] = {backend, local address, port}; at
+  the socket's transition to CLOSE it deletes the record. So pk_socks holds
+  exactly the live steered sockets (SYN_SENT included), enumerable by backend;
+  a direct connection to the same address has no mark and no record.
+* close_connections(backends): one batch read of pk_socks, then one
+  sock_diag SOCK_DESTROY per matching socket by exact 4-tuple + cookie (a
+  later socket reusing the tuple does not match), sent as one netlink batch
+  (_netlink.py). Call it after apply() removed the backends: a connect that
+  picked a backend microseconds before the removal and has not reached
+  tcp_connect() yet is not in pk_socks.
+* passive_failures(): one BPF_MAP_LOOKUP_BATCH of pk_passive, summed over
+  CPUs. refused = SYN_SENT -> CLOSE after a segment came in (the RST);
+  syn_timeouts = every RTO in SYN_SENT (the first about 1 s after the SYN of
+  a black-holed connect, then one a second while net.ipv4.
+  tcp_syn_linear_timeouts lasts (Linux >= 6.7, default 4), then doubling);
+  established = ACTIVE_ESTABLISHED_CB. A
+  connect closed by its owner, aborted (SOCK_DESTROY) or failed by ICMP while
+  in SYN_SENT is not "refused". Counters are cumulative while the maps live
+  (adopt keeps them; a layout upgrade starts new maps at zero).
+* Sockets steered before a layout upgrade are in the old pk_peers only: the
+  new programs neither count nor close them (they finish on their own).
 
 Adopt, upgrade, cleanup
 -----------------------
-* adopt: the four links are pinned, `meta` holds the hash this code would load
+* adopt: the five links are pinned, `meta` holds the hash this code would load
   (sha256 of source + layout + limits) and the pinned maps are the ones the
   attached program uses: open them and go on, nothing detached or rewritten
   but the config when the port changed. `install()` returns True.
@@ -59,8 +97,9 @@ Adopt, upgrade, cleanup
   A layout change also replaces pk_peers: sockets steered before it answer
   getpeername() with the backend's address (same-layout upgrades keep it).
 * fresh: maps populated with `initial`, then links created (getpeername hooks
-  first, so every steered socket has its reverse translation) and pinned.
-* drift: apply() checks that the four links are still attached (link info
+  first, so every steered socket has its reverse translation, then sockops,
+  so that every steered socket is followed) and pinned.
+* drift: apply() checks that the five links are still attached (link info
   has a cgroup) and raises DatapathError when one was detached behind the
   daemon's back, so the daemon's reconcile reinstalls; install() unpins a
   defunct link and creates it anew, keeping the others and the maps.
@@ -95,6 +134,7 @@ from prism_kernel.datapath.base import (
     Datapath,
     DatapathSettings,
     KernelState,
+    PassiveCounts,
 )
 from prism_kernel.datapath.cgroup import find_cgroup2_root
 from prism_kernel.errors import DatapathError, DatapathUnavailable
@@ -102,21 +142,35 @@ from prism_kernel.model import Backend
 
 log = logging.getLogger(__name__)
 
-LAYOUT = 1            # bump when a map's key/value format changes (new maps-v<N> dir)
+
+def _import_netlink():
+    """prism_kernel.datapath._netlink, imported on first use (it loads pyroute2)."""
+    try:
+        from prism_kernel.datapath import _netlink  # noqa: PLC0415
+    except ImportError as e:
+        raise DatapathError(f"pyroute2 is needed to close connections: {e}") from e
+    return _netlink
+
+LAYOUT = 2            # bump when a map's key/value format changes (new maps-v<N> dir)
 MAX_BACKENDS = 64     # per family; PK_MAX_BACKENDS in the C source
+MAX_PASSIVE = 1024    # PK_MAX_PASSIVE: backends with outcome counters
 BPFFS = "/sys/fs/bpf"
 SO_NETNS_COOKIE = 71
 LOADER_TIMEOUT_S = 120.0
 
-# Attach order: reverse translation before steering. Detach in reverse.
+# Attach order: reverse translation and socket tracking before steering.
+# Detach in reverse.
 HOOKS: tuple[tuple[str, int], ...] = (
     ("getpeername4", bpf.BPF_CGROUP_INET4_GETPEERNAME),
     ("getpeername6", bpf.BPF_CGROUP_INET6_GETPEERNAME),
+    ("sockops", bpf.BPF_CGROUP_SOCK_OPS),
     ("connect4", bpf.BPF_CGROUP_INET4_CONNECT),
     ("connect6", bpf.BPF_CGROUP_INET6_CONNECT),
 )
-MAP_NAMES = ("pk_config", "pk_active", "pk_slots", "pk_counters", "pk_stats", "pk_peers")
-STAT_NAMES = ("steered", "no_backend", "retry", "peer_xlate")  # PK_STAT_* order
+MAP_NAMES = ("pk_config", "pk_active", "pk_slots", "pk_counters", "pk_stats", "pk_peers",
+             "pk_socks", "pk_passive")
+STAT_NAMES = ("steered", "no_backend", "retry", "peer_xlate",  # PK_STAT_* order
+              "sock_tracked", "sock_track_failed", "passive_full")
 
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -125,6 +179,8 @@ _CONFIG = struct.Struct("=QII")      # host_netns_cookie, listen_port, flags
 _ACTIVE = struct.Struct("=QIIII")    # gen, count4, count6, buf, pad
 _BACKEND_SIZE = 20                   # addr[16] (network order), port (network order), family, pad
 _META = struct.Struct("=32sI28x")    # sha256, layout
+_SOCK = struct.Struct("=20s16s2s2x")  # pk_sock: backend, local_addr (network order), local_port (network order)
+_OUTCOME = struct.Struct("=QQQ")     # pk_outcome: refused, syn_timeouts, established (per CPU)
 _KEY0 = struct.pack("=I", 0)
 
 
@@ -301,6 +357,7 @@ class EbpfDatapath(Datapath):
         self._cgroup_root: str | None = None
         self._pending: dict[str, int] | None = None  # staged prog fds of a deferred upgrade
         self._ncpus = bpf.possible_cpus()
+        self._outcomes = struct.Struct(f"={3 * self._ncpus}Q")  # pk_passive value, all CPUs
         self.last_load: dict[str, Any] = {}
 
     # --- availability ----------------------------------------------------
@@ -531,6 +588,15 @@ class EbpfDatapath(Datapath):
         for key in bpf.map_keys(counters_fd, _BACKEND_SIZE):
             if key not in wanted:
                 bpf.map_delete(counters_fd, key)
+        # 5. outcome counters stay (cumulative), unless the map is filling up
+        passive_fd = maps.fds["pk_passive"]
+        keys = bpf.map_keys(passive_fd, _BACKEND_SIZE, MAX_PASSIVE + 1)
+        if len(keys) > MAX_PASSIVE * 3 // 4:
+            dropped = [k for k in keys if k not in wanted]
+            for key in dropped:
+                bpf.map_delete(passive_fd, key)
+            log.info("pk_passive %d/%d full: dropped the outcome counters of %d backends "
+                     "outside the set", len(keys), MAX_PASSIVE, len(dropped))
         return gen + 1
 
     @staticmethod
@@ -800,15 +866,111 @@ class EbpfDatapath(Datapath):
         details["stats"] = stats
         counters: dict[Backend, BackendCounters] = {}
         cfd = maps.fds["pk_counters"]
+        passive = self._read_passive(maps)
         for key in bpf.map_keys(cfd, _BACKEND_SIZE):
             raw = bpf.map_lookup(cfd, key, 8 * self._ncpus)
             if raw is None:
                 continue
-            counters[decode_backend(key)] = BackendCounters(
-                connections=sum(struct.unpack(f"={self._ncpus}Q", raw)))
+            b = decode_backend(key)
+            pc = passive.get(b, PassiveCounts())
+            counters[b] = BackendCounters(
+                connections=sum(struct.unpack(f"={self._ncpus}Q", raw)),
+                extra={"refused": pc.refused, "syn_timeouts": pc.syn_timeouts,
+                       "established": pc.established})
+        details["tracked_sockets"] = len(bpf.map_lookup_batch(maps.fds["pk_socks"], 8, _SOCK.size,
+                                                              chunk=4096))
         installed = len(link_ids) == len(HOOKS)
         return KernelState(self.name, installed=installed, backends=tuple(s4 + s6),
                            counters=counters, details=details)
+
+    # --- fast failover ----------------------------------------------------------
+
+    def _read_passive(self, maps: _Maps) -> dict[Backend, PassiveCounts]:
+        ncpus, st = self._ncpus, self._outcomes
+        out: dict[Backend, PassiveCounts] = {}
+        for key, raw in bpf.map_lookup_batch(maps.fds["pk_passive"], _BACKEND_SIZE,
+                                             _OUTCOME.size * ncpus, chunk=64):
+            v = st.unpack(raw)
+            out[decode_backend(key)] = PassiveCounts(refused=sum(v[0::3]),
+                                                     syn_timeouts=sum(v[1::3]),
+                                                     established=sum(v[2::3]))
+        return out
+
+    def passive_failures(self) -> dict[Backend, PassiveCounts]:
+        """Cumulative outcomes of steered connects per backend (the sockops
+        program's pk_passive): one BPF_MAP_LOOKUP_BATCH syscall. {} when not
+        installed."""
+        maps = self._ensure_maps()
+        if maps is None:
+            return {}
+        try:
+            return self._read_passive(maps)
+        except OSError as e:
+            raise DatapathError(f"reading pk_passive failed: {e}") from e
+
+    def steered_sockets(self, backends: Sequence[Backend] | None = None) -> list[Any]:
+        """The live steered sockets (pk_socks) as _netlink.SockId, to
+        `backends` only when given."""
+        _netlink = _import_netlink()  # pyroute2: ~10 MB of RSS, so only on failover
+
+        maps = self._ensure_maps()
+        if maps is None:
+            return []
+        wanted = None if backends is None else {encode_backend(b) for b in backends}
+        try:
+            entries = bpf.map_lookup_batch(maps.fds["pk_socks"], 8, _SOCK.size, chunk=4096)
+        except OSError as e:
+            raise DatapathError(f"reading pk_socks failed: {e}") from e
+        out: list[_netlink.SockId] = []
+        for key, raw in entries:
+            be_raw, local, lport = _SOCK.unpack(raw)
+            if wanted is not None and be_raw not in wanted:
+                continue
+            try:
+                b = decode_backend(be_raw)
+            except DatapathError:
+                continue
+            src = ipaddress.IPv4Address(local[:4]) if b.family == 4 else ipaddress.IPv6Address(local)
+            out.append(_netlink.SockId(src=src, sport=struct.unpack("!H", lport)[0],
+                                       dst=b.address, dport=b.port,
+                                       cookie=struct.unpack("=Q", key)[0]))
+        return out
+
+    def close_connections(self, backends: Sequence[Backend]) -> int:
+        """SOCK_DESTROY every live socket steered to `backends` (pk_socks:
+        established and SYN_SENT alike), by exact 4-tuple and socket cookie:
+        never a direct connection to the same address. Returns how many were
+        aborted. Call after apply() took the backends out of the set."""
+        if not backends:
+            return 0
+        _netlink = _import_netlink()
+
+        socks = self.steered_sockets(backends)
+        if not socks:
+            return 0
+        try:
+            res = _netlink.destroy_sockets(socks)
+        except OSError as e:
+            raise DatapathError(f"sock_diag SOCK_DESTROY failed: {e}") from e
+        gone = [sid for sid, err in res.failed if err == errno.ENOENT]
+        maps = self._maps
+        if gone and maps is not None:
+            # A record whose socket is gone (its CLOSE was missed): drop it.
+            for sid in gone:
+                try:
+                    bpf.map_delete(maps.fds["pk_socks"], struct.pack("=Q", sid.cookie))
+                except OSError:
+                    pass
+        other = {e: n for e, n in res.errors().items() if e != errno.ENOENT}
+        if other:
+            desc = ", ".join(f"{os.strerror(e)} x{n}" for e, n in other.items())
+            if res.destroyed == 0 and len(gone) == 0:
+                raise DatapathError(f"sock_diag SOCK_DESTROY refused for all {len(socks)} "
+                                    f"sockets: {desc} (needs CAP_NET_ADMIN and "
+                                    f"CONFIG_INET_DIAG_DESTROY)")
+            log.warning("close_connections: %d aborted, %d failed: %s", res.destroyed,
+                        sum(other.values()), desc)
+        return res.destroyed
 
     def close(self) -> None:
         if self._maps is not None:

@@ -28,12 +28,34 @@ built from the template nft/ruleset.json; nft/README.md shows the resulting
   SNAT makes backends drop reconnecting SYNs in TIME_WAIT: nft/README.md,
   "Why connection churn was slow").
 
+- Fast failover: close_connections() finds the connections this table
+  steered in conntrack (original direction 127.0.0.1:* -> 127.0.0.1:<listen
+  port>, status DNAT, reply source = the backend: one kernel-filtered dump),
+  aborts each client socket by its original tuple with sock_diag SOCK_DESTROY
+  (established and SYN_SENT alike; the owner gets ECONNABORTED, an established
+  one also sends an RST, NATed to the backend by its entry), then deletes those
+  entries (a SYN_SENT entry would otherwise hold its masquerade port for
+  120 s). Direct connections to the same backend have another original
+  destination and are never touched. The dump walks the whole conntrack
+  hash table in the kernel (about 10 ms with 262144 buckets), so a call costs
+  ~10 ms: fine for a failover, not for polling.
+- passive_failures() returns {} (the base class). Conntrack events
+  (NFNLGRP_CONNTRACK_NEW/UPDATE/DESTROY through ctnetlink, tried on this
+  kernel) show a refused connect (DESTROY in state CLOSE without SEEN_REPLY)
+  and an established one (UPDATE to ESTABLISHED), but not a SYN timeout: a
+  retransmitted SYN changes no conntrack state, so a black hole shows only as
+  the absence of events. And they are not cheap: every conntrack event of the
+  host (all traffic, not only ours; the kernel cannot filter them by tuple)
+  would be read and parsed by the daemon, and a burst overflows the socket
+  (ENOBUFS: events lost), so the signal is neither complete nor reliable.
+
 libnftables is not thread-safe: all calls of one instance go through a lock.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import ipaddress
 import json
@@ -57,6 +79,15 @@ from prism_kernel.errors import DatapathError, DatapathUnavailable
 from prism_kernel.model import Backend
 
 log = logging.getLogger(__name__)
+
+
+def _import_netlink():
+    """prism_kernel.datapath._netlink, imported on first use (it loads pyroute2)."""
+    try:
+        from prism_kernel.datapath import _netlink  # noqa: PLC0415
+    except ImportError as e:
+        raise DatapathError(f"pyroute2 is needed to close connections: {e}") from e
+    return _netlink
 
 # nft/ sits next to the package in the source tree (editable install). A wheel
 # needs it as package data; check_available() says so when it is missing.
@@ -589,6 +620,48 @@ class NftablesDatapath(Datapath):
                             "entered the set",
             },
         )
+
+    def close_connections(self, backends: Sequence[Backend]) -> int:
+        """Abort every connection this table DNATed to `backends` (IPv4 only:
+        nothing else is steered here); returns how many client sockets were
+        aborted. Their conntrack entries are deleted afterwards."""
+        targets = {(b.address, b.port) for b in backends
+                   if b.family == 4 and isinstance(b.address, ipaddress.IPv4Address)}
+        if not targets:
+            return 0
+        _netlink = _import_netlink()  # pyroute2: ~10 MB of RSS, so only on failover
+
+        try:
+            entries = _netlink.dnat_entries(str(_LOOPBACK), self.settings.listen_port)
+        except OSError as e:
+            raise DatapathError(f"conntrack dump failed: {e}") from e
+        ours = [e for e in entries if (e.reply_src, e.reply_sport) in targets]
+        if not ours:
+            return 0
+        socks = [_netlink.SockId(src=e.orig_src, sport=e.orig_sport, dst=e.orig_dst,
+                                 dport=e.orig_dport) for e in ours]
+        try:
+            res = _netlink.destroy_sockets(socks)
+        except OSError as e:
+            raise DatapathError(f"sock_diag SOCK_DESTROY failed: {e}") from e
+        # After the sockets: an established one's RST still needs its entry for NAT.
+        try:
+            deleted = _netlink.delete_entries(ours)
+        except OSError as e:
+            log.warning("deleting %d conntrack entries failed: %s", len(ours), e)
+            deleted = 0
+        other = {e: n for e, n in res.errors().items() if e != errno.ENOENT}
+        if other:
+            desc = ", ".join(f"{os.strerror(e)} x{n}" for e, n in other.items())
+            if res.destroyed == 0 and sum(other.values()) == len(socks):
+                raise DatapathError(f"sock_diag SOCK_DESTROY refused for all {len(socks)} "
+                                    f"sockets: {desc} (needs CAP_NET_ADMIN and "
+                                    f"CONFIG_INET_DIAG_DESTROY)")
+            log.warning("close_connections: %d aborted, %d failed: %s", res.destroyed,
+                        sum(other.values()), desc)
+        log.debug("close_connections: %d conntrack entries, %d sockets aborted, %d entries "
+                  "deleted", len(ours), res.destroyed, deleted)
+        return res.destroyed
 
     def close(self) -> None:
         with self._lock:

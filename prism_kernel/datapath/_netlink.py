@@ -1,0 +1,361 @@
+"""Netlink for fast failover: abort sockets (sock_diag SOCK_DESTROY, as
+`ss -K` does) and find / delete conntrack entries (ctnetlink).
+
+Messages are pyroute2's classes (`inet_diag_req`, `nfct_msg`, `nlmsgerr`,
+its Marshal for parsing); the transport is a plain blocking AF_NETLINK
+socket of our own. pyroute2's socket classes (DiagSocket, NFCTSocket) are
+not used: in pyroute2 0.9 they drive a private asyncio event loop with
+run_until_complete(), which raises "This event loop is already running" when
+called from the daemon's own event loop (checked with 0.9.7). A request to a
+netlink *kernel* socket is handled synchronously inside sendmsg(), so when
+send() returns every ack of the batch is queued: one send and a few
+non-blocking reads per batch.
+
+SOCK_DESTROY needs CAP_NET_ADMIN in the sockets' network namespace and
+CONFIG_INET_DIAG_DESTROY; it acts in the network namespace of the calling
+process (the host's, for the daemon). The owner of a destroyed TCP socket
+gets ECONNABORTED at once (connect() in SYN_SENT included); an established
+one also sends an RST to its peer.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import select
+import socket
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from pyroute2.netlink import (
+    NETLINK_NETFILTER,
+    NETLINK_SOCK_DIAG,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    nlmsg,
+    nlmsgerr,
+)
+from pyroute2.netlink.diag import SOCK_DESTROY, SS_ALL, inet_diag_req
+try:
+    from pyroute2.netlink.marshal import Marshal
+except ImportError:  # pyroute2 < 0.9
+    from pyroute2.netlink.nlsocket import Marshal
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+from pyroute2.netlink.nfnetlink.nfctsocket import (
+    IPCTNL_MSG_CT_DELETE,
+    IPCTNL_MSG_CT_GET,
+    IPCTNL_MSG_CT_NEW,
+    IPS_DST_NAT,
+    NFCTAttrTuple,
+    nfct_msg,
+)
+
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10       # acks carry only the request's header, not its payload
+INET_DIAG_NOCOOKIE = (1 << 64) - 1
+BATCH = 128                # requests per sendmsg(): their acks must fit the receive buffer
+RCVBUF = 4 << 20
+RECV_SIZE = 65536          # > the largest netlink skb (dumps: 32 KiB at most)
+RECV_TIMEOUT = 2.0         # s: the kernel answers within sendmsg(); this is a safety net
+SO_RCVBUFFORCE = 33
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class SockId:
+    """One TCP socket, as sock_diag finds it: the exact 4-tuple as the socket
+    sees it (local = src), and its cookie when known (then only that socket
+    matches, never a later one that reuses the tuple)."""
+
+    src: Address
+    sport: int
+    dst: Address
+    dport: int
+    cookie: int | None = None
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET if self.dst.version == 4 else socket.AF_INET6
+
+
+@dataclass
+class DestroyResult:
+    destroyed: int = 0
+    failed: list[tuple[SockId, int]] = field(default_factory=list)  # (socket, errno); ENOENT: gone
+
+    def errors(self) -> dict[int, int]:
+        """errno -> count."""
+        out: dict[int, int] = {}
+        for _, err in self.failed:
+            out[err] = out.get(err, 0) + 1
+        return out
+
+
+class _Marshal(Marshal):
+    """Parses acks (NLMSG_ERROR -> nlmsgerr, by the base class) and the
+    message classes given."""
+
+    def __init__(self, msg_map: dict[int, type] | None = None):
+        super().__init__()
+        self.msg_map = dict(msg_map or {})
+
+
+def _words(addr: Address) -> tuple[int, int, int, int]:
+    if addr.version == 4:
+        return (int(addr), 0, 0, 0)
+    return struct.unpack(">4I", addr.packed)
+
+
+class _Netlink:
+    """A blocking netlink socket to the kernel (one protocol)."""
+
+    def __init__(self, protocol: int):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+        try:
+            self.sock.bind((0, 0))
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            try:
+                self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            except OSError:
+                pass
+        except BaseException:
+            self.sock.close()
+            raise
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "_Netlink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def next_seq(self) -> int:
+        self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
+        return self.seq
+
+    def _wait_readable(self, timeout: float) -> bool:
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def _recv_all(self, block: bool) -> bytes:
+        """Whatever is queued; when `block`, first wait up to RECV_TIMEOUT for something."""
+        if block and not self._wait_readable(RECV_TIMEOUT):
+            return b""
+        chunks = []
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def request_acks(self, msgs: Sequence[nlmsg]) -> dict[int, int]:
+        """Send messages that carry NLM_F_ACK (sequence numbers set by the
+        caller) in batches; returns seq -> error (0 = done, else a positive errno)."""
+        marshal = _Marshal()
+        results: dict[int, int] = {}
+        for start in range(0, len(msgs), BATCH):
+            part = msgs[start:start + BATCH]
+            want = {m["header"]["sequence_number"] for m in part}
+            self.sock.send(b"".join(m.data for m in part))
+            # The kernel socket handled the batch inside send(): acks are queued.
+            block = False
+            while want:
+                data = self._recv_all(block)
+                if not data:
+                    if block:
+                        break
+                    block = True  # not expected; wait once for stragglers
+                    continue
+                for msg in marshal.parse(data):
+                    seq = msg["header"]["sequence_number"]
+                    if isinstance(msg, nlmsgerr) and seq in want:
+                        want.discard(seq)
+                        results[seq] = abs(msg["error"] or 0)
+            for seq in want:
+                results[seq] = errno.EIO
+        return results
+
+    def dump(self, msg: nlmsg, marshal: Marshal) -> Iterator[nlmsg]:
+        """Send one NLM_F_DUMP request; yield the messages of the answer."""
+        msg.encode()
+        self.sock.send(msg.data)
+        seq = msg["header"]["sequence_number"]
+        while True:
+            if not self._wait_readable(RECV_TIMEOUT):
+                raise OSError(errno.ETIMEDOUT, f"netlink dump: no answer in {RECV_TIMEOUT} s")
+            data = self.sock.recv(RECV_SIZE)
+            for m in marshal.parse(data):
+                if m["header"]["sequence_number"] != seq:
+                    continue
+                if m["header"]["type"] == NLMSG_DONE:
+                    return
+                if isinstance(m, nlmsgerr):
+                    err = abs(m["error"] or 0)
+                    if err:
+                        raise OSError(err, f"netlink dump: {os.strerror(err)}")
+                    return
+                yield m
+
+
+# --- sock_diag -------------------------------------------------------------------
+
+
+def _destroy_msg(sid: SockId, seq: int) -> inet_diag_req:
+    req = inet_diag_req()
+    req["header"]["type"] = SOCK_DESTROY
+    req["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+    req["header"]["sequence_number"] = seq
+    req["header"]["pid"] = 0
+    req["sdiag_family"] = sid.family
+    req["sdiag_protocol"] = socket.IPPROTO_TCP
+    req["idiag_ext"] = 0
+    req["idiag_states"] = SS_ALL
+    req["idiag_sport"] = sid.sport
+    req["idiag_dport"] = sid.dport
+    req["idiag_src"] = _words(sid.src)
+    req["idiag_dst"] = _words(sid.dst)
+    req["idiag_if"] = 0
+    req["idiag_cookie"] = INET_DIAG_NOCOOKIE if sid.cookie is None else sid.cookie
+    req.encode()
+    return req
+
+
+def destroy_sockets(socks: Iterable[SockId]) -> DestroyResult:
+    """SOCK_DESTROY each socket (TCP). Sockets that are gone already (ENOENT)
+    are not counted. Raises OSError only when netlink itself fails."""
+    socks = list(socks)
+    res = DestroyResult()
+    if not socks:
+        return res
+    with _Netlink(NETLINK_SOCK_DIAG) as nl:
+        by_seq = {nl.next_seq(): s for s in socks}
+        acks = nl.request_acks([_destroy_msg(s, seq) for seq, s in by_seq.items()])
+        for seq, s in by_seq.items():
+            err = acks.get(seq, errno.EIO)
+            if err == 0:
+                res.destroyed += 1
+            else:
+                res.failed.append((s, err))
+    return res
+
+
+# --- conntrack -------------------------------------------------------------------
+
+_CT_MSG = NFNL_SUBSYS_CTNETLINK << 8
+
+
+@dataclass(frozen=True)
+class CtEntry:
+    """One IPv4 TCP conntrack entry: original and reply tuples."""
+
+    id: int | None
+    status: int
+    orig_src: ipaddress.IPv4Address
+    orig_sport: int
+    orig_dst: ipaddress.IPv4Address
+    orig_dport: int
+    reply_src: ipaddress.IPv4Address
+    reply_sport: int
+    reply_dst: ipaddress.IPv4Address
+    reply_dport: int
+    state: int | None  # TCP_CONNTRACK_*
+
+
+def _tuple(msg: nlmsg, name: str) -> NFCTAttrTuple | None:
+    t = msg.get_attr(name)
+    if t is None:
+        return None
+    try:
+        return NFCTAttrTuple.from_netlink(socket.AF_INET, t)
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def dnat_entries(daddr: str, dport: int) -> list[CtEntry]:
+    """IPv4 TCP entries whose original destination is daddr:dport and that
+    were DNATed (status IPS_DST_NAT), filtered in the kernel (CTA_FILTER,
+    Linux >= 5.8; CTA_STATUS filter >= 5.15): one dump request."""
+    flt = NFCTAttrTuple(family=socket.AF_INET, daddr=daddr, proto=socket.IPPROTO_TCP, dport=dport)
+    flt.attrs()  # computes flt.flags
+    msg = nfct_msg.create_from(tuple_orig=flt,
+                               cta_filter={"attrs": [["CTA_FILTER_ORIG_FLAGS", flt.flags]]},
+                               status=IPS_DST_NAT, status_mask=IPS_DST_NAT)
+    msg["nfgen_family"] = socket.AF_INET
+    msg["version"] = 0
+    msg["res_id"] = 0
+    msg["header"]["type"] = _CT_MSG | IPCTNL_MSG_CT_GET
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+    out: list[CtEntry] = []
+    marshal = _Marshal({_CT_MSG | IPCTNL_MSG_CT_NEW: nfct_msg, _CT_MSG | IPCTNL_MSG_CT_GET: nfct_msg})
+    with _Netlink(NETLINK_NETFILTER) as nl:
+        msg["header"]["sequence_number"] = nl.next_seq()
+        for m in nl.dump(msg, marshal):
+            if not isinstance(m, nfct_msg):
+                continue
+            o, r = _tuple(m, "CTA_TUPLE_ORIG"), _tuple(m, "CTA_TUPLE_REPLY")
+            if o is None or r is None or o.proto != socket.IPPROTO_TCP:
+                continue
+            # The kernel filter is a superset guarantee on old kernels only: re-check.
+            status = m.get_attr("CTA_STATUS") or 0
+            if o.daddr != daddr or o.dport != dport or not status & IPS_DST_NAT:
+                continue
+            state = None
+            pi = m.get_attr("CTA_PROTOINFO")
+            if pi is not None:
+                tcp = pi.get_attr("CTA_PROTOINFO_TCP")
+                if tcp is not None:
+                    state = tcp.get_attr("CTA_PROTOINFO_TCP_STATE")
+            try:
+                out.append(CtEntry(
+                    id=m.get_attr("CTA_ID"), status=status,
+                    orig_src=ipaddress.IPv4Address(o.saddr), orig_sport=o.sport,
+                    orig_dst=ipaddress.IPv4Address(o.daddr), orig_dport=o.dport,
+                    reply_src=ipaddress.IPv4Address(r.saddr), reply_sport=r.sport,
+                    reply_dst=ipaddress.IPv4Address(r.daddr), reply_dport=r.dport,
+                    state=state))
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def delete_entries(entries: Iterable[CtEntry]) -> int:
+    """Delete conntrack entries by original tuple (and id). Returns how many
+    were deleted (an entry gone already is not an error)."""
+    entries = list(entries)
+    if not entries:
+        return 0
+    with _Netlink(NETLINK_NETFILTER) as nl:
+        msgs = []
+        for e in entries:
+            kw = {"tuple_orig": NFCTAttrTuple(
+                family=socket.AF_INET, saddr=str(e.orig_src), daddr=str(e.orig_dst),
+                proto=socket.IPPROTO_TCP, sport=e.orig_sport, dport=e.orig_dport)}
+            if e.id is not None:
+                kw["id"] = e.id
+            m = nfct_msg.create_from(**kw)
+            m["nfgen_family"] = socket.AF_INET
+            m["version"] = 0
+            m["res_id"] = 0
+            m["header"]["type"] = _CT_MSG | IPCTNL_MSG_CT_DELETE
+            m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+            m["header"]["sequence_number"] = nl.next_seq()
+            m.encode()
+            msgs.append(m)
+        return sum(1 for err in nl.request_acks(msgs).values() if err == 0)
+
+
+__all__ = ["SockId", "DestroyResult", "destroy_sockets", "CtEntry", "dnat_entries",
+           "delete_entries", "NLMSG_ERROR"]
