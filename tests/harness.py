@@ -341,6 +341,14 @@ class Stream:
         return self.closed_at is None
 
     def close(self) -> None:
+        # Shut down first so the reader thread wakes and exits, then close:
+        # closing under a thread blocked in recv() frees the fd number for the
+        # next socket, and the old thread would read that socket's bytes.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(5)
         try:
             self.sock.close()
         except OSError:
