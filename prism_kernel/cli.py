@@ -10,14 +10,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from prism_kernel import __version__
-from prism_kernel.config import DEFAULT_PORT, build_config, load_yaml
+from prism_kernel.config import DEFAULT_PORT, INSTANCE_PATTERN, build_config, load_yaml
 from prism_kernel.errors import ConfigError, PrismError
 from prism_kernel.log import EventLog, route_logging
+
+
+def _instance(value: str) -> str:
+    """Instance names become paths (/run/<instance>, /sys/fs/bpf/<instance>)
+    and table names: the same rule as the configuration's."""
+    if not re.fullmatch(INSTANCE_PATTERN, value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: an instance name is 1-31 characters of a-z, 0-9 and '-', starting with a letter")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="do not verify the server certificate")
     run.add_argument("--cleanup-on-exit", action="store_true", default=None,
                      help="remove the data path when stopping (default: leave it steering)")
-    run.add_argument("--instance", metavar="NAME", help="name of the kernel state (default prism-kernel)")
+    run.add_argument("--instance", type=_instance, metavar="NAME", help="name of the kernel state (default prism-kernel)")
     run.add_argument("--log-format", metavar="logfmt|json", help="log line format (default logfmt)")
     run.add_argument("--metrics-address", metavar="IP",
                      help="address of /metrics, /healthz, /readyz (default 127.0.0.1)")
@@ -64,15 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     st.add_argument("-w", "--watch", nargs="?", const=2.0, type=float, metavar="S",
                     help="repeat every S seconds (default 2) until interrupted")
-    st.add_argument("--instance", default="prism-kernel", metavar="NAME")
+    st.add_argument("--instance", type=_instance, default="prism-kernel", metavar="NAME")
+    st.add_argument("--run-dir", metavar="DIR", help="the daemon's run directory, when its config sets one (default /run/NAME)")
 
     dr = sub.add_parser("doctor", help="check this node: kernel features, capabilities, port; which data path auto would use")
     dr.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT", help="local port the daemon would use (default 7445)")
-    dr.add_argument("--instance", default="prism-kernel", metavar="NAME")
+    dr.add_argument("--instance", type=_instance, default="prism-kernel", metavar="NAME")
     dr.add_argument("-o", "--output", choices=["text", "json"], default="text")
 
     cl = sub.add_parser("cleanup", help="remove everything the daemon created in the kernel and restore sysctls")
-    cl.add_argument("--instance", default="prism-kernel", metavar="NAME")
+    cl.add_argument("--instance", type=_instance, default="prism-kernel", metavar="NAME")
+    cl.add_argument("--run-dir", metavar="DIR", help="the daemon's run directory, when its config sets one (default /run/NAME)")
     cl.add_argument("--force", action="store_true", help="even while a daemon runs (it will re-create its state)")
     return p
 
@@ -128,9 +140,9 @@ def _run(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     from prism_kernel.datapath import ALL, DatapathSettings, datapath_class
     from prism_kernel.errors import DatapathUnavailable
-    from prism_kernel.runstate import daemon_pid
+    from prism_kernel.runstate import RUN_FILES, STATE_FILE, daemon_pid
 
-    run_dir = Path(f"/run/{args.instance}")
+    run_dir = Path(args.run_dir or f"/run/{args.instance}")
     pid = daemon_pid(run_dir)
     if pid and not args.force:
         print(f"prism-kernel cleanup: a daemon (pid {pid}) is running for instance {args.instance!r}; "
@@ -147,11 +159,18 @@ def _cleanup(args: argparse.Namespace) -> int:
         except PrismError as e:
             print(f"prism-kernel cleanup: {name}: {e}", file=sys.stderr)
             failed = True
-    if run_dir.is_dir() and not pid:
+    # Only the files the daemon writes, and not the sysctl backup when a data
+    # path could not be cleaned (it still holds the values to restore).
+    if run_dir.is_dir() and not pid and not failed:
         for f in sorted(run_dir.iterdir()):
-            f.unlink(missing_ok=True)
-        run_dir.rmdir()
-        removed.append(f"run directory {run_dir}")
+            if f.name in RUN_FILES or f.name.startswith(f".{STATE_FILE}."):
+                f.unlink(missing_ok=True)
+        try:
+            run_dir.rmdir()
+            removed.append(f"run directory {run_dir}")
+        except OSError:
+            print(f"prism-kernel cleanup: left {run_dir}: it holds files prism-kernel did not write",
+                  file=sys.stderr)
     for line in removed:
         print(f"removed {line}")
     if not removed:
@@ -179,7 +198,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             if args.watch is not None and args.watch <= 0:
                 raise ConfigError("--watch: the interval must be > 0 seconds")
-            return run_status(args.instance, Path(f"/run/{args.instance}"), args.output, watch=args.watch)
+            return run_status(args.instance, Path(args.run_dir or f"/run/{args.instance}"), args.output,
+                              watch=args.watch)
         if args.command == "cleanup":
             return _cleanup(args)
         if args.command == "doctor":

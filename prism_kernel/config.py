@@ -7,6 +7,7 @@ configuration is valid.
 from __future__ import annotations
 
 import ipaddress
+import ipaddress
 import os
 import re
 import ssl
@@ -28,12 +29,15 @@ from prism_kernel.endpoints import EndpointSpec, parse_endpoint
 from prism_kernel.errors import ConfigError
 
 DEFAULT_PORT = 7445
+INSTANCE_PATTERN = r"^[a-z][a-z0-9-]{0,30}$"
 
 _DURATION_RE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*$")
 
 
 def _parse_duration(value: Any) -> Any:
     """Seconds as a number, or a string with a unit: "500ms", "2s", "1m"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration (use seconds, or 500ms, 2s, 1m)")
     if isinstance(value, str):
         m = _DURATION_RE.match(value)
         if not m:
@@ -103,6 +107,20 @@ class ProbeConfig(BaseModel):
                 ssl.create_default_context(cafile=v)
             except (ssl.SSLError, ValueError) as e:
                 raise ValueError(f"CA file {v!r} holds no usable PEM certificate ({e})") from None
+        return v
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name_is_a_name(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            ipaddress.ip_address(v)
+            return v
+        except ValueError:
+            pass
+        if not re.fullmatch(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?", v):
+            raise ValueError(f"{v!r} is neither a DNS name nor an IP address")
         return v
 
     @field_validator("client_cert_file")
@@ -228,7 +246,7 @@ class Config(BaseModel):
     cleanup_on_exit: bool = Field(False, description="Remove the data path when the daemon stops (tests, demos). Off: the node keeps API access while the daemon restarts.")
     instance: str = Field(
         "prism-kernel",
-        pattern=r"^[a-z][a-z0-9-]{0,30}$",
+        pattern=INSTANCE_PATTERN,
         description="Names the daemon's kernel state, lock and run directory; only change it to run a second, independent instance.",
     )
     log_format: Literal["logfmt", "json"] = Field("logfmt", description="Format of the log lines on stderr.")
@@ -343,6 +361,8 @@ def load_yaml(path: str) -> dict[str, Any]:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"config file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -362,8 +382,12 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
+        elif isinstance(value, dict) and key in out:
+            pass  # the file's value is not a mapping: keep it, validation names it
         elif isinstance(value, dict):
-            out[key] = {k: v for k, v in value.items() if v is not None} or out.get(key, {})
+            given = {k: v for k, v in value.items() if v is not None}
+            if given:
+                out[key] = given
         else:
             out[key] = value
     return out

@@ -58,10 +58,6 @@ class _Target:
     origins: list[str]
     prober: Prober
     host: str = ""  # the host the operator wrote (a DNS name, or the address): the TLS name
-    # A confirmation answered after a readyz timeout: the process is alive,
-    # only slow (e.g. etcd trouble). Its readyz timeouts are then "not ready",
-    # never "dead", until a probe succeeds again.
-    alive_but_slow: bool = False
     task: asyncio.Task | None = None
     since_wall: float | None = None
 
@@ -95,6 +91,7 @@ class Daemon:
         # confirming probe answers, None for a scheduled probe.
         self.results: asyncio.Queue[tuple[Backend, ProbeResult, str | None]] = asyncio.Queue()
         self._confirming: set[Backend] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._confirm_tls = make_confirm_context() if config.probe.mode != "tcp" else None
         self._passive_seen: dict[Backend, PassiveCounts] = {}
         self.datapath: Datapath | None = None
@@ -163,7 +160,12 @@ class Daemon:
                 return 0
             await self._first_round()
             self._select()
-            assert self.selection is not None and self.selection.backends
+            assert self.selection is not None
+            if not self.selection.backends:
+                raise PrismError(
+                    f"no endpoint has an address the {dp_cls.name} data path can steer to "
+                    f"(it steers IPv{'/IPv'.join(map(str, sorted(dp_cls.families)))}); "
+                    f"known addresses: {', '.join(map(str, self.targets)) or 'none'}")
             self.datapath = dp_cls(self.settings)
             adopted = self.datapath.install(self.selection.backends)
             self.log.info("datapath_ready", datapath=dp_cls.name, adopted=adopted)
@@ -353,23 +355,17 @@ class Daemon:
         cfg = self.config.probe
         if passive is not None:
             if result.ok:
-                # The fatal-looking failure is not confirmed: a lost SYN, or a
-                # live server that is only slow. Scheduled probes decide.
+                # Not confirmed: a lost SYN, or a live server that is only
+                # slow. The scheduled probes decide, as for any failure.
                 self.log.info("failure_unconfirmed", address=str(backend), saw=passive)
-                if passive == "readyz timeout":
-                    t.alive_but_slow = True
                 return []
             changes = t.health.mark_down(f"{passive}, confirmed: {result.reason}", time.monotonic())
         else:
-            if result.ok:
-                t.alive_but_slow = False
-            elif result.reason == "readyz timeout" and t.alive_but_slow:
-                result = ProbeResult(False, None, "readyz slow (tls ok)")
             changes = t.health.observe(result, time.monotonic(), cfg.rise, cfg.fall)
-            if (not result.ok and failure_kind(result.reason) == "dead"
-                    and t.health.state == "up" and backend not in self._confirming):
-                # One fatal-looking probe failure: confirm it now rather than
-                # wait `fall` intervals.
+            if (not result.ok and t.health.down_kind != "dead" and backend not in self._confirming
+                    and (failure_kind(result.reason) == "dead" or result.reason == "readyz timeout")):
+                # A fatal-looking failure: confirm it now rather than wait
+                # `fall` intervals (and tell a frozen server from a slow one).
                 self._start_confirm(backend, result.reason)
         if self.metrics is not None:
             if passive is None:
@@ -414,6 +410,10 @@ class Daemon:
         new = select(cands, families)
         old = self.selection
         self.selection = new
+        if old is not None and new.fail_open_families != old.fail_open_families and not new.fail_open:
+            for fam in set(new.fail_open_families) - set(old.fail_open_families):
+                self.log.warn("family_fail_open", family=f"ipv{fam}",
+                              reason=f"no healthy IPv{fam} backend: steering IPv{fam} clients to every known one")
         if old is not None and new.fail_open != old.fail_open:
             if new.fail_open:
                 self.log.warn("fail_open", reason="no healthy backend: steering to every known backend")
@@ -482,6 +482,18 @@ class Daemon:
         self.log.info("connections_closed", backends=",".join(map(str, backends)), count=n,
                       duration_ms=round((time.monotonic() - start) * 1000, 3))
 
+    async def _passive_loop_supervised(self) -> None:
+        """The passive loop, restarted if it ever fails: losing it would
+        silently slow every failover down to the probe interval."""
+        while True:
+            try:
+                await self._passive_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                self.log.error("passive_loop_failed", error=f"{type(e).__name__}: {e}", action="restarting in 1 s")
+                await asyncio.sleep(1.0)
+
     async def _passive_loop(self) -> None:
         """Poll the kernel's per-backend outcome counters of steered connects
         (eBPF sock_ops) and confirm each new failure with an immediate TCP
@@ -514,7 +526,21 @@ class Daemon:
 
     def _start_confirm(self, backend: Backend, saw: str) -> None:
         self._confirming.add(backend)
-        asyncio.create_task(self._confirm(backend, saw))
+        self._spawn(self._confirm(backend, saw), f"confirm {backend}")
+
+    def _spawn(self, coro, what: str) -> asyncio.Task:
+        """A background task that is kept referenced and whose failure is
+        logged, never silently lost."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.log.error("task_failed", task=what, error=f"{type(t.exception()).__name__}: {t.exception()}")
+
+        task.add_done_callback(done)
+        return task
 
     async def _confirm(self, backend: Backend, saw: str) -> None:
         t = self.targets.get(backend)
@@ -527,7 +553,7 @@ class Daemon:
         finally:
             self._confirming.discard(backend)
 
-    def _reconcile(self) -> None:
+    async def _reconcile(self) -> None:
         """Re-assert the set: repairs kernel state changed behind our back (a
         flushed table, a detached program). apply() writes only on a
         difference, so this is free when nothing drifted."""
@@ -538,10 +564,13 @@ class Daemon:
                 self._record_write(self.selection.backends, None)
         except DatapathError as e:
             self.log.warn("reinstall", reason=str(e))
+            backends = self.selection.backends
             try:
-                self.datapath.install(self.selection.backends)
-                self.datapath.apply(self.selection.backends)
-                self._record_write(self.selection.backends, None)
+                # In a thread: an eBPF install may compile (~1 s); the event
+                # loop (probes, metrics, heartbeat) keeps turning.
+                await asyncio.to_thread(self.datapath.install, backends)
+                await asyncio.to_thread(self.datapath.apply, backends)
+                self._record_write(backends, None)
             except DatapathError as e2:
                 self.log.error("reinstall_failed", error=str(e2))
 
@@ -552,7 +581,7 @@ class Daemon:
         next_reconcile = loop.time() + RECONCILE_EVERY
         has_names = any(s.is_name for s in self.config.endpoints)
         stop_wait = asyncio.ensure_future(self._stop.wait())
-        passive_task = asyncio.create_task(self._passive_loop())
+        passive_task = asyncio.create_task(self._passive_loop_supervised())
         resolving: asyncio.Task | None = None
         try:
             while not self._stop.is_set():
@@ -593,7 +622,7 @@ class Daemon:
                     resolving = asyncio.create_task(self._resolve_and_apply())
                 if now >= next_reconcile:
                     next_reconcile = now + RECONCILE_EVERY
-                    self._reconcile()
+                    await self._reconcile()
                 if now >= next_state:
                     self._write_state()
                     next_state = now + STATE_WRITE_EVERY
@@ -617,6 +646,9 @@ class Daemon:
         except ConfigError as e:
             self.log.error("reload_rejected", reason=str(e), kept="running configuration")
             return
+        except Exception as e:  # noqa: BLE001 - a reload must never stop the daemon
+            self.log.error("reload_rejected", reason=f"{type(e).__name__}: {e}", kept="running configuration")
+            return
         old = self.config
         if new.instance != old.instance or new.state_dir != old.state_dir:
             self.log.error("reload_rejected", reason="instance and run_dir name the lock and the kernel state; "
@@ -635,8 +667,10 @@ class Daemon:
                 dp_cls, why = choose(new.datapath, new_settings)
                 current = self.selection.backends if self.selection else ()
                 datapath = dp_cls(new_settings)
-                datapath.install(current)  # atomic: replaces the listen port / table in place
-                datapath.apply(current)
+                # In a thread: an eBPF install may compile with bcc (~1 s);
+                # probes and failover keep running meanwhile.
+                await asyncio.to_thread(datapath.install, current)  # atomic: port / table replaced in place
+                await asyncio.to_thread(datapath.apply, current)
             except PrismError as e:
                 self.log.error("reload_rejected", reason=f"data path: {e}", kept="running configuration")
                 return
@@ -656,6 +690,7 @@ class Daemon:
         self.log.fmt = new.log_format
         if "probe" in changed:
             self.ssl_context = make_ssl_context(new.probe)
+            self._confirm_tls = make_confirm_context() if new.probe.mode != "tcp" else None
             for b, t in self.targets.items():
                 if t.task:
                     t.task.cancel()
@@ -749,6 +784,7 @@ class Daemon:
                 "fall": self.config.probe.fall,
             },
             "fail_open": bool(sel and sel.fail_open),
+            "fail_open_families": [f"ipv{f}" for f in (sel.fail_open_families if sel else ())],
             "selection": {f"ipv{f}": {"mode": s.mode, "tier": s.tier, "backends": [str(x) for x in s.backends]}
                           for f, s in (sel.by_family.items() if sel else [])},
             "active": [str(b) for b in (self.applied or ())],

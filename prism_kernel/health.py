@@ -35,7 +35,7 @@ TIER_CONFIRM = 3
 # coming up is held out (no rejoin, whatever its probes say) for
 # FLAP_BASE_HOLD seconds, doubling with every further flap up to
 # FLAP_MAX_HOLD; a backend that stays up for FLAP_WINDOW is forgiven.
-FLAP_WINDOW = 60.0
+FLAP_WINDOW = 60.0  # (the flap count is reset at the next down after that)
 FLAP_BASE_HOLD = 2.0
 FLAP_MAX_HOLD = 120.0
 
@@ -48,7 +48,10 @@ def failure_kind(reason: str) -> FailureKind:
     connections to it are useless, close them). Unready: it answers but says
     not ready (/readyz non-200, e.g. draining) or its certificate does not
     verify: stop sending new connections, leave the existing ones alone."""
-    if reason.startswith(("http ", "bad http", "readyz slow")) or (reason.startswith("tls: ") and "timeout" not in reason):
+    if reason.startswith(("http ", "bad http", "readyz timeout")) or (reason.startswith("tls: ") and "timeout" not in reason):
+        # readyz timeout: TCP and TLS worked, the answer is slow (etcd trouble
+        # looks like this). Only a failed confirmation (a fresh handshake)
+        # makes it dead: that is how a frozen process is told from a slow one.
         return "unready"
     return "dead"
 
@@ -69,10 +72,7 @@ class Change:
     reason: str
     old: object = None
     new: object = None
-
-    @property
-    def dead(self) -> bool:
-        return self.kind == "down" and failure_kind(self.reason) == "dead"
+    dead: bool = False  # a down change to dead: connections to it are to be aborted
 
 
 def raw_tier(latency: float) -> int:
@@ -157,7 +157,13 @@ class BackendHealth:
                 changes.append(self._go_down(result.reason, now))
             elif self.state == "down" and self.reason != "held out: flapping":
                 self.reason = result.reason
-                self.down_kind = failure_kind(result.reason)
+                kind = failure_kind(result.reason)
+                if kind == "dead" and self.down_kind == "unready":
+                    # A draining server that then died: its connections must
+                    # now be aborted, so this is a change of its own.
+                    changes.append(Change("down", self.backend, result.reason, "down", "down", dead=True))
+                if self.down_kind != "dead":
+                    self.down_kind = kind
         return changes
 
     def mark_down(self, reason: str, now: float) -> list[Change]:
@@ -168,19 +174,24 @@ class BackendHealth:
         self.successes = 0
         self.failures = max(self.failures, 1)
         if self.state == "down":
-            return []
-        return [self._go_down(reason, now)]
+            if self.down_kind == "dead":
+                return []
+            # Down as unready (draining, slow), now confirmed dead.
+            self.down_kind, self.reason = "dead", reason
+            return [Change("down", self.backend, reason, "down", "down", dead=True)]
+        return [self._go_down(reason, now, "dead")]
 
-    def _go_down(self, reason: str, now: float) -> Change:
+    def _go_down(self, reason: str, now: float, kind: FailureKind | None = None) -> Change:
         if self.state == "up" and self.recovered_at is not None and now - self.recovered_at < FLAP_WINDOW:
             self.flaps += 1
             self.held_until = now + min(FLAP_MAX_HOLD, FLAP_BASE_HOLD * 2 ** (self.flaps - 1))
         elif self.state == "up":
             self.flaps = 0  # up long enough since it last came back: forgiven
-        change = Change("down", self.backend, reason, self.state, "down")
+        kind = kind or failure_kind(reason)
+        change = Change("down", self.backend, reason, self.state, "down", dead=kind == "dead")
         self.state, self.since, self.recovered_at = "down", now, None
         self.reason = reason
-        self.down_kind = failure_kind(reason)
+        self.down_kind = kind
         return change
 
     def _update_tier(self, changes: list[Change]) -> None:
@@ -188,6 +199,9 @@ class BackendHealth:
         if self.tier is None:
             if len(self.samples) >= TIER_CONFIRM:
                 self.tier = raw_tier(self.latency)
+                # A change: selection must now use the tier (until here the
+                # backend counted as in the best tier).
+                changes.append(Change("tier", self.backend, f"latency {self.latency * 1000:.2f}ms", None, self.tier))
             return
         candidate = next_tier(self.latency, self.tier)
         if candidate == self.tier:

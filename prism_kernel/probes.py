@@ -91,7 +91,11 @@ class Prober:
         deadline = time.monotonic() + self.cfg.timeout
         phase = ["connect"]
         try:
-            return await asyncio.wait_for(self._probe(deadline, phase), self.cfg.timeout)
+            # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a
+            # cancellation that races with completion, and a cancelled probe
+            # loop (backend removed, reload) must stop.
+            async with asyncio.timeout(self.cfg.timeout):
+                return await self._probe(deadline, phase)
         except asyncio.CancelledError:
             self._drop()
             raise
@@ -133,7 +137,9 @@ class Prober:
                 status, latency = await self._request(*self._conn, phase)
                 self.reused += 1
                 return self._readyz_result(status, latency)
-            except (ConnectionError, asyncio.IncompleteReadError, EOFError, ssl.SSLError, OSError):
+            except (ConnectionError, asyncio.IncompleteReadError, EOFError, ssl.SSLError, OSError, ProbeFailed):
+                # An idle connection the server closed, or leftovers on it:
+                # one fresh connection decides.
                 self._drop()
                 if time.monotonic() >= deadline:
                     raise
@@ -157,37 +163,48 @@ class Prober:
         start = time.monotonic()
         writer.write(request)
         await writer.drain()
-        status_line = await reader.readline()
-        if not status_line:
-            raise asyncio.IncompleteReadError(b"", None)
-        latency = time.monotonic() - start
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise ProbeFailed("bad http response")
-        status = int(parts[1])
-        length, chunked, close = 0, False, parts[0] == b"HTTP/1.0"
-        seen = len(status_line)
-        while True:
-            line = await reader.readline()
-            seen += len(line)
-            if seen > _MAX_HEADER_BYTES:
-                raise ProbeFailed("bad http response")
-            if line in (b"\r\n", b"\n", b""):
+        latency: float | None = None
+        try:
+            while True:
+                status_line = await reader.readline()
+                if not status_line:
+                    raise asyncio.IncompleteReadError(b"", None)
+                if latency is None:
+                    latency = time.monotonic() - start
+                parts = status_line.split(None, 2)
+                if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+                    raise ProbeFailed("bad http response")
+                status = int(parts[1])
+                length, chunked, close = None, False, parts[0] == b"HTTP/1.0"
+                seen = len(status_line)
+                while True:
+                    line = await reader.readline()
+                    seen += len(line)
+                    if seen > _MAX_HEADER_BYTES:
+                        raise ProbeFailed("bad http response")
+                    if line in (b"\r\n", b"\n", b""):
+                        break
+                    name, _, value = line.partition(b":")
+                    name, value = name.strip().lower(), value.strip().lower()
+                    if name == b"content-length" and value.isdigit():
+                        length = int(value)
+                    elif name == b"transfer-encoding" and b"chunked" in value:
+                        chunked = True
+                    elif name == b"connection" and value == b"close":
+                        close = True
+                if 100 <= status < 200:
+                    continue  # 100 Continue and friends: the real answer follows
                 break
-            name, _, value = line.partition(b":")
-            name, value = name.strip().lower(), value.strip().lower()
-            if name == b"content-length" and value.isdigit():
-                length = int(value)
-            elif name == b"transfer-encoding" and b"chunked" in value:
-                chunked = True
-            elif name == b"connection" and value == b"close":
-                close = True
+        except (asyncio.LimitOverrunError, ValueError):
+            raise ProbeFailed("bad http response") from None
         if chunked:
             await self._skip_chunked(reader)
-        elif length:
+        elif length is not None:
             if length > _MAX_BODY_BYTES:
                 raise ProbeFailed("bad http response")
             await reader.readexactly(length)
+        elif status not in (204, 304):
+            close = True  # the body runs to the end of the connection: never reuse it
         if close:
             self._drop()
         return status, latency
@@ -204,9 +221,11 @@ class Prober:
             total += size
             if total > _MAX_BODY_BYTES:
                 raise ProbeFailed("bad http response")
-            await reader.readexactly(size + 2)
             if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields
                 return
+            await reader.readexactly(size + 2)
 
 
 def make_confirm_context() -> ssl.SSLContext:

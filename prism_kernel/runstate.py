@@ -15,6 +15,8 @@ from prism_kernel.errors import LockError
 
 LOCK_FILE = "daemon.lock"
 STATE_FILE = "state.json"
+# Every file prism-kernel writes in its run directory (cleanup removes only these).
+RUN_FILES = (LOCK_FILE, STATE_FILE, "sysctl.json")
 
 
 class DaemonLock:

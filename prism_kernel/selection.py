@@ -50,8 +50,15 @@ class FullSelection:
         return tuple(sorted(b for s in self.by_family.values() for b in s.backends))
 
     @property
+    def fail_open_families(self) -> tuple[int, ...]:
+        return tuple(f for f, s in self.by_family.items() if s.mode == "fail-open")
+
+    @property
     def fail_open(self) -> bool:
-        return any(s.mode == "fail-open" for s in self.by_family.values())
+        """Nothing healthy at all. (An address family can fail open on its own,
+        e.g. an AAAA record on a node without IPv6 routes, while IPv4 serves
+        fine: see fail_open_families.)"""
+        return bool(self.by_family) and all(s.mode == "fail-open" for s in self.by_family.values())
 
 
 def select_family(candidates: Sequence[Candidate]) -> Selection:

@@ -7,8 +7,8 @@ S seconds (JSON: one compact document per line; YAML: `---`-separated).
 
 JSON schema (`-o json`), schema version 1:
   {"schema": 1, "instance": str,
-   "daemon": {"running": bool, "pid": int|null},
-   "healthy": bool,             # a running daemon sees >= 1 healthy backend
+   "daemon": {"running": bool, "pid": int|null, "stale_for_s": float|null},
+   "healthy": bool,             # a running daemon, state fresh, >= 1 healthy backend
    "state": {...}|null,         # the daemon's snapshot, see Daemon.snapshot()
    "kernel": {"<datapath>": {"installed": bool, "backends": [str],
                              "counters": {addr: {"connections": int, ...}},
@@ -31,6 +31,8 @@ from prism_kernel.datapath import ALL, DatapathSettings, datapath_class
 from prism_kernel.errors import PrismError
 from prism_kernel.runstate import daemon_pid, read_state
 
+
+STALE_AFTER = 10.0  # seconds without a state write: the daemon's loop is not turning
 
 # The details people need in the table view; `-o json` has all of them.
 _TEXT_DETAILS = ("attach_cgroup", "pin_dir", "prog_ids", "program_current", "stats",
@@ -55,11 +57,18 @@ def gather(instance: str, run_dir: Path) -> dict[str, Any]:
             "counters": {str(b): {"connections": c.connections, **c.extra} for b, c in ks.counters.items()},
             "details": ks.details,
         }
-    healthy = bool(state) and any(b["state"] == "up" for b in state.get("backends", []))
+    stale = None
+    if state and state.get("updated_at"):
+        import datetime as dt
+
+        age = time.time() - dt.datetime.fromisoformat(state["updated_at"]).timestamp()
+        # The daemon rewrites its state every 2 s: older means its loop is stuck.
+        stale = round(age, 1) if age > STALE_AFTER else None
+    healthy = bool(state) and not stale and any(b["state"] == "up" for b in state.get("backends", []))
     return {
         "schema": 1,
         "instance": instance,
-        "daemon": {"running": pid is not None, "pid": pid if pid and pid > 0 else None},
+        "daemon": {"running": pid is not None, "pid": pid if pid and pid > 0 else None, "stale_for_s": stale},
         "healthy": healthy,
         "state": state,
         "kernel": kernel,
@@ -96,6 +105,8 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
     d = info["daemon"]
     if d["running"]:
         who = f"running (pid {d['pid']})" if d["pid"] else "running"
+        if d.get("stale_for_s"):
+            who += ", " + paint(f"STUCK: its state is {d['stale_for_s']}s old", "bad")
     else:
         who = paint("NOT RUNNING", "bad") + ": the kernel keeps steering with what it holds below, but nothing probes the backends"
     out.write(f"prism-kernel instance {info['instance']}: daemon {who}\n")

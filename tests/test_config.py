@@ -65,6 +65,8 @@ def test_flags_win_over_file():
     ({"probe": {"mode": "readyz"}}, "probe.mode 'readyz' (--probe)", "give probe.ca_file"),
     ({"probe": {"mode": "tcp", "client_cert_file": "/etc/hostname"}}, "probe", "must be given together"),
     ({"datapath": "ipvs"}, "datapath (--datapath)", "'auto', 'ebpf' or 'nftables'"),
+    ({"probe": {"mode": "tcp", "interval": True}}, "probe.interval", "not a duration"),
+    ({"probe": {"mode": "tcp", "server_name": "a\r\nX-Evil: 1"}}, "probe.server_name", "neither a DNS name"),
     ({"instance": "Bad Name"}, "instance (--instance)", "should match pattern"),
 ])
 def test_invalid_values_name_field_and_reason(data, field, reason):
@@ -132,3 +134,26 @@ def test_cli_bad_input_exits_2_and_touches_nothing(argv):
     assert proc.returncode == 2, proc.stderr
     assert "invalid configuration" in proc.stderr
     assert _kernel_snapshot() == before
+
+
+def test_non_utf8_config_is_a_config_error(tmp_path):
+    from prism_kernel.cli import _parser, config_from_args
+
+    f = tmp_path / "bin.yaml"
+    f.write_bytes(b"\xff\xfe endpoints")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config_from_args(_parser().parse_args(["run", "--config", str(f)]))
+
+
+def test_a_non_mapping_section_in_the_file_is_not_hidden_by_flags():
+    with pytest.raises(ConfigError, match="probe"):
+        build_config({"endpoints": ["198.18.1.2:6443"], "probe": "bogus"}, {"probe": {"mode": "tcp"}})
+
+
+@pytest.mark.parametrize("bad", ["", "..", "../etc", "A", "x/y"])
+def test_instance_names_are_validated_on_every_command(bad):
+    from prism_kernel.cli import _parser
+
+    for cmd in ("status", "cleanup", "doctor"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args([cmd, "--instance", bad])

@@ -44,7 +44,7 @@ def test_rise_needs_consecutive_successes():
     assert h.state == "down"
     run(h, [OK, FAIL, OK])
     assert h.state == "down"
-    assert [c.kind for c in h.observe(OK, 9, 2, 3)] == ["up"]
+    assert [c.kind for c in h.observe(OK, 9, 2, 3) if c.kind != "tier"] == ["up"]
 
 
 def test_failure_reasons_are_counted():
@@ -146,7 +146,7 @@ def test_slow_first_sample_does_not_decide_the_tier():
     h = BackendHealth(B)
     changes = run(h, [ProbeResult(True, 0.0032)] + [ProbeResult(True, 0.0003)] * 10)
     assert h.tier == 0
-    assert not [c for c in changes if c.kind == "tier"]
+    assert [(c.old, c.new) for c in changes if c.kind == "tier"] == [(None, 0)]  # only the first assignment
 
 
 # ---- dead versus unready, passive evidence, flap damping -----------------
@@ -155,8 +155,9 @@ from prism_kernel.health import FLAP_BASE_HOLD, FLAP_WINDOW, failure_kind  # noq
 
 
 @pytest.mark.parametrize("reason,kind", [
-    ("refused", "dead"), ("reset", "dead"), ("connect timeout", "dead"), ("readyz timeout", "dead"),
+    ("refused", "dead"), ("reset", "dead"), ("connect timeout", "dead"),
     ("tls handshake timeout", "dead"), ("unreachable", "dead"), ("closed by peer", "dead"),
+    ("readyz timeout", "unready"),
     ("http 503", "unready"), ("http 500", "unready"), ("bad http response", "unready"),
     ("tls: certificate verify failed", "unready"),
 ])
@@ -234,3 +235,31 @@ def test_stable_backend_is_forgiven():
     t2 = t + FLAP_WINDOW + 5  # up for longer than the window
     h.observe(FAIL, t2, 2, 2); h.observe(FAIL, t2 + 1, 2, 2)
     assert h.flaps == 0 and h.held_until is None
+
+
+def test_first_tier_is_a_change():
+    """Selection re-runs only on changes: the first tier must be one, or a
+    slow backend keeps its place from the warm-up forever."""
+    h = BackendHealth(B)
+    ch = [c for i in range(3) for c in h.observe(ProbeResult(True, 0.3), i, 2, 2)]
+    assert h.tier == 3 and [(c.kind, c.old, c.new) for c in ch if c.kind == "tier"] == [("tier", None, 3)]
+
+
+def test_draining_then_dead_is_a_change_that_aborts_connections():
+    h = BackendHealth(B)
+    run(h, [OK])
+    run(h, [ProbeResult(False, None, "http 503")] * 2, fall=2)
+    assert h.down_kind == "unready"
+    changes = h.observe(FAIL, 99, 2, 2)
+    assert [c.kind for c in changes] == ["down"] and changes[0].dead
+    assert h.observe(FAIL, 100, 2, 2) == []  # once
+
+
+def test_confirmed_dead_while_down_as_unready_is_a_dead_change():
+    h = BackendHealth(B)
+    run(h, [OK])
+    run(h, [ProbeResult(False, None, "readyz timeout")] * 2, fall=2)
+    assert h.state == "down" and h.down_kind == "unready"
+    ch = h.mark_down("readyz timeout, confirmed: tls handshake timeout", 50)
+    assert len(ch) == 1 and ch[0].dead and h.down_kind == "dead"
+    assert h.mark_down("again", 51) == []

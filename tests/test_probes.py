@@ -30,12 +30,13 @@ def ca_file(ca, tmp_path_factory):
 class Server:
     """A tiny HTTPS server: status per request, optional close after N requests, optional silence."""
 
-    def __init__(self, ca, status=200, close_after=None, silent=False):
-        self.status, self.close_after, self.silent = status, close_after, silent
+    def __init__(self, ca, status=200, close_after=None, silent=False, raw=None):
+        self.status, self.close_after, self.silent, self.raw = status, close_after, silent, raw
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(self.ctx)
         self.connections = 0
         self.requests = 0
+        self.raw_closes = raw is not None and b"Content-Length" not in raw and b"chunked" not in raw
 
     async def handle(self, reader, writer):
         self.connections += 1
@@ -52,6 +53,13 @@ class Server:
                     await asyncio.sleep(10)
                     return
                 body = b"ok" if self.status == 200 else b"not ready"
+                if self.raw is not None:
+                    writer.write(self.raw)
+                    await writer.drain()
+                    if self.raw_closes:
+                        writer.close()
+                        return
+                    continue
                 writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (self.status, len(body), body))
                 await writer.drain()
                 served += 1
@@ -175,3 +183,24 @@ def test_probes_of_different_backends_do_not_wait_for_each_other(ca, ca_file):
             assert rf.ok and not rs.ok
             assert done_at["fast"] < 0.2 < done_at["slow"]
     run(go())
+
+
+@pytest.mark.parametrize("raw,expect", [
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "ok"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Trailer: 1\r\n\r\n", "ok"),
+    (b"HTTP/1.1 200 OK\r\n\r\nok", "ok"),  # close-delimited body
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", "bad http response"),
+    (b"SSH-2.0-OpenSSH\r\n", "bad http response"),
+])
+def test_readyz_http_edge_cases_are_stable_over_several_probes(ca, ca_file, raw, expect):
+    """Leftovers of one response must never be read as the next one's status
+    line; a malformed answer is "bad http response" (unready), never dead."""
+    async def go():
+        async with Server(ca, raw=raw) as srv:
+            p = prober(srv.port, mode="readyz", ca_file=ca_file)
+            got = [(await p.probe()) for _ in range(4)]
+            await p.close()
+            return got
+    results = run(go())
+    reasons = [r.reason for r in results]
+    assert reasons == [expect] * 4, reasons

@@ -69,7 +69,13 @@ def test_families_are_selected_separately():
     assert sel.by_family[4].backends == (A,)
     assert sel.by_family[6].mode == "fail-open"
     assert sel.backends == (A, V6, V6B)
-    assert sel.fail_open
+    assert sel.fail_open_families == (6,)
+    assert not sel.fail_open  # IPv4 serves: the node is not failing open
+
+
+def test_fail_open_means_nothing_healthy_in_any_family():
+    sel = select([cand(A, False), cand(V6, False)])
+    assert sel.fail_open and sel.fail_open_families == (4, 6)
 
 
 def test_families_filter_drops_unsteerable_family():
