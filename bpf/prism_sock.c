@@ -42,6 +42,11 @@
  *   pk_passive   PERCPU_HASH     backend -> {refused, syn_timeouts, established}:
  *                                cumulative outcome counters of steered connects, created
  *                                by sockops on first use; never reset by updates.
+ *   pk_suspect   LRU_HASH        backend -> u64 deadline (bpf_ktime_get_ns(), CLOCK_MONOTONIC):
+ *                                the backend is suspect until then (in-kernel exclusion,
+ *                                below). Written by sockops only, read by connect4/6; an
+ *                                entry expires by its value, LRU-bounded (PK_MAX_PASSIVE),
+ *                                never written by user space.
  *
  * pk_active, pk_slots and pk_counters are hash maps created with
  * BPF_F_NO_PREALLOC on purpose: a hash update from user space builds a new
@@ -69,16 +74,42 @@
  *   TCP_CONNECT_CB       (in tcp_connect(), SYN about to leave, local port known):
  *                        OR in STATE_CB | RTO_CB for this socket, write pk_socks[cookie].
  *   ACTIVE_ESTABLISHED_CB  established++ (the handshake completed).
- *   RTO_CB in SYN_SENT   syn_timeouts++ (every firing: 1 s after the SYN of a
- *                        black-holed connect, then every second while
- *                        tcp_syn_linear_timeouts lasts, then doubling).
- *   STATE_CB -> CLOSE    refused++ when it leaves SYN_SENT after a segment came
+ *   RTO_CB in SYN_SENT   syn_timeouts++ and the backend marked suspect (every firing:
+ *                        1 s after the SYN of a black-holed connect, then every
+ *                        second while tcp_syn_linear_timeouts lasts, then doubling).
+ *   STATE_CB -> CLOSE    refused++ and the backend marked suspect (the mark first)
+ *                        when it leaves SYN_SENT after a segment came
  *                        in (segs_in > 0: the RST; a SYN-ACK would have made it
  *                        ESTABLISHED). A SYN_SENT socket closed by its owner, aborted
  *                        by SOCK_DESTROY, failed by ICMP or timed out has segs_in == 0
  *                        and is not counted. Then pk_socks[cookie] is deleted.
  * The cb flags are ORed into the socket's current ones: another sock_ops program's
  * flags are kept.
+ *
+ * In-kernel exclusion of suspect backends (layout 3). The daemon learns of a
+ * refusal by polling pk_passive (100 ms); a client retries within microseconds.
+ * So the kernel reacts itself:
+ *   sockops  a steered connect REFUSED (the STATE_CB above) or an RTO in SYN_SENT
+ *            sets pk_suspect[backend] = now + PK_SUSPECT_NS (2 s; each new failure
+ *            moves the deadline on). The STATE_CB of SYN_SENT -> CLOSE runs in
+ *            tcp_done() -> tcp_set_state(), before sk_state becomes CLOSE and
+ *            before sk_state_change()/sk_error_report() wake the connecting
+ *            process, so its immediate retry already sees the mark. (sk_err is
+ *            written just before tcp_done(): a poller on another CPU could see
+ *            the error a few hundred ns before the mark, but its retry still has
+ *            getsockopt/close/socket/connect to do; measured: 0 of 200 retries
+ *            refused, blocking and poll() clients, tests/test_datapath_suspect.py.)
+ *   connect  pk_pick() draws a random slot as before; when its backend is
+ *            suspect (deadline > now) it walks the other slots of the same buffer
+ *            from there, in a random direction (the suspect's share goes to both
+ *            neighbours, not all to one), at most count - 1 steps, and takes the
+ *            first backend that is not suspect (skipped_suspect++). All suspect:
+ *            the original pick (all_suspect++): a connect is never failed and never
+ *            left untouched because of the marks. A slot missing during the walk is
+ *            the same race as above: the selector is re-read (PK_PICK_TRIES).
+ * The mark expires by itself: the daemon removes a confirmed-dead backend from
+ * the set; an unconfirmed one (a single lost SYN) is drawn again after 2 s.
+ * Direct connections have no pk_peers entry: they never mark a backend.
  */
 
 #include <uapi/linux/bpf.h>
@@ -86,13 +117,16 @@
 #include <linux/socket.h>
 
 #ifndef PK_LAYOUT
-#define PK_LAYOUT 2
+#define PK_LAYOUT 3
 #endif
 #define PK_MAX_BACKENDS 64 /* per family; the daemon refuses more */
 #define PK_PICK_TRIES 3
 #define PK_MAX_SOCKS 65536   /* pk_socks: steered sockets tracked at once */
 #define PK_MAX_PASSIVE 1024  /* pk_passive: backends with outcome counters */
 #define PK_CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG)
+#ifndef PK_SUSPECT_NS
+#define PK_SUSPECT_NS 2000000000ULL  /* a refused / SYN-timed-out backend is avoided this long */
+#endif
 
 #define PK_FAMILY4 4
 #define PK_FAMILY6 6
@@ -106,6 +140,10 @@ enum {
 	PK_STAT_SOCK_TRACKED, /* steered sockets entered in pk_socks (tcp_connect) */
 	PK_STAT_SOCK_FAILED,  /* ... and pk_socks updates that failed */
 	PK_STAT_PASSIVE_FULL, /* outcomes not counted: pk_passive full */
+	PK_STAT_SKIPPED_SUSPECT, /* connects moved off a suspect pick to another backend */
+	PK_STAT_ALL_SUSPECT,  /* connects steered to a suspect backend: every one was suspect */
+	PK_STAT_SUSPECT_MARK, /* backends marked suspect (refused / RTO in SYN_SENT) */
+	PK_STAT_SUSPECT_FAILED, /* ... and pk_suspect updates that failed */
 	PK_STAT_MAX,
 };
 
@@ -198,6 +236,7 @@ PK_MAP("percpu_array", __u32, __u64, pk_stats, PK_STAT_MAX, 0);
 PK_SK_STORAGE(pk_peers, struct pk_peer);
 PK_MAP("lru_hash", __u64, struct pk_sock, pk_socks, PK_MAX_SOCKS, 0);
 PK_MAP("percpu_hash", struct pk_backend, struct pk_outcome, pk_passive, PK_MAX_PASSIVE, BPF_F_NO_PREALLOC);
+PK_MAP("lru_hash", struct pk_backend, __u64, pk_suspect, PK_MAX_PASSIVE, 0);
 
 /* --- helpers ------------------------------------------------------------- */
 
@@ -238,27 +277,71 @@ static __always_inline struct pk_config *pk_config_for(struct bpf_sock_addr *ctx
 	return cfg;
 }
 
-/* One random backend of `family` from the live buffer, copied to *out.
- * Returns 0, or -1 when the set of that family is empty. */
+/* The backend is suspect: a steered connect to it was refused or timed out
+ * in SYN_SENT less than PK_SUSPECT_NS ago. */
+static __always_inline int pk_is_suspect(struct pk_backend *be, __u64 now)
+{
+	__u64 *until = pk_suspect.lookup(be);
+
+	return until && *until > now;
+}
+
+/* One random backend of `family` from the live buffer, copied to *out; a
+ * backend that is not suspect when there is one. Returns 0, or -1 when the
+ * set of that family is empty or a slot vanished under an update (*raced). */
 static __always_inline int pk_pick_once(__u8 family, struct pk_backend *out, int *raced)
 {
-	__u32 zero = 0, count, key;
+	__u32 zero = 0, count, buf, idx, step, key;
 	struct pk_active *act;
 	struct pk_backend *be;
+	struct pk_backend cand;
+	__u64 now;
 
 	act = pk_active.lookup(&zero);
 	if (!act)
 		return -1;
 	count = family == PK_FAMILY4 ? act->count4 : act->count6;
+	buf = act->buf & 1;
 	if (count == 0 || count > PK_MAX_BACKENDS)
 		return -1;
-	key = PK_SLOT_KEY(family, act->buf & 1, bpf_get_prandom_u32() % count);
+	idx = bpf_get_prandom_u32() % count;
+	key = PK_SLOT_KEY(family, buf, idx);
 	be = pk_slots.lookup(&key);
 	if (!be) {
 		*raced = 1;  /* slot removed by an update after we read the selector */
 		return -1;
 	}
 	__builtin_memcpy(out, be, sizeof(*out));
+	now = bpf_ktime_get_ns();
+	if (!pk_is_suspect(out, now))
+		return 0;
+
+	/* Suspect: the other slots, walking from idx in a random direction.
+	 * Bounded by the constant (the verifier walks it at most 63 times); the
+	 * empty asm keeps clang from replacing i by a trip count computed from
+	 * count, a value whose bounds the verifier does not follow through. */
+	step = (bpf_get_prandom_u32() & 1) ? 1 : count - 1;
+	for (__u32 i = 1; i < PK_MAX_BACKENDS; i++) {
+		asm volatile("" : "+r"(i));
+		if (i >= count)
+			break;
+		idx += step;
+		if (idx >= count)
+			idx -= count;
+		key = PK_SLOT_KEY(family, buf, idx);
+		be = pk_slots.lookup(&key);
+		if (!be) {
+			*raced = 1;
+			return -1;
+		}
+		__builtin_memcpy(&cand, be, sizeof(cand));
+		if (!pk_is_suspect(&cand, now)) {
+			__builtin_memcpy(out, &cand, sizeof(*out));
+			pk_stat_inc(PK_STAT_SKIPPED_SUSPECT);
+			return 0;
+		}
+	}
+	pk_stat_inc(PK_STAT_ALL_SUSPECT);  /* every backend suspect: the original pick */
 	return 0;
 }
 
@@ -450,6 +533,27 @@ static __always_inline struct pk_outcome *pk_outcome_for(struct pk_backend *be)
 	return o;
 }
 
+/* A steered connect to `be` failed (refused, or an RTO in SYN_SENT): suspect
+ * until now + PK_SUSPECT_NS, a later failure moving the deadline on. An
+ * existing entry is written in place (one aligned 8-byte store): an LRU map
+ * recycles a replaced element at once, under a concurrent reader's feet. */
+static __always_inline void pk_mark_suspect(struct pk_backend *be)
+{
+	__u64 until = bpf_ktime_get_ns() + PK_SUSPECT_NS;
+	__u64 *cur = pk_suspect.lookup(be);
+
+	if (cur) {
+		*cur = until;
+		pk_stat_inc(PK_STAT_SUSPECT_MARK);
+		return;
+	}
+	if (pk_suspect.update(be, &until) == 0) {  /* BPF_ANY: another CPU may have added it */
+		pk_stat_inc(PK_STAT_SUSPECT_MARK);
+		return;
+	}
+	pk_stat_inc(PK_STAT_SUSPECT_FAILED);
+}
+
 static __always_inline void pk_track(struct bpf_sock_ops *skops, struct pk_peer *p)
 {
 	struct pk_sock rec = {};
@@ -504,6 +608,7 @@ int sockops(struct bpf_sock_ops *skops)
 	}
 	if (op == BPF_SOCK_OPS_RTO_CB) {
 		if (skops->state == BPF_TCP_SYN_SENT) {
+			pk_mark_suspect(&p->be);
 			o = pk_outcome_for(&p->be);
 			if (o)
 				o->syn_timeouts += 1;
@@ -514,6 +619,7 @@ int sockops(struct bpf_sock_ops *skops)
 	if (skops->args[1] != BPF_TCP_CLOSE)
 		return 1;
 	if (skops->args[0] == BPF_TCP_SYN_SENT && skops->segs_in > 0) {
+		pk_mark_suspect(&p->be);  /* first: the owner's retry is about to come */
 		o = pk_outcome_for(&p->be);
 		if (o)
 			o->refused += 1;

@@ -54,6 +54,8 @@ def run(req: dict) -> dict:
     with open(req["source"]) as f:
         text = f.read()
     cflags = [f"-DPK_LAYOUT={int(req['layout'])}"]
+    if req.get("suspect_ns") is not None:  # ebpf.SUSPECT_WINDOW_S; the C default otherwise
+        cflags.append(f"-DPK_SUSPECT_NS={int(req['suspect_ns'])}ULL")
     mode = req.get("mode", "load")
     if mode == "load":
         map_dir = req["map_dir"]

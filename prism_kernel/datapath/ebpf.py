@@ -19,7 +19,7 @@ Pinned state (bpffs, mounted at /sys/fs/bpf when missing)
     /sys/fs/bpf/<instance>/
         meta                  ARRAY[1] {sha256 of program, map layout}: what is attached
         maps-v<LAYOUT>/       pk_config pk_active pk_slots pk_counters pk_stats pk_peers
-                              pk_socks pk_passive
+                              pk_socks pk_passive pk_suspect
         links/                getpeername4 getpeername6 sockops connect4 connect6 (bpf_link)
         stage-<pid>/          programs between load and attach (transient)
 
@@ -31,11 +31,14 @@ key 0) {generation, count4, count6, buf}; pk_slots (HASH) key
 backend -> connects steered; pk_stats (PERCPU_ARRAY); pk_peers (SK_STORAGE);
 pk_socks (LRU_HASH, 65536) socket cookie -> {backend, local address, local
 port}; pk_passive (PERCPU_HASH, 1024) backend -> {refused, syn_timeouts,
-established}. The listen port lives in pk_config, not in the program: a port
-change is a config write, not a new program.
+established}; pk_suspect (LRU_HASH, 1024) backend -> u64 deadline in
+bpf_ktime_get_ns() (CLOCK_MONOTONIC). The listen port lives in pk_config,
+not in the program: a port change is a config write, not a new program.
 
 Layout history: 1 = the four sock_addr programs; 2 = + sockops, pk_socks,
-pk_passive, pk_peers gains the backend key, pk_stats gains three counters.
+pk_passive, pk_peers gains the backend key, pk_stats gains three counters;
+3 = + pk_suspect (in-kernel exclusion of suspect backends), pk_stats gains
+four counters.
 
 One writer (the daemon). `_write_set()` follows the order documented in
 bpf/prism_sock.c, the order Cilium's and Calico's service syncers use:
@@ -80,12 +83,36 @@ Fast failover (issue 4)
 * Sockets steered before a layout upgrade are in the old pk_peers only: the
   new programs neither count nor close them (they finish on their own).
 
+In-kernel exclusion of suspect backends
+---------------------------------------
+The daemon polls pk_passive every 100 ms; a client whose connect() was
+refused retries within microseconds and would draw the same dead backend
+with probability 1/N. So the kernel reacts by itself:
+* sockops: a steered connect REFUSED (SYN_SENT -> CLOSE after the RST) or an
+  RTO in SYN_SENT sets pk_suspect[backend] = now + 2 s (SUSPECT_WINDOW_S;
+  every further failure moves it on). The refusal is marked in tcp_done(),
+  before the connecting process is woken with ECONNREFUSED, so its immediate
+  retry already sees the mark (tests/test_datapath_suspect.py measures it).
+* connect4/connect6: the random slot as before; when its backend is suspect,
+  the other slots of the same buffer from there in a random direction (at
+  most count - 1 steps), the first one not suspect wins (stat
+  skipped_suspect); all suspect: the original pick (stat all_suspect). Never a
+  failed or untouched connect because of the marks; a slot vanishing during
+  the walk re-reads the selector like any pick.
+* Nothing in user space writes pk_suspect: a mark expires by its deadline (a
+  confirmed-dead backend leaves the set through the daemon, an unconfirmed
+  one, say a single lost SYN, is drawn again after the window); LRU bounds
+  the map. Direct connections are not steered sockets: they never mark.
+  read_state().details["suspect"] = {"addr:port": seconds left} (live marks
+  only); suspect_backends() returns the same as Backend -> seconds.
+
 Adopt, upgrade, cleanup
 -----------------------
 * adopt: the five links are pinned, `meta` holds the hash this code would load
-  (sha256 of source + layout + limits) and the pinned maps are the ones the
-  attached program uses: open them and go on, nothing detached or rewritten
-  but the config when the port changed. `install()` returns True.
+  (sha256 of source + layout + limits + suspect window) and the pinned maps
+  are the ones the attached program uses: open them and go on, nothing
+  detached or rewritten but the config when the port changed. `install()`
+  returns True.
 * upgrade (links pinned, hash differs, or a link is missing): load the new
   program in the child. Same layout: it reuses the pinned maps, so the live
   set is already there. New layout: new maps dir, populated with the set read
@@ -151,9 +178,11 @@ def _import_netlink():
         raise DatapathError(f"pyroute2 is needed to close connections: {e}") from e
     return _netlink
 
-LAYOUT = 2            # bump when a map's key/value format changes (new maps-v<N> dir)
+LAYOUT = 3            # bump when a map's key/value format changes (new maps-v<N> dir)
 MAX_BACKENDS = 64     # per family; PK_MAX_BACKENDS in the C source
-MAX_PASSIVE = 1024    # PK_MAX_PASSIVE: backends with outcome counters
+MAX_PASSIVE = 1024    # PK_MAX_PASSIVE: backends with outcome counters (and pk_suspect entries)
+SUSPECT_WINDOW_S = 2.0  # a refused / SYN-timed-out backend is avoided this long (-DPK_SUSPECT_NS)
+SUSPECT_NS = int(SUSPECT_WINDOW_S * 1_000_000_000)
 BPFFS = "/sys/fs/bpf"
 SO_NETNS_COOKIE = 71
 LOADER_TIMEOUT_S = 120.0
@@ -168,9 +197,10 @@ HOOKS: tuple[tuple[str, int], ...] = (
     ("connect6", bpf.BPF_CGROUP_INET6_CONNECT),
 )
 MAP_NAMES = ("pk_config", "pk_active", "pk_slots", "pk_counters", "pk_stats", "pk_peers",
-             "pk_socks", "pk_passive")
+             "pk_socks", "pk_passive", "pk_suspect")
 STAT_NAMES = ("steered", "no_backend", "retry", "peer_xlate",  # PK_STAT_* order
-              "sock_tracked", "sock_track_failed", "passive_full")
+              "sock_tracked", "sock_track_failed", "passive_full",
+              "skipped_suspect", "all_suspect", "suspect_marked", "suspect_mark_failed")
 
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -181,6 +211,7 @@ _BACKEND_SIZE = 20                   # addr[16] (network order), port (network o
 _META = struct.Struct("=32sI28x")    # sha256, layout
 _SOCK = struct.Struct("=20s16s2s2x")  # pk_sock: backend, local_addr (network order), local_port (network order)
 _OUTCOME = struct.Struct("=QQQ")     # pk_outcome: refused, syn_timeouts, established (per CPU)
+_DEADLINE = struct.Struct("=Q")      # pk_suspect value: bpf_ktime_get_ns() (CLOCK_MONOTONIC)
 _KEY0 = struct.pack("=I", 0)
 
 
@@ -409,7 +440,8 @@ class EbpfDatapath(Datapath):
             raise unavailable(f"BPF source {source} not found (set PRISM_KERNEL_BPF_DIR)")
         key = hashlib.sha256(source.read_bytes()).hexdigest()
         if key not in cls._check_cache:
-            res = _run_loader({"mode": "check", "source": str(source), "layout": LAYOUT},
+            res = _run_loader({"mode": "check", "source": str(source), "layout": LAYOUT,
+                               "suspect_ns": SUSPECT_NS},
                               raise_on_error=False)
             cls._check_cache[key] = None if res.get("ok") else (
                 f"compile/load check failed at {res.get('stage')}: {res.get('error')}")
@@ -421,7 +453,7 @@ class EbpfDatapath(Datapath):
     def _program_hash(self) -> bytes:
         h = hashlib.sha256()
         h.update(b"prism-kernel ebpf\0")
-        h.update(struct.pack("=II", self.layout, MAX_BACKENDS))
+        h.update(struct.pack("=IIQ", self.layout, MAX_BACKENDS, SUSPECT_NS))
         h.update(self.source.read_bytes())
         return h.digest()
 
@@ -624,7 +656,8 @@ class EbpfDatapath(Datapath):
         _remove_pins(stage)
         try:
             res = _run_loader({"mode": "load", "source": str(self.source), "layout": self.layout,
-                               "map_dir": self.paths.maps, "stage_dir": stage})
+                               "suspect_ns": SUSPECT_NS, "map_dir": self.paths.maps,
+                               "stage_dir": stage})
             self.last_load = res
             fds: dict[str, int] = {}
             try:
@@ -879,6 +912,9 @@ class EbpfDatapath(Datapath):
                        "established": pc.established})
         details["tracked_sockets"] = len(bpf.map_lookup_batch(maps.fds["pk_socks"], 8, _SOCK.size,
                                                               chunk=4096))
+        details["suspect_window_s"] = SUSPECT_WINDOW_S
+        details["suspect"] = {str(b): round(left, 3) for b, left in
+                              sorted(self._read_suspect(maps).items())}
         installed = len(link_ids) == len(HOOKS)
         return KernelState(self.name, installed=installed, backends=tuple(s4 + s6),
                            counters=counters, details=details)
@@ -895,6 +931,30 @@ class EbpfDatapath(Datapath):
                                                      syn_timeouts=sum(v[1::3]),
                                                      established=sum(v[2::3]))
         return out
+
+    def _read_suspect(self, maps: _Maps) -> dict[Backend, float]:
+        now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns()
+        out: dict[Backend, float] = {}
+        for key, raw in bpf.map_lookup_batch(maps.fds["pk_suspect"], _BACKEND_SIZE,
+                                             _DEADLINE.size, chunk=256):
+            until = _DEADLINE.unpack(raw)[0]
+            if until > now:
+                try:
+                    out[decode_backend(key)] = (until - now) / 1e9
+                except DatapathError:
+                    continue
+        return out
+
+    def suspect_backends(self) -> dict[Backend, float]:
+        """Backends the kernel currently avoids (pk_suspect, read only):
+        backend -> seconds until the mark expires. {} when not installed."""
+        maps = self._ensure_maps()
+        if maps is None:
+            return {}
+        try:
+            return self._read_suspect(maps)
+        except OSError as e:
+            raise DatapathError(f"reading pk_suspect failed: {e}") from e
 
     def passive_failures(self) -> dict[Backend, PassiveCounts]:
         """Cumulative outcomes of steered connects per backend (the sockops

@@ -1,0 +1,628 @@
+"""In-kernel exclusion of suspect backends (eBPF data path, layout 3): the
+sockops program marks a backend suspect for SUSPECT_WINDOW_S when a steered
+connect to it is refused or its SYN times out, and connect4/connect6 skip
+suspect backends (all suspect: the original pick), so that a client's
+immediate retry after ECONNREFUSED does not draw the same dead backend.
+
+Needs root, bcc and kernel headers (skipped otherwise). Uses the shared
+testbed with prefix "pks" (net_offset=80: 198.18.81.0/24 and up,
+2001:2:0:51::/64 and up), listen port 37455, instance "pk-sus-dev-ebpf",
+backend port 8080 (plain HTTP of the fake API servers). Every test removes
+its data path, pass or fail; the module removes the testbed.
+
+Run without the shared conftest (its session fixture cleans instance
+"pk-test" and testbed "pkt", which other people's runs use):
+
+    .venv/bin/python -m pytest -q -s --noconftest tests/test_datapath_suspect.py
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+if os.geteuid() != 0:
+    pytest.skip("needs root", allow_module_level=True)
+
+from prism_kernel.datapath import _bpfsys as bpf  # noqa: E402
+from prism_kernel.datapath.base import DatapathSettings  # noqa: E402
+from prism_kernel.datapath.ebpf import (  # noqa: E402
+    LAYOUT,
+    SUSPECT_WINDOW_S,
+    EbpfDatapath,
+    encode_backend,
+)
+from prism_kernel.errors import DatapathUnavailable  # noqa: E402
+from prism_kernel.model import Backend  # noqa: E402
+from tests.testbed import Testbed  # noqa: E402
+
+PORT = 37455
+PREFIX = "pks"
+NET_OFFSET = 80
+INSTANCE = "pk-sus-dev-ebpf"
+REPO = Path(__file__).resolve().parents[1]
+# The commit with the layout-2 data path (sockops, pk_passive, no pk_suspect):
+# what a node runs before this change; the upgrade test installs it first.
+LAYOUT2_COMMIT = "e28568a"
+
+
+def _unavailable() -> str | None:
+    try:
+        EbpfDatapath.check_available(DatapathSettings(listen_port=PORT, instance=INSTANCE))
+    except DatapathUnavailable as e:
+        return e.reason
+    return None
+
+
+# --- fixtures -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tb():
+    with Testbed(n_backends=3, prefix=PREFIX, net_offset=NET_OFFSET) as t:
+        t.add_backend(ipv6=True)  # be3: dual stack
+        t.add_backend(ipv6=True)  # be4: dual stack
+        yield t
+
+
+@pytest.fixture(autouse=True)
+def _backends_healthy(request):
+    """Each test starts and ends with every server running and reachable."""
+    yield
+    if "tb" not in request.fixturenames:
+        return
+    t = request.getfixturevalue("tb")
+    for srv in t.servers:
+        if srv.blackholed:
+            srv.blackhole(False)
+        if not srv.running:
+            srv.start()
+
+
+def _cleanup() -> None:
+    EbpfDatapath.cleanup(DatapathSettings(listen_port=PORT, instance=INSTANCE))
+
+
+@pytest.fixture
+def ebpf(tb):
+    """A factory of EbpfDatapath objects on INSTANCE; the instance is removed
+    before and after the test, pass or fail."""
+    reason = _unavailable()
+    if reason:
+        pytest.skip(f"ebpf unavailable: {reason}")
+    made: list[EbpfDatapath] = []
+
+    def make() -> EbpfDatapath:
+        d = EbpfDatapath(DatapathSettings(listen_port=PORT, instance=INSTANCE))
+        made.append(d)
+        return d
+
+    _cleanup()
+    try:
+        yield make
+    finally:
+        for d in made:
+            d.close()
+        _cleanup()
+
+
+def be(srv) -> Backend:
+    """The data-path backend of a server: its plain-HTTP port."""
+    return Backend.of(srv.address4 or srv.address, srv.http_port)
+
+
+def be6(srv) -> Backend:
+    return Backend.of(srv.address6, srv.http_port)
+
+
+# --- clients ----------------------------------------------------------------------
+
+
+def connect(host: str = "127.0.0.1", port: int = PORT, timeout: float = 3.0,
+            family: int = socket.AF_INET) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def http_ok(s: socket.socket) -> bool:
+    """One request on an open connection; True when it answers 200."""
+    s.settimeout(3)
+    s.sendall(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.startswith(b"HTTP/1.1 200")
+
+
+def served_by(tb, s: socket.socket):
+    """The backend server a connected (or connecting) steered socket went to:
+    each backend sits behind its own host veth, so the socket's local address
+    names it (getpeername() answers 127.0.0.1:PORT, as a proxy would)."""
+    local = s.getsockname()[0]
+    if local.startswith("::ffff:"):
+        local = local[7:]
+    for srv in tb.backends:
+        if local in (srv.host_address, srv.host_address6):
+            return srv
+    raise AssertionError(f"local address {local} belongs to no backend")
+
+
+def steered_to(dp: EbpfDatapath, backend: Backend) -> int:
+    """Connects the kernel steered to `backend` so far (pk_counters)."""
+    st = dp.read_state()
+    return st.counters[backend].connections if backend in st.counters else 0
+
+
+def stats(dp: EbpfDatapath) -> dict[str, int]:
+    return dp.read_state().details["stats"]
+
+
+def forget_suspect(dp: EbpfDatapath, backend: Backend) -> None:
+    """TEST ONLY: drop a mark by hand (the product never writes pk_suspect), so
+    that one process can repeat the first-refusal experiment many times."""
+    fd = bpf.obj_get(f"/sys/fs/bpf/{INSTANCE}/maps-v{LAYOUT}/pk_suspect")
+    try:
+        bpf.map_delete(fd, encode_backend(backend))
+    finally:
+        os.close(fd)
+
+
+def wait_for(cond, timeout: float, step: float = 0.002) -> float | None:
+    """Seconds until cond() held, None on timeout."""
+    t0 = time.monotonic()
+    while True:
+        if cond():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            return None
+        time.sleep(step)
+
+
+def request_with_one_retry(tb) -> tuple[bool, list[str], float | None]:
+    """A client as client-go behaves after ECONNREFUSED: one immediate retry.
+    Returns (request answered 200, backends tried, gap in seconds between the
+    refusal and the retry's connect() call)."""
+    tried: list[str] = []
+    gap = None
+    for attempt in range(2):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(3)
+        try:
+            if attempt == 1:
+                gap = time.perf_counter() - refused_at
+            s.connect(("127.0.0.1", PORT))
+        except ConnectionRefusedError:
+            refused_at = time.perf_counter()
+            s.close()
+            tried.append("refused")
+            continue
+        try:
+            tried.append(served_by(tb, s).name)
+            return http_ok(s), tried, gap
+        finally:
+            s.close()
+    return False, tried, gap
+
+
+# --- the tests ----------------------------------------------------------------------
+
+
+def test_immediate_retry_avoids_a_refusing_backend(tb, ebpf):
+    """(1) 3 backends, one stopped: 300 requests, each retried once at once
+    after a refusal. None fails; after the first refusal no connect within the
+    window reaches the stopped backend."""
+    dp = ebpf()
+    b0, b1, b2 = tb.backends[:3]
+    dp.install([be(b0), be(b1), be(b2)])
+    b0.stop()
+    before = stats(dp)
+    failed: list[list[str]] = []
+    first_refusal = None
+    gaps: list[float] = []
+    per_backend: dict[str, int] = {}
+    t0 = time.monotonic()
+    for i in range(300):
+        ok, tried, gap = request_with_one_retry(tb)
+        if not ok:
+            failed.append(tried)
+        if "refused" in tried and first_refusal is None:
+            first_refusal = time.monotonic()
+        if gap is not None:
+            gaps.append(gap)
+        per_backend[tried[-1]] = per_backend.get(tried[-1], 0) + 1
+    elapsed = time.monotonic() - t0
+    after = stats(dp)
+    print(f"300 requests in {elapsed:.3f} s: served {per_backend}, refusals retried {len(gaps)}, "
+          f"retry gap {[round(g * 1e6) for g in gaps]} us, skipped_suspect "
+          f"{after['skipped_suspect'] - before['skipped_suspect']}")
+    assert failed == [], failed[:5]
+    assert first_refusal is not None  # P(300 draws avoid b0 at random) = (2/3)^300
+    # all of it within one window after the first refusal (else the test proves less)
+    assert time.monotonic() - first_refusal < SUSPECT_WINDOW_S
+    # exactly one connect reached the stopped backend: the first, refused one
+    assert len(gaps) == 1
+    assert steered_to(dp, be(b0)) == 1
+    assert dp.passive_failures()[be(b0)].refused == 1
+    assert after["skipped_suspect"] - before["skipped_suspect"] >= 50  # ~1/3 of 299 draws
+    assert after["all_suspect"] == before["all_suspect"]
+    assert set(dp.suspect_backends()) == {be(b0)}
+    assert set(dp.read_state().details["suspect"]) == {str(be(b0))}
+
+
+def _first_connect(nonblocking: bool) -> tuple[bool, float, float]:
+    """One connect to 127.0.0.1:PORT: (refused, perf_counter() just before
+    the connect() call, perf_counter() when the outcome was known). Non-blocking:
+    connect() then poll() for the outcome and SO_ERROR, as an event-loop
+    client (Go's netpoller, asyncio) learns of a refusal."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if not nonblocking:
+            t0 = time.perf_counter()
+            try:
+                s.connect(("127.0.0.1", PORT))
+            except ConnectionRefusedError:
+                return True, t0, time.perf_counter()
+            return False, t0, time.perf_counter()
+        s.setblocking(False)
+        t0 = time.perf_counter()
+        err = s.connect_ex(("127.0.0.1", PORT))
+        if err == errno.EINPROGRESS:
+            p = select.poll()
+            p.register(s, select.POLLOUT | select.POLLERR)
+            assert p.poll(3000)
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return err == errno.ECONNREFUSED, t0, time.perf_counter()
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "poll"])
+def test_the_mark_is_set_before_the_refused_connect_returns(tb, ebpf, nonblocking):
+    """The ordering, measured: the sockops STATE_CB (SYN_SENT -> CLOSE) runs in
+    tcp_done() before the connecting process is woken with ECONNREFUSED. With
+    two backends, one stopped, 200 fresh first refusals (the mark dropped by
+    hand before each) are each followed by an immediate retry: the retry never
+    draws the refusing backend (without the mark it would, half the time: the
+    layout-2 program refused 103 of 200 such retries), and the mark is there
+    at once."""
+    dp = ebpf()
+    b0, b1 = tb.backends[:2]
+    dp.install([be(b0), be(b1)])
+    b0.stop()
+    trials, retry_on_b0, mark_missing, draws = 200, 0, 0, 0
+    gaps: list[float] = []
+    for _ in range(trials):
+        forget_suspect(dp, be(b0))
+        for _ in range(200):  # until a first connect draws b0 (p = 1/2 each)
+            draws += 1
+            refused, _, refused_at = _first_connect(nonblocking)
+            if refused:
+                break
+        else:
+            raise AssertionError("no connect drew the stopped backend in 200 tries")
+        refused, retry_at, _ = _first_connect(nonblocking)  # the immediate retry
+        gaps.append(retry_at - refused_at)
+        if refused:
+            retry_on_b0 += 1
+        if be(b0) not in dp.suspect_backends():
+            mark_missing += 1
+    gaps.sort()
+    print(f"{'poll' if nonblocking else 'blocking'}: {trials} first refusals, each retried at "
+          f"once (gap median {gaps[len(gaps) // 2] * 1e6:.0f} us, min {gaps[0] * 1e6:.0f} us): "
+          f"retry refused {retry_on_b0}/{trials}, mark missing {mark_missing}/{trials}, "
+          f"{draws} first connects")
+    assert retry_on_b0 == 0
+    assert mark_missing == 0
+
+
+def test_black_holed_backend_is_avoided_after_the_first_syn_timeout(tb, ebpf):
+    """(2) A black-holed backend: the first RTO in SYN_SENT (~1 s after the
+    SYN) marks it; from then on new connects avoid it."""
+    dp = ebpf()
+    b0, b1, b2 = tb.backends[:3]
+    dp.install([be(b0), be(b1), be(b2)])
+    b0.blackhole(True)
+    stuck = None
+    others: list[socket.socket] = []
+    try:
+        for _ in range(200):  # non-blocking connects until one is steered to b0
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            err = s.connect_ex(("127.0.0.1", PORT))
+            assert err in (0, errno.EINPROGRESS), os.strerror(err)
+            if served_by(tb, s) is b0:
+                stuck = s
+                break
+            others.append(s)
+        assert stuck is not None
+        syn_at = time.monotonic()
+        assert dp.suspect_backends() == {}
+        seen = wait_for(lambda: be(b0) in dp.suspect_backends(), timeout=3)
+        assert seen is not None
+        print(f"black-holed backend marked suspect {time.monotonic() - syn_at:.3f} s after "
+              f"its SYN")
+        assert 0.8 < time.monotonic() - syn_at < 1.6
+        assert dp.passive_failures()[be(b0)].syn_timeouts >= 1
+        n_b0 = steered_to(dp, be(b0))
+        served: dict[str, int] = {}
+        for _ in range(100):
+            with connect(timeout=2) as s:
+                served[served_by(tb, s).name] = served.get(served_by(tb, s).name, 0) + 1
+                assert http_ok(s)
+        print(f"100 connects while b0 is suspect: {served}")
+        assert "be0" not in served
+        assert steered_to(dp, be(b0)) == n_b0
+        assert time.monotonic() - syn_at < 1.0 + SUSPECT_WINDOW_S
+    finally:
+        if stuck is not None:
+            stuck.close()
+        for s in others:
+            s.close()
+
+
+def test_all_backends_refused_still_steers(tb, ebpf):
+    """(3) Every backend refused (all suspect): each connect is still steered
+    (to the random original pick, spread over all) and refused by a backend;
+    the program never leaves it untouched or fails it."""
+    dp = ebpf()
+    servers = tb.backends[:3]
+    dp.install([be(s) for s in servers])
+    for s in servers:
+        s.stop()
+    before = stats(dp)
+    n = 60
+    errors: dict[str, int] = {}
+    for _ in range(n):
+        try:
+            connect(timeout=2).close()
+            errors["connected"] = errors.get("connected", 0) + 1
+        except OSError as e:
+            errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+    after = stats(dp)
+    print(f"{n} connects with every backend refused: {errors}; suspect "
+          f"{dp.read_state().details['suspect']}; all_suspect "
+          f"{after['all_suspect'] - before['all_suspect']}")
+    assert errors == {"ConnectionRefusedError": n}
+    assert after["steered"] - before["steered"] == n
+    assert after["no_backend"] == before["no_backend"]
+    passive = dp.passive_failures()
+    assert sum(passive[be(s)].refused for s in servers) == n  # refused by backends, steered
+    assert all(steered_to(dp, be(s)) > 0 for s in servers)  # the original pick: still random
+    assert set(dp.suspect_backends()) == {be(s) for s in servers}
+    assert after["all_suspect"] - before["all_suspect"] >= n - 6  # all three marked after a few
+
+
+def test_the_mark_expires_by_itself(tb, ebpf):
+    """(4) After the window a restarted backend receives connects again, with
+    no write from user space (the set's generation is unchanged)."""
+    dp = ebpf()
+    b0, b1, b2 = tb.backends[:3]
+    dp.install([be(b0), be(b1), be(b2)])
+    gen = dp.read_state().details["generation"]
+    b0.stop()
+    for _ in range(200):
+        try:
+            connect().close()
+        except ConnectionRefusedError:
+            break
+    marked_at = time.monotonic()
+    b0.start()
+    left = dp.suspect_backends()[be(b0)]
+    assert 0 < left <= SUSPECT_WINDOW_S
+    # still inside the window: b0 is up again, but avoided
+    inside: set[str] = set()
+    for _ in range(60):
+        with connect() as s:
+            inside.add(served_by(tb, s).name)
+    assert time.monotonic() - marked_at < SUSPECT_WINDOW_S - 0.1
+    assert "be0" not in inside
+    # the mark runs out by itself
+    gone = wait_for(lambda: be(b0) not in dp.suspect_backends(), timeout=SUSPECT_WINDOW_S + 1)
+    expired_after = time.monotonic() - marked_at
+    print(f"mark expired {expired_after:.3f} s after the refusal")
+    assert gone is not None and SUSPECT_WINDOW_S - 0.2 < expired_after < SUSPECT_WINDOW_S + 0.3
+    after: dict[str, int] = {}
+    for _ in range(60):
+        with connect() as s:
+            name = served_by(tb, s).name
+            after[name] = after.get(name, 0) + 1
+            assert http_ok(s)
+    print(f"60 connects after the window: {after}")
+    assert after.get("be0", 0) > 0  # P(none) = (2/3)^60
+    st = dp.read_state()
+    assert st.details["generation"] == gen  # nobody wrote the set
+    assert st.details["suspect"] == {}
+
+
+def test_a_direct_connection_does_not_mark(tb, ebpf):
+    """(5) A connection to the backend's own address (not steered) that is
+    refused leaves no mark: steered connects keep drawing that backend."""
+    dp = ebpf()
+    b0, b1, b2 = tb.backends[:3]
+    dp.install([be(b0), be(b1), be(b2)])
+    b0.stop()
+    marks = stats(dp)["suspect_marked"]
+    for _ in range(20):
+        with pytest.raises(ConnectionRefusedError):
+            connect(b0.address, b0.http_port)
+    assert dp.suspect_backends() == {}
+    assert stats(dp)["suspect_marked"] == marks
+    assert be(b0) not in dp.passive_failures()
+    # the first steered refusal is what marks it
+    for _ in range(200):
+        try:
+            connect().close()
+        except ConnectionRefusedError:
+            break
+    assert set(dp.suspect_backends()) == {be(b0)}
+    assert stats(dp)["suspect_marked"] == marks + 1
+
+
+def test_ipv6_and_dual_stack(tb, ebpf):
+    """connect6: [::1] over two IPv6 backends, one stopped, and a v4-mapped
+    [::ffff:127.0.0.1] connect over the IPv4 set: immediate retries never fail."""
+    dp = ebpf()
+    v6a, v6b = tb.backends[3], tb.backends[4]
+    b1, b2 = tb.backends[1:3]
+    dp.install([be6(v6a), be6(v6b), be(b1), be(b2)])
+    v6a.stop()
+    b1.stop()
+    for host in ("::1", "::ffff:127.0.0.1"):
+        failed = 0
+        refused = 0
+        for _ in range(100):
+            for attempt in range(2):
+                try:
+                    with connect(host, family=socket.AF_INET6) as s:
+                        assert http_ok(s)
+                    break
+                except ConnectionRefusedError:
+                    refused += 1
+                    if attempt == 1:
+                        failed += 1
+        print(f"[{host}]: 100 requests, {refused} refused connects, {failed} failed after a retry")
+        assert failed == 0
+        assert refused == 1
+    assert set(dp.suspect_backends()) == {be6(v6a), be(b1)}
+    assert steered_to(dp, be6(v6a)) == 1 and steered_to(dp, be(b1)) == 1
+
+
+def test_suspect_state_without_install(tb, ebpf):
+    dp = ebpf()
+    assert dp.suspect_backends() == {}
+    dp.install([be(tb.backends[0])])
+    st = dp.read_state()
+    assert st.details["suspect"] == {} and st.details["suspect_window_s"] == SUSPECT_WINDOW_S
+    for name in ("skipped_suspect", "all_suspect", "suspect_marked", "suspect_mark_failed"):
+        assert st.details["stats"][name] == 0
+    json.dumps(st.details)  # `prism-kernel status -o json` prints it
+
+
+# --- upgrade from layout 2 ---------------------------------------------------------------
+
+
+def _git_tree(commit: str, dest: Path) -> bool:
+    if shutil.which("git") is None:
+        return False
+    arch = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "prism_kernel",
+                           "bpf"], capture_output=True, timeout=60)
+    if arch.returncode != 0:
+        return False
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True, timeout=60)
+    return True
+
+
+OLD_INSTALL = """
+import json, sys
+from prism_kernel.datapath.base import DatapathSettings
+from prism_kernel.datapath.ebpf import EbpfDatapath, LAYOUT
+from prism_kernel.model import Backend
+dp = EbpfDatapath(DatapathSettings(listen_port=int(sys.argv[1]), instance=sys.argv[2]))
+dp.install([Backend.of(a, int(sys.argv[3])) for a in sys.argv[4:]])
+st = dp.read_state()
+print(json.dumps({"layout": LAYOUT, "prog_ids": st.details["prog_ids"],
+                  "link_ids": st.details["link_ids"]}))
+"""
+
+
+def test_upgrade_from_layout2(tb, ebpf, tmp_path):
+    """A node running the layout-2 data path is upgraded in place: the five
+    links move to the new programs (link update), the set is carried into the
+    new maps, no connect fails on the way; then suspect exclusion works."""
+    old_tree = tmp_path / "old"
+    if not _git_tree(LAYOUT2_COMMIT, old_tree):
+        pytest.skip(f"commit {LAYOUT2_COMMIT} not available")
+    servers = tb.backends[:3]
+    env = dict(os.environ, PYTHONPATH=str(old_tree))
+    r = subprocess.run([sys.executable, "-c", OLD_INSTALL, str(PORT), INSTANCE,
+                        str(servers[0].http_port), *(s.address for s in servers)],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=str(old_tree))
+    assert r.returncode == 0, r.stderr
+    old = json.loads(r.stdout.strip().splitlines()[-1])
+    assert old["layout"] == 2 and len(old["link_ids"]) == 5
+
+    failures: list[str] = []
+    ok = [0]
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                with connect(timeout=2) as s:
+                    if not http_ok(s):
+                        failures.append("not 200")
+                ok[0] += 1
+            except OSError as e:
+                failures.append(repr(e))
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.3)
+        dp = ebpf()
+        assert dp.install([]) is True  # upgraded in place, the set carried over
+        n_before = ok[0]
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join(10)
+    assert failures == [], failures[:5]
+    assert ok[0] > n_before > 0
+    st = dp.read_state()
+    assert st.installed and st.details["layout"] == LAYOUT == 3 and st.details["program_current"]
+    assert sorted(st.backends) == sorted(be(s) for s in servers)
+    assert st.details["link_ids"] == old["link_ids"]  # the same links, new programs
+    assert set(st.details["prog_ids"].values()).isdisjoint(old["prog_ids"].values())
+    assert sorted(n for n in os.listdir(f"/sys/fs/bpf/{INSTANCE}") if n.startswith("maps-")) == \
+        [f"maps-v{LAYOUT}"]
+    # the new programs exclude a refusing backend
+    servers[0].stop()
+    results = [request_with_one_retry(tb) for _ in range(100)]
+    assert all(ok for ok, _, _ in results)
+    assert sum(tried.count("refused") for _, tried, _ in results) == 1
+    assert dp.passive_failures()[be(servers[0])].refused == 1
+
+
+def test_passive_counters_and_marks_coexist(tb, ebpf):
+    """The outcome counters keep counting every failure while the mark is on
+    (the daemon's confirmation still sees them)."""
+    dp = ebpf()
+    b0, b1 = tb.backends[:2]
+    dp.install([be(b0), be(b1)])
+    b0.stop()
+    for _ in range(200):
+        try:
+            connect().close()
+        except ConnectionRefusedError:
+            break
+    # a direct refusal: not counted; an apply() leaves the marks alone
+    with pytest.raises(ConnectionRefusedError):
+        connect(b0.address, b0.http_port)
+    assert dp.apply([be(b0), be(b1), be(tb.backends[2])]) is True
+    assert set(dp.suspect_backends()) == {be(b0)}
+    assert dp.passive_failures()[be(b0)].refused == 1
