@@ -94,6 +94,7 @@ class Daemon:
         self._tasks: set[asyncio.Task] = set()
         self._confirm_tls = make_confirm_context() if config.probe.mode != "tcp" else None
         self._passive_seen: dict[Backend, PassiveCounts] = {}
+        self._passive_primed = False
         self.datapath: Datapath | None = None
         self.datapath_reason = ""
         self.selection: FullSelection | None = None
@@ -510,11 +511,15 @@ class Daemon:
                 continue
             if not counts:
                 continue
+            primed = self._passive_primed
+            self._passive_primed = True
             for b, c in counts.items():
                 prev = self._passive_seen.get(b)
                 self._passive_seen[b] = c
                 if prev is None:
-                    continue  # first sight: nothing to compare with
+                    if not primed:
+                        continue  # the first read: counts from before this daemon
+                    prev = PassiveCounts()  # appeared since: everything in it is new
                 refused, timeouts = c.refused - prev.refused, c.syn_timeouts - prev.syn_timeouts
                 t = self.targets.get(b)
                 if (refused <= 0 and timeouts <= 0) or t is None or t.health.state == "down" or b in self._confirming:
@@ -682,6 +687,7 @@ class Daemon:
             elif old_dp is not None:
                 old_dp.close()
             self._passive_seen.clear()
+            self._passive_primed = False
             if self.metrics is not None:
                 self.metrics.set_kernel_readers(*datapath_readers(dp_cls, new_settings))
         if "metrics" in changed:

@@ -35,7 +35,7 @@ from prism_kernel.runstate import daemon_pid, read_state
 STALE_AFTER = 10.0  # seconds without a state write: the daemon's loop is not turning
 
 # The details people need in the table view; `-o json` has all of them.
-_TEXT_DETAILS = ("attach_cgroup", "pin_dir", "prog_ids", "program_current", "stats",
+_TEXT_DETAILS = ("attach_cgroup", "pin_dir", "prog_ids", "program_current", "stats", "suspect",
                  "table", "family", "route_localnet", "handles")
 
 
