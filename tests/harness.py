@@ -223,7 +223,7 @@ class Request:
     ok: bool
     backend: str | None
     first_error: str | None  # the first attempt's error, when it was retried
-    first_error_backend_hint: str | None = None
+    retry_error: str | None = None  # the retry's error, when it failed too
 
 
 @dataclass
@@ -231,7 +231,14 @@ class RecordingClient:
     """New connections at a steady rate (the issue's fault clients: ~200/s,
     2 s timeout per attempt, one retry), each request recorded, bounded in
     count and time. A few threads so one hanging attempt does not stall the
-    rate."""
+    rate.
+
+    The retry waits `retry_delay` (50 ms), as real clients back off (client-go
+    far longer). Immediate retries after a *refused* connect are covered by
+    the eBPF path's in-kernel exclusion; the delay matters for a request
+    whose server was killed mid-request (EOF, no refusal for the kernel to
+    see): by the time it retries, other connects have been refused and the
+    backend is excluded."""
 
     ctx: ssl.SSLContext
     port: int = TEST_PORT
@@ -239,6 +246,7 @@ class RecordingClient:
     timeout: float = 2.0
     threads: int = 4
     max_seconds: float = 60.0
+    retry_delay: float = 0.05
     requests: list[Request] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -256,8 +264,9 @@ class RecordingClient:
             except (OSError, ValueError, IndexError) as e:
                 if attempt == 0:
                     first_error = f"{type(e).__name__}: {e}"
+                    time.sleep(self.retry_delay)
                 else:
-                    return Request(t0, time.monotonic(), False, None, first_error)
+                    return Request(t0, time.monotonic(), False, None, first_error, f"{type(e).__name__}: {e}")
         raise AssertionError("unreachable")
 
     def _run(self, n: int) -> None:
