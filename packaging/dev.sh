@@ -16,6 +16,7 @@ DEB_PACKAGES=(
   nftables python3-nftables                   # nftables data path
   iproute2 procps                             # test hosts in network namespaces
   openssl
+  systemd shellcheck                          # tests check the unit file and the entrypoint script
 )
 # Only for the benchmark: load generator, userspace reference, backend.
 BENCH_PACKAGES=(wrk haproxy nginx)
