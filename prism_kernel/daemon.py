@@ -509,8 +509,8 @@ class Daemon:
                 self.log.warn("passive_read_failed", error=str(e))
                 await asyncio.sleep(5)
                 continue
-            if not counts:
-                continue
+            # The first read (even an empty one) is the baseline; anything
+            # that appears after it is new.
             primed = self._passive_primed
             self._passive_primed = True
             for b, c in counts.items():

@@ -114,3 +114,15 @@ class Datapath(ABC):
         """Remove everything this data path created for `settings.instance`
         (and restore sysctls it changed). Idempotent; works with no daemon and
         no prior install(). Returns a line per thing removed."""
+
+
+def import_netlink():
+    """prism_kernel.datapath._netlink, imported on first use: it loads
+    pyroute2 (~10 MB, ~90 ms), which only closing connections needs."""
+    try:
+        from prism_kernel.datapath import _netlink  # noqa: PLC0415
+    except ImportError as e:
+        from prism_kernel.errors import DatapathError
+
+        raise DatapathError(f"pyroute2 is needed to close connections: {e}") from e
+    return _netlink

@@ -162,6 +162,7 @@ from prism_kernel.datapath.base import (
     DatapathSettings,
     KernelState,
     PassiveCounts,
+    import_netlink,
 )
 from prism_kernel.datapath.cgroup import find_cgroup2_root
 from prism_kernel.errors import DatapathError, DatapathUnavailable
@@ -170,13 +171,6 @@ from prism_kernel.model import Backend
 log = logging.getLogger(__name__)
 
 
-def _import_netlink():
-    """prism_kernel.datapath._netlink, imported on first use (it loads pyroute2)."""
-    try:
-        from prism_kernel.datapath import _netlink  # noqa: PLC0415
-    except ImportError as e:
-        raise DatapathError(f"pyroute2 is needed to close connections: {e}") from e
-    return _netlink
 
 LAYOUT = 3            # bump when a map's key/value format changes (new maps-v<N> dir)
 MAX_BACKENDS = 64     # per family; PK_MAX_BACKENDS in the C source
@@ -971,7 +965,7 @@ class EbpfDatapath(Datapath):
     def steered_sockets(self, backends: Sequence[Backend] | None = None) -> list[Any]:
         """The live steered sockets (pk_socks) as _netlink.SockId, to
         `backends` only when given."""
-        _netlink = _import_netlink()  # pyroute2: ~10 MB of RSS, so only on failover
+        _netlink = import_netlink()  # pyroute2: ~10 MB of RSS, so only on failover
 
         maps = self._ensure_maps()
         if maps is None:
@@ -1003,7 +997,7 @@ class EbpfDatapath(Datapath):
         aborted. Call after apply() took the backends out of the set."""
         if not backends:
             return 0
-        _netlink = _import_netlink()
+        _netlink = import_netlink()
 
         socks = self.steered_sockets(backends)
         if not socks:

@@ -8,12 +8,23 @@ built from the template nft/ruleset.json; nft/README.md shows the resulting
   DNATed to a remote address (the kernel drops it as martian), so apply()
   ignores IPv6 backends (logged) and steers to the IPv4 ones.
 - Every change is one libnftables JSON batch, i.e. one atomic nf_tables
-  transaction, and a rejected batch changes nothing. The backend set is an
-  anonymous map inside the one DNAT rule (`numgen random mod N map { 0 : a . p,
-  ... }`): modulus and map are a single object, so a change replaces that rule
-  in place and no packet can see N and the map disagree. (A named map of
-  `ip daddr . tcp dport` values cannot be created through libnftables' JSON
-  API in nftables 1.0.6, Debian 12's.)
+  transaction, and a rejected batch changes nothing. The DNAT rule draws a
+  slot with an anonymous verdict map in the one rule (`numgen random mod N
+  vmap { 0 : goto pick_0, ... }`): modulus and map are a single object, so
+  no packet can see N and the map disagree. Each slot's chain `pick_i`
+  DNATs to its backend unless that backend is flagged suspect, else to the
+  next unflagged one in ring order, else (all flagged) to its own backend.
+  A set change rewrites the rule, the pick chains and the per-backend
+  objects in the same batch. (A named map of `ip daddr . tcp dport` values
+  cannot be created through libnftables' JSON API in nftables 1.0.6,
+  Debian 12's.)
+- Refused connects are handled in the kernel (nft/README.md, "Refused
+  connects"): a rule in filter_prerouting catches a backend's RST (or
+  SYN-ACK) to a steered connect that never became ASSURED, counts it per
+  backend in the dynamic sets `refused` / `established` (read by
+  passive_failures()), and for an RST raises the backend's suspect flag for
+  2 s (set `suspect_<id>`, timeout element), which the pick chains honour.
+  The flag expires by itself; no userspace is in the loop.
 - Nothing is written when the kernel already holds the wanted state: apply()
   reads the table and compares.
 - The kernel state outlives the process: install() adopts a table an earlier
@@ -39,15 +50,13 @@ built from the template nft/ruleset.json; nft/README.md shows the resulting
   destination and are never touched. The dump walks the whole conntrack
   hash table in the kernel (about 10 ms with 262144 buckets), so a call costs
   ~10 ms: fine for a failover, not for polling.
-- passive_failures() returns {} (the base class). Conntrack events
-  (NFNLGRP_CONNTRACK_NEW/UPDATE/DESTROY through ctnetlink, tried on this
-  kernel) show a refused connect (DESTROY in state CLOSE without SEEN_REPLY)
-  and an established one (UPDATE to ESTABLISHED), but not a SYN timeout: a
-  retransmitted SYN changes no conntrack state, so a black hole shows only as
-  the absence of events. And they are not cheap: every conntrack event of the
-  host (all traffic, not only ours; the kernel cannot filter them by tuple)
-  would be read and parsed by the daemon, and a burst overflows the socket
-  (ENOBUFS: events lost), so the signal is neither complete nor reliable.
+- passive_failures(): two `list set` calls (~0.25 ms): refused and
+  established per backend, cumulative while the table lives (a backend
+  keeps its counts after leaving the set; a table replacement starts at
+  zero). syn_timeouts stays 0: a retransmitted SYN changes no conntrack
+  state, so a black hole is invisible to any rule. (Conntrack events through
+  ctnetlink were the other candidate, and rejected: every event of the host
+  would be read by the daemon, and a burst overflows the socket.)
 
 libnftables is not thread-safe: all calls of one instance go through a lock.
 """
@@ -74,6 +83,8 @@ from prism_kernel.datapath.base import (
     Datapath,
     DatapathSettings,
     KernelState,
+    PassiveCounts,
+    import_netlink,
 )
 from prism_kernel.errors import DatapathError, DatapathUnavailable
 from prism_kernel.model import Backend
@@ -81,13 +92,6 @@ from prism_kernel.model import Backend
 log = logging.getLogger(__name__)
 
 
-def _import_netlink():
-    """prism_kernel.datapath._netlink, imported on first use (it loads pyroute2)."""
-    try:
-        from prism_kernel.datapath import _netlink  # noqa: PLC0415
-    except ImportError as e:
-        raise DatapathError(f"pyroute2 is needed to close connections: {e}") from e
-    return _netlink
 
 # nft/ sits next to the package in the source tree (editable install). A wheel
 # needs it as package data; check_available() says so when it is missing.
@@ -103,6 +107,15 @@ MARKER_CHAIN = "nat_postrouting"
 STEER_CHAIN = "nat_output"
 COUNTER_SET = "backends"
 CVE_CHAIN = "filter_prerouting"
+# Passive outcome counters (dynamic sets, one counter element per backend),
+# the map backend -> its flag chain, and the names of the steering's
+# per-slot and per-backend objects.
+REFUSED_SET = "refused"
+ESTABLISHED_SET = "established"
+FLAG_MAP = "flag"
+PICK_PREFIX = "pick_"
+SUSPECT_PREFIX = "suspect_"
+FLAG_PREFIX = "flag_"
 _NAME = "nftables"
 _ENOENT = "No such file or directory"
 _LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
@@ -134,14 +147,26 @@ class Template:
             self.table = raw["table"]
             self.objects: list[dict[str, Any]] = list(raw["objects"])
             self.steer_rule: dict[str, Any] = raw["steer_rule"]
+            self.pick_chain: dict[str, Any] = raw["pick_chain"]
+            self.pick_unless_suspect: dict[str, Any] = raw["pick_rules"]["unless_suspect"]
+            self.pick_all_suspect: dict[str, Any] = raw["pick_rules"]["all_suspect"]
+            per_backend = raw["per_backend"]
+            self.suspect_set: dict[str, Any] = per_backend["set"]
+            self.flag_chain: dict[str, Any] = per_backend["chain"]
+            self.flag_rule: dict[str, Any] = per_backend["rule"]
+            self.flag_element: dict[str, Any] = per_backend["element"]
+            self.suspect_seconds = int(raw["suspect_seconds"])
         except (KeyError, TypeError, ValueError) as e:
             raise DatapathError(f"nft template {source}: missing or bad key {e}") from e
-        canon = json.dumps({"layout": self.layout, "table": self.table, "objects": self.objects,
-                            "steer_rule": self.steer_rule}, sort_keys=True, separators=(",", ":"))
+        canon = json.dumps({k: v for k, v in raw.items() if k != "about"}, sort_keys=True,
+                           separators=(",", ":"))
         self.digest = hashlib.sha256(canon.encode()).hexdigest()[:12]
-        # What a current table looks like: chains and how many rules each has.
+        # What a current table looks like: chains and how many rules each
+        # has, and its named sets and maps (the steering's own chains and
+        # sets come on top, checked against the DNAT rule).
         self.chains: dict[str, dict[str, Any]] = {}
         self.rule_counts: dict[str, int] = {}
+        self.sets: dict[str, dict[str, Any]] = {}
         for obj in self.objects:
             if not isinstance(obj, dict) or len(obj) != 1:
                 raise DatapathError(f"nft template {source}: bad object {obj!r:.80}")
@@ -151,11 +176,16 @@ class Template:
                 self.rule_counts.setdefault(body["name"], 0)
             elif kind == "rule":
                 self.rule_counts[body["chain"]] = self.rule_counts.get(body["chain"], 0) + 1
-            elif kind not in ("set", "map"):
+            elif kind in ("set", "map"):
+                self.sets[body["name"]] = body
+            else:
                 raise DatapathError(f"nft template {source}: unsupported object {kind!r}")
         for needed in (STEER_CHAIN, MARKER_CHAIN, CVE_CHAIN):
             if needed not in self.chains:
                 raise DatapathError(f"nft template {source}: chain {needed!r} missing")
+        for needed in (COUNTER_SET, REFUSED_SET, ESTABLISHED_SET, FLAG_MAP):
+            if needed not in self.sets:
+                raise DatapathError(f"nft template {source}: set {needed!r} missing")
 
     @classmethod
     def load(cls, path: Path | None = None) -> "Template":
@@ -202,16 +232,38 @@ def template() -> Template:
 # What the kernel holds
 
 
+def backend_id(b: Backend) -> str:
+    """The name part of a backend's own objects: 198.18.1.2:8080 -> "198_18_1_2_8080"."""
+    return f"{str(b.address).replace('.', '_')}_{b.port}"
+
+
+def _backend_of_id(ident: str) -> Backend | None:
+    parts = ident.split("_")
+    if len(parts) != 5 or not all(p.isdigit() for p in parts):
+        return None
+    try:
+        return Backend.of(".".join(parts[:4]), int(parts[4]))
+    except ValueError:
+        return None
+
+
 @dataclass
 class _Observed:
     chains: dict[str, dict[str, Any]] = field(default_factory=dict)
     rules: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    has_counter_set: bool = False
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # named sets and maps
     counters: dict[Backend, tuple[int, int]] = field(default_factory=dict)
+    refused: dict[Backend, int] = field(default_factory=dict)
+    established: dict[Backend, int] = field(default_factory=dict)
+    flags: dict[Backend, str | None] = field(default_factory=dict)  # map `flag`: backend -> goto chain
+    suspect: dict[Backend, float] = field(default_factory=dict)  # flagged backend -> seconds left
     steer_handle: int | None = None
     steer_targets: tuple[Backend, ...] | None = None  # None: absent, unreadable or inconsistent
+    steer_problem: str | None = None  # why steer_targets is None although there is a DNAT rule
+    slot_order: tuple[Backend, ...] = ()  # the backends by slot, as the kernel holds them
     modulus: int | None = None
     cve_drops: int | None = None
+    layout1: bool = False  # the DNAT rule is the layout-1 form (a map in the rule, no pick chains)
 
     @property
     def marker(self) -> str | None:
@@ -227,8 +279,17 @@ def _backend_from_concat(value: Any) -> Backend | None:
         return None
 
 
-def _parse_steer(rule: dict[str, Any]) -> tuple[int | None, tuple[Backend, ...] | None]:
-    """(modulus, targets) of the DNAT rule; targets None when N and the map disagree."""
+def _map_entries(entries: Any) -> list[Any] | None:
+    """The [key, value] pairs of a map as listed (a one-element map may come
+    back unwrapped)."""
+    if isinstance(entries, list) and len(entries) == 2 and not isinstance(entries[0], list):
+        entries = [entries]
+    return entries if isinstance(entries, list) else None
+
+
+def _parse_steer_v1(rule: dict[str, Any]) -> tuple[int | None, tuple[Backend, ...] | None]:
+    """(modulus, targets) of a layout-1 DNAT rule (`dnat to numgen random mod N
+    map { i : addr . port }`); read only to carry its set into a new table."""
     for expr in rule.get("expr", []):
         dnat = expr.get("dnat") if isinstance(expr, dict) else None
         if not dnat:
@@ -236,12 +297,10 @@ def _parse_steer(rule: dict[str, Any]) -> tuple[int | None, tuple[Backend, ...] 
         try:
             mapping = dnat["addr"]["map"]
             mod = int(mapping["key"]["numgen"]["mod"])
-            entries = mapping["data"]["set"]
+            entries = _map_entries(mapping["data"]["set"])
         except (KeyError, TypeError, ValueError):
             return None, None
-        if isinstance(entries, list) and len(entries) == 2 and not isinstance(entries[0], list):
-            entries = [entries]  # a one-element map may come back unwrapped
-        if not isinstance(entries, list):
+        if entries is None:
             return mod, None
         slots: dict[int, Backend] = {}
         for entry in entries:
@@ -254,9 +313,112 @@ def _parse_steer(rule: dict[str, Any]) -> tuple[int | None, tuple[Backend, ...] 
                 return mod, None
             slots[int(idx)] = b
         if sorted(slots) != list(range(mod)):
-            return mod, None  # N and the map disagree: never written by us
+            return mod, None
         return mod, tuple(sorted(slots.values()))
     return None, None
+
+
+def _parse_vmap(rule: dict[str, Any]) -> tuple[int, dict[int, str]] | None:
+    """(modulus, slot -> goto chain) of the DNAT rule (`numgen random mod N
+    vmap { i : goto pick_i }`); None when the rule has no such vmap."""
+    for expr in rule.get("expr", []):
+        vmap = expr.get("vmap") if isinstance(expr, dict) else None
+        if not vmap:
+            continue
+        try:
+            mod = int(vmap["key"]["numgen"]["mod"])
+            entries = _map_entries(vmap["data"]["set"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        slots: dict[int, str] = {}
+        for entry in entries or []:
+            try:
+                idx, verdict = entry
+                slots[int(idx)] = verdict["goto"]["target"]
+            except (KeyError, TypeError, ValueError):
+                slots[-1] = ""  # unreadable: fails the check below
+        return mod, slots
+    return None
+
+
+def _parse_pick_rule(rule: dict[str, Any]) -> tuple[str | None, Backend | None]:
+    """(suspect set looked up, DNAT target) of a pick chain's rule."""
+    suspect, target = None, None
+    for expr in rule.get("expr", []):
+        if not isinstance(expr, dict):
+            continue
+        m = expr.get("match")
+        if isinstance(m, dict) and isinstance(m.get("right"), str) and m["right"].startswith("@"):
+            suspect = m["right"][1:] if m.get("op") == "!=" else "?"
+        d = expr.get("dnat")
+        if isinstance(d, dict):
+            try:
+                target = Backend.of(d["addr"], int(d["port"]))
+            except (KeyError, TypeError, ValueError):
+                target = None
+    return suspect, target
+
+
+def _counter_elements(body: dict[str, Any]) -> dict[Backend, tuple[int, int]]:
+    out: dict[Backend, tuple[int, int]] = {}
+    for elem in body.get("elem", []) or []:
+        val, cnt = elem, {}
+        if isinstance(elem, dict) and "elem" in elem:
+            val, cnt = elem["elem"].get("val"), elem["elem"].get("counter") or {}
+        b = _backend_from_concat(val)
+        if b is not None:
+            out[b] = (int(cnt.get("packets", 0)), int(cnt.get("bytes", 0)))
+    return out
+
+
+def _expires(body: dict[str, Any]) -> float | None:
+    """Seconds until the last element of a suspect set expires; None when it
+    has none (the kernel does not list expired elements). libnftables' JSON
+    gives whole seconds, rounded down."""
+    left = None
+    for elem in body.get("elem", []) or []:
+        e = elem.get("elem") if isinstance(elem, dict) else None
+        expires = e.get("expires", 0) if isinstance(e, dict) else 0
+        left = max(left or 0.0, float(expires or 0))
+    return left
+
+
+def _check_steering(obs: _Observed) -> None:
+    """Fill obs.steer_targets from the DNAT rule and its pick chains, or
+    obs.steer_problem when they are not what apply() writes."""
+    rule = next(r for r in obs.rules[STEER_CHAIN] if r.get("handle") == obs.steer_handle)
+    parsed = _parse_vmap(rule)
+    if parsed is None:
+        obs.modulus, obs.steer_targets = _parse_steer_v1(rule)
+        obs.layout1 = obs.steer_targets is not None
+        if not obs.layout1:
+            obs.steer_problem = "DNAT rule unreadable"
+        return
+    mod, slots = parsed
+    obs.modulus = mod
+    if sorted(slots) != list(range(mod)) or any(slots[i] != f"{PICK_PREFIX}{i}" for i in range(mod)):
+        obs.steer_problem = f"numgen modulus {mod} and vmap {sorted(slots)} disagree"
+        return
+    picks = {i: [_parse_pick_rule(r) for r in obs.rules.get(f"{PICK_PREFIX}{i}", [])]
+             for i in range(mod)}
+    order: list[Backend] = []
+    for i in range(mod):
+        last = picks[i][-1] if picks[i] else (None, None)
+        if last[0] is not None or last[1] is None:
+            obs.steer_problem = f"chain {PICK_PREFIX}{i} does not end in a plain DNAT"
+            return
+        order.append(last[1])
+    if len(set(order)) != mod:
+        obs.steer_problem = "a backend in two slots"
+        return
+    for i in range(mod):
+        want = [(SUSPECT_PREFIX + backend_id(order[(i + k) % mod]), order[(i + k) % mod])
+                for k in range(mod)] + [(None, order[i])]
+        if picks[i] != want:
+            obs.steer_problem = f"chain {PICK_PREFIX}{i} is not the fallback order of slot {i}"
+            return
+    obs.slot_order = tuple(order)
+    obs.steer_targets = tuple(sorted(order))
 
 
 def _parse_table(objects: list[dict[str, Any]]) -> _Observed:
@@ -265,22 +427,38 @@ def _parse_table(objects: list[dict[str, Any]]) -> _Observed:
         if "chain" in obj:
             obs.chains[obj["chain"]["name"]] = obj["chain"]
             obs.rules.setdefault(obj["chain"]["name"], [])
-        elif "set" in obj and obj["set"].get("name") == COUNTER_SET:
-            obs.has_counter_set = True
-            for elem in obj["set"].get("elem", []) or []:
-                val, cnt = elem, {}
-                if isinstance(elem, dict) and "elem" in elem:
-                    val, cnt = elem["elem"].get("val"), elem["elem"].get("counter") or {}
-                b = _backend_from_concat(val)
-                if b is not None:
-                    obs.counters[b] = (int(cnt.get("packets", 0)), int(cnt.get("bytes", 0)))
+        elif "set" in obj or "map" in obj:
+            body = obj.get("set") or obj.get("map")
+            name = body.get("name", "")
+            obs.sets[name] = body
+            if name == COUNTER_SET:
+                obs.counters = _counter_elements(body)
+            elif name == REFUSED_SET:
+                obs.refused = {b: n for b, (n, _) in _counter_elements(body).items()}
+            elif name == ESTABLISHED_SET:
+                obs.established = {b: n for b, (n, _) in _counter_elements(body).items()}
+            elif name == FLAG_MAP:
+                for entry in _map_entries(body.get("elem") or []) or []:
+                    try:
+                        key, verdict = entry
+                    except (TypeError, ValueError):
+                        continue
+                    b = _backend_from_concat(key)
+                    if b is not None:
+                        target = verdict.get("goto", {}).get("target") if isinstance(verdict, dict) else None
+                        obs.flags[b] = target
+            elif name.startswith(SUSPECT_PREFIX):
+                b = _backend_of_id(name[len(SUSPECT_PREFIX):])
+                left = _expires(body)
+                if b is not None and left is not None:
+                    obs.suspect[b] = left
         elif "rule" in obj:
             rule = obj["rule"]
             obs.rules.setdefault(rule["chain"], []).append(rule)
     for rule in obs.rules.get(STEER_CHAIN, []):
-        if any(isinstance(e, dict) and "dnat" in e for e in rule.get("expr", [])):
+        if any(isinstance(e, dict) and ("dnat" in e or "vmap" in e) for e in rule.get("expr", [])):
             obs.steer_handle = rule.get("handle")
-            obs.modulus, obs.steer_targets = _parse_steer(rule)
+            _check_steering(obs)
             break
     for rule in obs.rules.get(CVE_CHAIN, []):
         for expr in rule.get("expr", []):
@@ -451,15 +629,65 @@ class NftablesDatapath(Datapath):
     def _elements(self, backends: Sequence[Backend]) -> list[dict[str, Any]]:
         return [{"concat": [str(b.address), b.port]} for b in backends]
 
+    def _backend_params(self, b: Backend) -> dict[str, Any]:
+        return {**self._params(), "id": backend_id(b), "address": str(b.address), "port": b.port,
+                "suspect_seconds": self._template.suspect_seconds}
+
     def _steer_rule(self, targets: tuple[Backend, ...], handle: int | None = None) -> dict[str, Any]:
         params = self._params()
         params["modulus"] = len(targets)
-        params["targets"] = [[i, {"concat": [str(b.address), b.port]}]
-                             for i, b in enumerate(targets)]
+        params["slots"] = [[i, {"goto": {"target": f"{PICK_PREFIX}{i}"}}] for i in range(len(targets))]
         rule = self._template.render(self._template.steer_rule, params)
         if handle is not None:
             rule["rule"]["handle"] = handle
         return rule
+
+    def _pick_rules(self, targets: tuple[Backend, ...], slot: int) -> list[dict[str, Any]]:
+        """Slot `slot`'s chain: its backend unless flagged suspect, then every
+        other backend in ring order unless flagged, then its backend anyway."""
+        t, n = self._template, len(targets)
+        rules = [t.render(t.pick_unless_suspect, {**self._backend_params(targets[(slot + k) % n]),
+                                                  "slot": slot})
+                 for k in range(n)]
+        rules.append(t.render(t.pick_all_suspect, {**self._backend_params(targets[slot]), "slot": slot}))
+        return rules
+
+    def _steering_cmds(self, old: tuple[Backend, ...], new: tuple[Backend, ...],
+                       handle: int | None) -> list[dict[str, Any]]:
+        """The commands that change the steering from the slots `old` (as the
+        kernel holds them; () for none) to `new`: one batch, so one atomic
+        switch. Order matters inside the batch: objects are created before
+        the rule that refers to them and deleted after it."""
+        t = self._template
+        ref = {"family": FAMILY, "table": self.table}
+        cmds: list[dict[str, Any]] = []
+        for b in new:  # each backend's flag (set) and the chain that raises it
+            if b not in old:
+                bp = self._backend_params(b)
+                cmds += [{"add": t.render(obj, bp)}
+                         for obj in (t.suspect_set, t.flag_chain, t.flag_rule, t.flag_element)]
+        for i in range(len(new)):
+            name = f"{PICK_PREFIX}{i}"
+            if i < len(old):
+                cmds.append({"flush": {"chain": {**ref, "name": name}}})
+            else:
+                cmds.append({"add": t.render(t.pick_chain, {**self._params(), "slot": i})})
+            cmds += [{"add": r} for r in self._pick_rules(new, i)]
+        if new and handle is not None:
+            cmds.append({"replace": self._steer_rule(new, handle)})
+        elif new:
+            cmds.append({"add": self._steer_rule(new)})
+        elif handle is not None:  # empty set: no DNAT, connects to 127.0.0.1:port are refused
+            cmds.append({"delete": {"rule": {**ref, "chain": STEER_CHAIN, "handle": handle}}})
+        for i in range(len(new), len(old)):
+            cmds.append({"delete": {"chain": {**ref, "name": f"{PICK_PREFIX}{i}"}}})
+        gone = [b for b in old if b not in new]
+        if gone:
+            cmds.append({"delete": {"element": {**ref, "name": FLAG_MAP, "elem": self._elements(gone)}}})
+        for b in gone:
+            cmds.append({"delete": {"chain": {**ref, "name": FLAG_PREFIX + backend_id(b)}}})
+            cmds.append({"delete": {"set": {**ref, "name": SUSPECT_PREFIX + backend_id(b)}}})
+        return cmds
 
     def _create_cmds(self, targets: tuple[Backend, ...], replace: bool) -> list[dict[str, Any]]:
         t, params = self._template, self._params()
@@ -471,12 +699,27 @@ class NftablesDatapath(Datapath):
         if targets:
             cmds.append({"add": {"element": {"family": FAMILY, "table": self.table,
                                              "name": COUNTER_SET, "elem": self._elements(targets)}}})
-            cmds.append({"add": self._steer_rule(targets)})
+            cmds.extend(self._steering_cmds((), targets, None))
         return cmds
 
     def _observe(self) -> _Observed | None:
         objs = _list(self._nft_handle(), {"table": {"family": FAMILY, "name": self.table}})
         return None if objs is None else _parse_table(objs)
+
+    def _flag_rule_ok(self, obs: _Observed, b: Backend) -> bool:
+        rules = obs.rules.get(FLAG_PREFIX + backend_id(b))
+        if not rules or len(rules) != 1:
+            return False
+        for expr in rules[0].get("expr", []):
+            st = expr.get("set") if isinstance(expr, dict) else None
+            if isinstance(st, dict) and st.get("op") == "update":
+                try:
+                    timeout = st["elem"]["elem"]["timeout"]
+                except (KeyError, TypeError):
+                    return False
+                return (st.get("set") == "@" + SUSPECT_PREFIX + backend_id(b)
+                        and timeout == self._template.suspect_seconds)
+        return False
 
     def _problems(self, obs: _Observed) -> list[str]:
         """Why an installed table is not the current layout ([] = it is)."""
@@ -492,7 +735,22 @@ class NftablesDatapath(Datapath):
             for key in ("type", "hook", "prio", "policy"):
                 if spec.get(key) != have.get(key):
                     problems.append(f"chain {name}: {key} {have.get(key)!r}, want {spec.get(key)!r}")
+        for name in t.sets:
+            if name not in obs.sets:
+                problems.append(f"set {name} missing")
+        if obs.rules.get(STEER_CHAIN) and obs.steer_handle is None:
+            problems.append("no DNAT rule in nat_output")
+        elif obs.steer_handle is not None and obs.steer_targets is None:
+            problems.append(f"DNAT rule unreadable ({obs.steer_problem})")
+        elif obs.layout1:
+            problems.append("DNAT rule of layout 1")
+        # The steering's own objects: exactly those of the backends steered to.
+        steered = () if obs.layout1 else (obs.steer_targets or ())
+        picks = {f"{PICK_PREFIX}{i}" for i in range(len(steered))}
+        own_flags = {FLAG_PREFIX + backend_id(b) for b in steered}
         for name, rules in obs.rules.items():
+            if name in picks or name in own_flags:
+                continue
             if name not in t.chains:
                 problems.append(f"unexpected chain {name}")
                 continue
@@ -500,24 +758,23 @@ class NftablesDatapath(Datapath):
             extra = 1 if name == STEER_CHAIN else 0  # the DNAT rule; absent for an empty set
             if not want <= len(rules) <= want + extra:
                 problems.append(f"chain {name}: {len(rules)} rules, want {want}")
-        if obs.rules.get(STEER_CHAIN) and obs.steer_handle is None:
-            problems.append("no DNAT rule in nat_output")
-        elif obs.steer_handle is not None and obs.steer_targets is None:
-            problems.append("DNAT rule unreadable (numgen modulus and map disagree?)")
-        if not obs.has_counter_set:
-            problems.append(f"set {COUNTER_SET} missing")
+        for name in obs.sets:
+            if name.startswith(SUSPECT_PREFIX) and _backend_of_id(name[len(SUSPECT_PREFIX):]) not in steered:
+                problems.append(f"unexpected set {name}")
+        for b in steered:
+            sset = obs.sets.get(SUSPECT_PREFIX + backend_id(b))
+            if sset is None or "timeout" not in (sset.get("flags") or []):
+                problems.append(f"suspect flag of {b} missing")
+            if not self._flag_rule_ok(obs, b):
+                problems.append(f"chain {FLAG_PREFIX}{backend_id(b)} missing or wrong")
+        if obs.flags != {b: FLAG_PREFIX + backend_id(b) for b in steered}:
+            problems.append(f"map {FLAG_MAP} does not match the steered backends")
         return problems
 
     def _update_cmds(self, obs: _Observed, targets: tuple[Backend, ...]) -> list[dict[str, Any]]:
         cmds: list[dict[str, Any]] = []
         if obs.steer_targets != targets and (targets or obs.steer_handle is not None):
-            if targets and obs.steer_handle is not None:
-                cmds.append({"replace": self._steer_rule(targets, obs.steer_handle)})
-            elif targets:
-                cmds.append({"add": self._steer_rule(targets)})
-            else:  # empty set: no DNAT, connects to 127.0.0.1:port are refused
-                cmds.append({"delete": {"rule": {"family": FAMILY, "table": self.table,
-                                                 "chain": STEER_CHAIN, "handle": obs.steer_handle}}})
+            cmds += self._steering_cmds(obs.slot_order, targets, obs.steer_handle)
         # Per-backend counters: only changed elements, so the others keep counting.
         ref = {"family": FAMILY, "table": self.table, "name": COUNTER_SET}
         have, want = set(obs.counters), set(targets)
@@ -603,11 +860,15 @@ class NftablesDatapath(Datapath):
         if obs is None:
             return KernelState(datapath=self.name, installed=False, details=base)
         problems = self._problems(obs)
+        counters = {b: BackendCounters(connections=pkts,
+                                       extra={"refused": obs.refused.get(b, 0),
+                                              "established": obs.established.get(b, 0)})
+                    for b, (pkts, _) in obs.counters.items()}
         return KernelState(
             datapath=self.name,
             installed=True,
             backends=obs.steer_targets or (),
-            counters={b: BackendCounters(connections=pkts) for b, (pkts, _) in obs.counters.items()},
+            counters=counters,
             details={
                 **base,
                 "handles": {"dnat_rule": obs.steer_handle},
@@ -616,10 +877,51 @@ class NftablesDatapath(Datapath):
                 "problems": problems,
                 "marker": obs.marker,
                 "cve_2020_8558_drops": obs.cve_drops,
+                # Backends that refused a steered connect within the last
+                # suspect_window_s: new connects skip them (unless all are);
+                # {"addr:port": seconds left}, whole seconds (rounded down).
+                "suspect": {str(b): left for b, left in sorted(obs.suspect.items())},
+                "suspect_window_s": self._template.suspect_seconds,
                 "counters": "connections: new connections steered to the backend since it "
-                            "entered the set",
+                            "entered the set; refused / established: steered connects the "
+                            "backend answered with RST / SYN-ACK since the table was created",
             },
         )
+
+    def suspect_backends(self) -> dict[Backend, float]:
+        """Backends the kernel currently avoids (their suspect sets, read
+        only): backend -> seconds until the flag expires, whole seconds
+        (rounded down). {} when not installed."""
+        with self._lock:
+            obs = self._observe()
+        return {} if obs is None else dict(obs.suspect)
+
+    def passive_failures(self) -> dict[Backend, PassiveCounts]:
+        """Cumulative outcomes of steered connects per backend, counted in the
+        kernel by the rule `handshake` (nft/README.md): refused = the backend
+        answered the SYN with RST, established = it answered with SYN-ACK.
+        syn_timeouts is always 0: a SYN that gets no answer changes nothing
+        that conntrack or nftables can see. Two `list set` calls (one
+        libnftables call cannot list two sets); a backend appears at its
+        first outcome and keeps its counts after it leaves the set. {} when
+        no table of this layout is installed."""
+        counts: dict[Backend, PassiveCounts] = {}
+        with self._lock:
+            nft = self._nft_handle()
+            for name in (REFUSED_SET, ESTABLISHED_SET):
+                objs = _list(nft, {"set": {"family": FAMILY, "table": self.table, "name": name}})
+                if objs is None:
+                    return {}  # no table, or one of layout 1 (no such sets)
+                for obj in objs:
+                    body = obj.get("set")
+                    if isinstance(body, dict) and body.get("name") == name:
+                        for b, (n, _) in _counter_elements(body).items():
+                            pc = counts.setdefault(b, PassiveCounts())
+                            if name == REFUSED_SET:
+                                pc.refused = n
+                            else:
+                                pc.established = n
+        return counts
 
     def close_connections(self, backends: Sequence[Backend]) -> int:
         """Abort every connection this table DNATed to `backends` (IPv4 only:
@@ -629,7 +931,7 @@ class NftablesDatapath(Datapath):
                    if b.family == 4 and isinstance(b.address, ipaddress.IPv4Address)}
         if not targets:
             return 0
-        _netlink = _import_netlink()  # pyroute2: ~10 MB of RSS, so only on failover
+        _netlink = import_netlink()  # pyroute2: ~10 MB of RSS, so only on failover
 
         try:
             entries = _netlink.dnat_entries(str(_LOOPBACK), self.settings.listen_port)
