@@ -6,7 +6,7 @@ them.
 Needs root. Uses the shared testbed with prefix "pkf" (net_offset=20:
 198.18.21.0/24 and up, 2001:2:0:15::/64 and up), listen port 37445, instances
 "pk-fo-dev-*", backend ports 8080 (plain HTTP of the fake API servers) and a
-local API server on 127.0.0.1:37448/37449. Every test removes its data path,
+local API server on 127.0.0.1:16448/16449. Every test removes its data path,
 pass or fail; the module removes the testbed.
 
 Run without the shared conftest (its session fixture cleans instance
@@ -48,7 +48,9 @@ PORT = 37445
 PREFIX = "pkf"
 NET_OFFSET = 20
 INSTANCE = "pk-fo-dev"
-LOCAL_TLS_PORT, LOCAL_HTTP_PORT = 37448, 37449
+# Outside the ephemeral port range (32768-60999): a client socket of a
+# busy earlier test can never hold them.
+LOCAL_TLS_PORT, LOCAL_HTTP_PORT = 16448, 16449
 REPO = Path(__file__).resolve().parents[1]
 # The last commit with the layout-1 eBPF data path (four sock_addr programs):
 # what a node runs before this change; the upgrade test installs it first.

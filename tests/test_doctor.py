@@ -2,7 +2,7 @@
 taken port, and leaves the kernel exactly as it found it.
 
 The end-to-end tests run `python -m prism_kernel.doctor` (the same function
-`prism-kernel doctor` calls) on port 57445 with instance `pk-doctor`, so that
+`prism-kernel doctor` calls) on port 17457 with instance `pk-doctor`, so that
 they never meet another test's or a live daemon's state. They are not marked
 `kernel`: doctor changes no kernel state (the last test proves it).
 """
@@ -22,7 +22,7 @@ import pytest
 from prism_kernel import doctor
 
 REPO = Path(__file__).resolve().parent.parent
-PORT = 57445
+PORT = 17457  # outside the ephemeral range: no client socket of another test can hold it
 INSTANCE = "pk-doctor"
 CHECK_IDS = (
     "kernel", "bpf.sock_addr", "bpf.getpeername", "bpf.netns_cookie", "bpf.sock_ops", "bpf.cgroup_link",
