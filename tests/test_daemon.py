@@ -216,7 +216,8 @@ def test_every_state_change_is_one_structured_log_line(testbed, datapath):
         mark = len(d.events())
         tb.backends[0].stop()
         down = d.wait_event("backend_down", after=mark, address=tb.backends[0].endpoint)
-        assert down["reason"] == "refused" and down["level"] == "warn"
+        # refused, then confirmed at once by a fresh connect (refused again)
+        assert down["reason"].startswith("refused") and down["level"] == "warn" and down["kind"] == "dead"
         written = d.wait_event("set_written", after=mark)
         assert tb.backends[0].endpoint not in written["backends"]
         assert all(e["event"] != "unparsed" for e in d.events()), d.log_path.read_text()

@@ -159,8 +159,13 @@ class LoopbackServer:
 
 
 def ask(host: str = "127.0.0.1", port: int = PORT, timeout: float = 2.0) -> str:
-    """Connect, read the server's name."""
-    with socket.create_connection((host, port), timeout=timeout) as s:
+    """Connect, read the server's name. SO_REUSEADDR: the client's port may
+    stay in TIME_WAIT, which must not block a server that binds it later
+    (other tests' fixed ports lie in the ephemeral range)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.settimeout(timeout)
+        s.connect((host, port))
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(64)

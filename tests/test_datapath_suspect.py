@@ -102,7 +102,7 @@ def ebpf(tb):
     before and after the test, pass or fail."""
     reason = _unavailable()
     if reason:
-        pytest.skip(f"ebpf unavailable: {reason}")
+        pytest.fail(f"ebpf data path unavailable on this machine: {reason}")
     made: list[EbpfDatapath] = []
 
     def make() -> EbpfDatapath:

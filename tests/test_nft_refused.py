@@ -60,7 +60,7 @@ def tb():
     try:
         NftablesDatapath.check_available(SETTINGS)
     except DatapathUnavailable as e:
-        pytest.skip(f"nftables unavailable: {e.reason}")
+        pytest.fail(f"nftables data path unavailable on this machine: {e.reason}")
     NftablesDatapath.cleanup(SETTINGS)  # leftovers of an interrupted run
     with Testbed(n_backends=3, prefix=PREFIX, net_offset=NET_OFFSET) as t:
         t.add_local_apiserver(port=LOCAL_TLS_PORT, http_port=LOCAL_HTTP_PORT, name="local")
