@@ -593,8 +593,12 @@ int sockops(struct bpf_sock_ops *skops)
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_RTO_CB &&
 	    op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
-	/* Cheapest test first: TCP_CONNECT_CB set these flags on our sockets. */
+	/* Cheapest tests first: TCP_CONNECT_CB set these flags on our sockets,
+	 * and of a steered socket's ~6 state changes only the one to CLOSE
+	 * matters (it runs per connection: no storage lookup for the others). */
 	if ((skops->bpf_sock_ops_cb_flags & PK_CB_FLAGS) != PK_CB_FLAGS)
+		return 1;
+	if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] != BPF_TCP_CLOSE)
 		return 1;
 	p = pk_steered(skops);
 	if (!p)
