@@ -126,7 +126,7 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
         out.write(f"kernel {name}: steering to {', '.join(k['backends']) or 'nothing'}\n")
         details = k.get("details", {})
         for key in _TEXT_DETAILS:
-            if key in details:
+            if key in details and details[key] not in ({}, [], None, ""):
                 val = details[key]
                 if isinstance(val, dict):
                     val = " ".join(f"{a}={b}" for a, b in val.items())
