@@ -7,7 +7,6 @@ configuration is valid.
 from __future__ import annotations
 
 import ipaddress
-import ipaddress
 import os
 import re
 import ssl

@@ -103,7 +103,6 @@ class Daemon:
         self.stats = DaemonStats()
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
-        self._state_dirty = True
         self._dp_cls: type[Datapath] | None = None
         self.metrics: Metrics | None = None
         self.metrics_server: MetricsServer | None = None
@@ -301,9 +300,8 @@ class Daemon:
                 t = self.targets.pop(b)
                 if t.task:
                     t.task.cancel()
-                t.prober._drop()  # its kept-alive readyz connection goes too
+                t.prober.abort()  # its kept-alive readyz connection goes too
                 self.log.info("backend_removed", address=str(b))
-                self._state_dirty = True
         for b, orig in origins.items():
             if b in self.targets:
                 self.targets[b].origins = orig
@@ -313,7 +311,6 @@ class Daemon:
             self.targets[b] = t
             if self.selection is not None or self.datapath is not None:
                 t.task = asyncio.create_task(self._probe_loop(b, prober))
-            self._state_dirty = True
 
     # ---- probing ---------------------------------------------------------
 
@@ -377,7 +374,6 @@ class Daemon:
             self._log_change(t, c)
             if c.kind in ("up", "down"):
                 t.since_wall = time.time()
-        self._state_dirty = True
         return changes
 
     def _log_change(self, t: _Target, c: Change) -> None:
@@ -462,7 +458,6 @@ class Daemon:
         modes = ",".join(f"ipv{f}:{s.mode}" for f, s in sel.by_family.items()) if sel else ""
         self.log.info("set_written", backends=",".join(map(str, backends)), selection=modes,
                       duration_ms=None if seconds is None else round(seconds * 1000, 3))
-        self._state_dirty = True
 
     def _close_dead(self, backends: list[Backend]) -> None:
         """Abort the connections steered to dead backends: a client blocked
@@ -809,6 +804,5 @@ class Daemon:
             self.metrics.publish(snap)  # a new dict each time, never changed after this
         try:
             write_state(self.config.state_dir, snap)
-            self._state_dirty = False
         except OSError as e:
             self.log.warn("state_write_failed", error=str(e))

@@ -97,17 +97,17 @@ class Prober:
             async with asyncio.timeout(self.cfg.timeout):
                 return await self._probe(deadline, phase)
         except asyncio.CancelledError:
-            self._drop()
+            self.abort()
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is a probe result
-            self._drop()
+            self.abort()
             return ProbeResult(False, None, classify(exc, phase[0]))
 
     async def close(self) -> None:
-        self._drop()
+        self.abort()
 
-    def _drop(self) -> None:
-        """Abort the kept-alive connection, if any (also from sync code)."""
+    def abort(self) -> None:
+        """Abort the kept-alive connection, if any (callable from sync code)."""
         if self._conn is not None:
             self._conn[1].transport.abort()
             self._conn = None
@@ -140,7 +140,7 @@ class Prober:
             except (ConnectionError, asyncio.IncompleteReadError, EOFError, ssl.SSLError, OSError, ProbeFailed):
                 # An idle connection the server closed, or leftovers on it:
                 # one fresh connection decides.
-                self._drop()
+                self.abort()
                 if time.monotonic() >= deadline:
                     raise
         reader, writer, _ = await self._open(phase, use_tls=True)
@@ -206,7 +206,7 @@ class Prober:
         elif status not in (204, 304):
             close = True  # the body runs to the end of the connection: never reuse it
         if close:
-            self._drop()
+            self.abort()
         return status, latency
 
     @staticmethod

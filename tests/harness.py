@@ -151,56 +151,6 @@ def who(ctx: ssl.SSLContext, port: int = TEST_PORT) -> str:
     return headers["x-backend"]
 
 
-@dataclass
-class ClientLoop:
-    """New connections at a steady rate in a thread, each with one retry,
-    bounded in count and time. Records failures and who answered."""
-
-    ctx: ssl.SSLContext
-    port: int = TEST_PORT
-    rate: float = 100.0
-    max_requests: int = 20_000
-    max_seconds: float = 60.0
-    retries: int = 1
-    ok: int = 0
-    failed: list[str] = field(default_factory=list)
-    first_try_failed: int = 0
-    answered_by: dict[str, int] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        start = time.monotonic()
-        n = 0
-        while not self._stop.is_set() and n < self.max_requests and time.monotonic() - start < self.max_seconds:
-            n += 1
-            for attempt in range(self.retries + 1):
-                try:
-                    name = who(self.ctx, self.port)
-                    self.ok += 1
-                    self.answered_by[name] = self.answered_by.get(name, 0) + 1
-                    break
-                except (OSError, AssertionError, ValueError, IndexError) as e:
-                    if attempt == 0:
-                        self.first_try_failed += 1
-                    if attempt == self.retries:
-                        self.failed.append(f"{type(e).__name__}: {e}")
-            next_at = start + n / self.rate
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-
-    def __enter__(self) -> "ClientLoop":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(self.max_seconds + 10)
-
-
 def kernel_leftovers(instance: str = TEST_INSTANCE) -> list[str]:
     """Kernel state an instance may have left: nft table, BPF pins, attached programs."""
     left = []
@@ -299,6 +249,10 @@ class RecordingClient:
     def failed(self) -> list[Request]:
         return [r for r in self.requests if not r.ok]
 
+    def retried(self) -> list[Request]:
+        """Requests whose first attempt failed (whether or not the retry worked)."""
+        return [r for r in self.requests if r.first_error]
+
     def longest(self) -> float:
         return max((r.t1 - r.t0 for r in self.requests), default=0.0)
 
@@ -377,3 +331,74 @@ def open_streams(ctx: ssl.SSLContext, want: set[str], port: int = TEST_PORT, att
         if set(got) == want:
             return got
     raise AssertionError(f"streams reached only {set(got)} of {want}")
+
+
+# --- upgrades from an earlier release ---------------------------------------------
+
+
+def old_release(commit: str, dest: Path, *paths: str) -> Path:
+    """`paths` of the repository at `commit`, extracted into `dest`: an earlier
+    release to install before testing an upgrade. A shallow clone has no
+    history to take it from: that is a skip; anything else failing is a failure."""
+    import pytest
+
+    shallow = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    arch = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, *paths],
+                          capture_output=True, timeout=60)
+    if arch.returncode != 0:
+        if shallow == "true":
+            pytest.skip(f"shallow clone: commit {commit} (the earlier release) is not in it")
+        raise AssertionError(f"git archive {commit}: {arch.stderr.decode().strip()}")
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True, timeout=60)
+    return dest
+
+
+def run_old_release(tree: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `script` with the earlier release's package first on the path."""
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(tree)), cwd=str(tree))
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+class Hammer:
+    """Calls `attempt()` in a loop on a thread, bounded in time, while the body
+    of the `with` runs: what it returns is a success (kept in `results`),
+    what it raises is a failure (kept in `failures`). The data-path tests use
+    it to show that no connect fails while the kernel state changes."""
+
+    def __init__(self, attempt, max_seconds: float = 30.0):
+        self.attempt = attempt
+        self.max_seconds = max_seconds
+        self.results: list = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def ok(self) -> int:
+        return len(self.results)
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < end:
+            try:
+                self.results.append(self.attempt())
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                self.failures.append(f"{type(e).__name__}: {e}")
+
+    def wait_for(self, n: int, timeout: float = 20.0) -> None:
+        """Until `n` more successes (or the timeout, or the loop ended)."""
+        end, start = time.monotonic() + timeout, self.ok
+        while self.ok - start < n and time.monotonic() < end and self._thread.is_alive():
+            time.sleep(0.01)
+
+    def __enter__(self) -> "Hammer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(self.max_seconds + 5)

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from prism_kernel.datapath.base import DatapathSettings  # noqa: E402
 from prism_kernel.datapath.ebpf import LAYOUT, EbpfDatapath, default_source  # noqa: E402
 from prism_kernel.errors import DatapathError, DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
+from tests.harness import Hammer  # noqa: E402
 
 PORT = 37445            # the listen port (never 7445 / 17445 / 27445: other work runs here)
 BACKEND_PORT = 37446
@@ -247,41 +247,9 @@ def ask(host: str = "127.0.0.1", family: int = socket.AF_INET, timeout: float = 
     return name, seen_ip, peer
 
 
-class ClientLoop:
-    """Connects to 127.0.0.1:PORT in a loop in a thread; records every failure.
-    Bounded by `max_s` seconds."""
-
-    def __init__(self, max_s: float = 60.0, allowed: set[str] | None = None):
-        self.max_s = max_s
-        self.ok = 0
-        self.failures: list[str] = []
-        self.names: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        end = time.monotonic() + self.max_s
-        while not self._stop.is_set() and time.monotonic() < end:
-            try:
-                name, _, _ = ask(timeout=2.0)
-                self.names[name] += 1
-                self.ok += 1
-            except Exception as e:  # noqa: BLE001 - every failure counts
-                self.failures.append(f"{type(e).__name__}: {e}")
-
-    def __enter__(self) -> "ClientLoop":
-        self._t.start()
-        return self
-
-    def wait_for(self, n: int, timeout: float = 20.0) -> None:
-        end = time.monotonic() + timeout
-        start = self.ok
-        while self.ok - start < n and time.monotonic() < end and self._t.is_alive():
-            time.sleep(0.01)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join(timeout=30)
+def ClientLoop(max_s: float = 60.0) -> Hammer:
+    """Connects to 127.0.0.1:PORT in a loop; `results` are the backends' names."""
+    return Hammer(lambda: ask(timeout=2.0)[0], max_s)
 
 
 def attached_ids(attach_type: int) -> list[int]:
@@ -440,7 +408,7 @@ def test_rapid_set_changes_never_fail_a_connect(testbed, dp_factory):
             lp.__exit__(None, None, None)
     failures = [f for lp in loops for f in lp.failures]
     assert failures == [], failures[:5]
-    seen = sum((lp.names for lp in loops), Counter())
+    seen = sum((Counter(lp.results) for lp in loops), Counter())
     assert set(seen) <= set(names)
     assert sum(seen.values()) >= 80
     st = dp.read_state()
@@ -493,7 +461,8 @@ def test_kill9_and_adopt_without_a_failed_connect(testbed, dp_factory):
             dp.apply([testbed.backend("b3")])
             loop.wait_for(30)
         assert loop.failures == [], loop.failures[:5]
-        assert loop.names["b3"] > 0 and loop.names["b1"] + loop.names["b2"] > 0
+        names = Counter(loop.results)
+        assert names["b3"] > 0 and names["b1"] + names["b2"] > 0
     finally:
         if holder.poll() is None:
             holder.kill()

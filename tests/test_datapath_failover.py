@@ -20,10 +20,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ from prism_kernel.datapath.ebpf import LAYOUT, EbpfDatapath  # noqa: E402
 from prism_kernel.datapath.nftables import NftablesDatapath  # noqa: E402
 from prism_kernel.errors import DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
+from tests.harness import Hammer, old_release, run_old_release  # noqa: E402
 from tests.testbed import Testbed  # noqa: E402
 
 PORT = 37445
@@ -167,6 +166,13 @@ def connect(host: str = "127.0.0.1", port: int = PORT, timeout: float = 3.0,
         s.close()
         raise
     return s
+
+
+def _one_request() -> None:
+    """One new connection and request through the listen port; raises on failure."""
+    with connect(timeout=2) as s:
+        if not http_ok(s):
+            raise OSError("not 200")
 
 
 def http_ok(s: socket.socket) -> bool:
@@ -499,18 +505,6 @@ def test_ebpf_adopt_keeps_counters_and_tracked_sockets(tb, ebpf):
     held.close()
 
 
-def _git_tree(commit: str, dest: Path) -> bool:
-    if shutil.which("git") is None:
-        return False
-    arch = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "prism_kernel", "bpf"],
-                          capture_output=True, timeout=60)
-    if arch.returncode != 0:
-        return False
-    dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True, timeout=60)
-    return True
-
-
 OLD_INSTALL = """
 import json, sys
 from prism_kernel.datapath.base import DatapathSettings
@@ -529,49 +523,24 @@ def test_ebpf_upgrade_from_layout1_release(tb, ebpf, tmp_path):
     upgraded in place: the four links move to the new programs (link update),
     the sockops link is added, the set is carried into the new maps, no
     connect fails on the way; then failover works; cleanup removes it all."""
-    old_tree = tmp_path / "old"
-    if not _git_tree(LAYOUT1_COMMIT, old_tree):
-        pytest.skip(f"commit {LAYOUT1_COMMIT} not available")
+    old_tree = old_release(LAYOUT1_COMMIT, tmp_path / "old", "prism_kernel", "bpf")
     instance = f"{INSTANCE}-ebpf"
     b0 = tb.backends[0]
-    env = dict(os.environ, PYTHONPATH=str(old_tree))
-    r = subprocess.run([sys.executable, "-c", OLD_INSTALL, str(PORT), instance, b0.address,
-                        str(b0.http_port)], capture_output=True, text=True, timeout=120,
-                       env=env, cwd=str(old_tree))
-    assert r.returncode == 0, r.stderr
+    r = run_old_release(old_tree, OLD_INSTALL, str(PORT), instance, b0.address, str(b0.http_port))
     old = json.loads(r.stdout.strip().splitlines()[-1])
     assert old["layout"] == 1 and set(old["prog_ids"]) == {"connect4", "connect6", "getpeername4",
                                                            "getpeername6"}
     assert os.listdir(f"/sys/fs/bpf/{instance}/links") and \
         sorted(n for n in os.listdir(f"/sys/fs/bpf/{instance}") if n.startswith("maps-")) == ["maps-v1"]
 
-    failures: list[str] = []
-    ok = [0]
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                with connect(timeout=2) as s:
-                    if not http_ok(s):
-                        failures.append("not 200")
-                ok[0] += 1
-            except OSError as e:
-                failures.append(repr(e))
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
+    with Hammer(_one_request) as load:
         time.sleep(0.3)
         dp = ebpf()
         assert dp.install([]) is True  # upgraded in place, the set carried over
-        n_before = ok[0]
+        n_before = load.ok
         time.sleep(0.3)
-    finally:
-        stop.set()
-        t.join(10)
-    assert failures == [], failures[:5]
-    assert ok[0] > n_before > 0
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > n_before > 0
     st = dp.read_state()
     assert st.installed and st.details["layout"] == LAYOUT and st.details["program_current"]
     assert st.backends == (be(b0),)

@@ -26,6 +26,7 @@ if os.geteuid() != 0:
     pytest.skip("needs root (network namespaces, nftables, sysctls)", allow_module_level=True)
 nftables = pytest.importorskip("nftables")
 
+from tests.harness import Hammer  # noqa: E402
 from prism_kernel.datapath import sysctl  # noqa: E402
 from prism_kernel.datapath.base import DatapathSettings  # noqa: E402
 from prism_kernel.datapath.nftables import (  # noqa: E402
@@ -175,38 +176,26 @@ def ask(host: str = "127.0.0.1", port: int = PORT, timeout: float = 2.0) -> str:
     return data.decode().strip()
 
 
-class ClientLoop:
-    """Connects in a loop on a thread until stopped; records every outcome."""
+def _ask_name() -> str:
+    name = ask(timeout=2.0)
+    if not name:
+        raise OSError("empty answer")
+    return name
+
+
+class ClientLoop(Hammer):
+    """Connects to 127.0.0.1:PORT in a loop; `results` are the backends' names.
+    Entering waits for the first outcome, so the loop runs before the test acts."""
 
     def __init__(self, max_seconds: float = 60):
-        self.results: list[str] = []
-        self.failures: list[str] = []
-        self.max_seconds = max_seconds
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        end = time.monotonic() + self.max_seconds
-        while not self._stop.is_set() and time.monotonic() < end:
-            try:
-                name = ask(timeout=2.0)
-                if name:
-                    self.results.append(name)
-                else:
-                    self.failures.append("empty answer")
-            except OSError as e:
-                self.failures.append(repr(e))
+        super().__init__(_ask_name, max_seconds)
 
     def __enter__(self) -> "ClientLoop":
-        self.thread.start()
+        super().__enter__()
         deadline = time.monotonic() + 5
         while not self.results and not self.failures and time.monotonic() < deadline:
             time.sleep(0.01)
         return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.thread.join(self.max_seconds + 5)
 
 
 def sysctls() -> dict[str, str]:

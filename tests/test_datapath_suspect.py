@@ -22,11 +22,7 @@ import errno
 import json
 import os
 import select
-import shutil
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -47,6 +43,7 @@ from prism_kernel.datapath.ebpf import (  # noqa: E402
 )
 from prism_kernel.errors import DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
+from tests.harness import Hammer, old_release, run_old_release  # noqa: E402
 from tests.testbed import Testbed  # noqa: E402
 
 PORT = 37455
@@ -208,6 +205,7 @@ def request_with_one_retry(tb) -> tuple[bool, list[str], float | None]:
     refusal and the retry's connect() call)."""
     tried: list[str] = []
     gap = None
+    refused_at = 0.0
     for attempt in range(2):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.settimeout(3)
@@ -525,18 +523,6 @@ def test_suspect_state_without_install(tb, ebpf):
 # --- upgrade from layout 2 ---------------------------------------------------------------
 
 
-def _git_tree(commit: str, dest: Path) -> bool:
-    if shutil.which("git") is None:
-        return False
-    arch = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "prism_kernel",
-                           "bpf"], capture_output=True, timeout=60)
-    if arch.returncode != 0:
-        return False
-    dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True, timeout=60)
-    return True
-
-
 OLD_INSTALL = """
 import json, sys
 from prism_kernel.datapath.base import DatapathSettings
@@ -554,45 +540,26 @@ def test_upgrade_from_layout2(tb, ebpf, tmp_path):
     """A node running the layout-2 data path is upgraded in place: the five
     links move to the new programs (link update), the set is carried into the
     new maps, no connect fails on the way; then suspect exclusion works."""
-    old_tree = tmp_path / "old"
-    if not _git_tree(LAYOUT2_COMMIT, old_tree):
-        pytest.skip(f"commit {LAYOUT2_COMMIT} not available")
+    old_tree = old_release(LAYOUT2_COMMIT, tmp_path / "old", "prism_kernel", "bpf")
     servers = tb.backends[:3]
-    env = dict(os.environ, PYTHONPATH=str(old_tree))
-    r = subprocess.run([sys.executable, "-c", OLD_INSTALL, str(PORT), INSTANCE,
-                        str(servers[0].http_port), *(s.address for s in servers)],
-                       capture_output=True, text=True, timeout=120, env=env, cwd=str(old_tree))
-    assert r.returncode == 0, r.stderr
+    r = run_old_release(old_tree, OLD_INSTALL, str(PORT), INSTANCE, str(servers[0].http_port),
+                        *(s.address for s in servers))
     old = json.loads(r.stdout.strip().splitlines()[-1])
     assert old["layout"] == 2 and len(old["link_ids"]) == 5
 
-    failures: list[str] = []
-    ok = [0]
-    stop = threading.Event()
+    def one_request() -> None:
+        with connect(timeout=2) as s:
+            if not http_ok(s):
+                raise OSError("not 200")
 
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                with connect(timeout=2) as s:
-                    if not http_ok(s):
-                        failures.append("not 200")
-                ok[0] += 1
-            except OSError as e:
-                failures.append(repr(e))
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
+    with Hammer(one_request) as load:
         time.sleep(0.3)
         dp = ebpf()
         assert dp.install([]) is True  # upgraded in place, the set carried over
-        n_before = ok[0]
+        n_before = load.ok
         time.sleep(0.3)
-    finally:
-        stop.set()
-        t.join(10)
-    assert failures == [], failures[:5]
-    assert ok[0] > n_before > 0
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > n_before > 0
     st = dp.read_state()
     assert st.installed and st.details["layout"] == LAYOUT == 3 and st.details["program_current"]
     assert sorted(st.backends) == sorted(be(s) for s in servers)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.harness import Daemon, RecordingClient, client_context, open_streams, who
+from tests.harness import Daemon, RecordingClient, client_context, open_streams
 
 pytestmark = pytest.mark.kernel
 

@@ -15,10 +15,8 @@ module removes the testbed.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from prism_kernel.datapath.base import DatapathSettings, PassiveCounts  # noqa: 
 from prism_kernel.datapath.nftables import NftablesDatapath, table_name, template  # noqa: E402
 from prism_kernel.errors import DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
+from tests.harness import Hammer, old_release, run_old_release  # noqa: E402
 from tests.testbed import Testbed  # noqa: E402
 
 PORT = 27455
@@ -346,18 +345,6 @@ def test_set_changes_under_load_with_a_refusing_backend(tb, dp):
 # --- upgrade, cleanup -------------------------------------------------------------------
 
 
-def _git_tree(commit: str, dest: Path) -> bool:
-    if shutil.which("git") is None:
-        return False
-    arch = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit,
-                           "prism_kernel", "nft"], capture_output=True, timeout=60)
-    if arch.returncode != 0:
-        return False
-    dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True, timeout=60)
-    return True
-
-
 OLD_INSTALL = """
 import sys
 from prism_kernel.datapath.base import DatapathSettings
@@ -370,42 +357,19 @@ print(dp.read_state().details["marker"])
 
 
 def test_layout1_table_is_replaced_without_a_failed_connect(tb, dp, tmp_path):
-    old_tree = tmp_path / "old"
-    if not _git_tree(LAYOUT1_COMMIT, old_tree):
-        pytest.skip(f"commit {LAYOUT1_COMMIT} not available")
+    old_tree = old_release(LAYOUT1_COMMIT, tmp_path / "old", "prism_kernel", "nft")
     b0, b1, _ = tb.backends
-    r = subprocess.run([sys.executable, "-c", OLD_INSTALL, str(PORT), INSTANCE,
-                        f"{b0.address}:{b0.http_port}", f"{b1.address}:{b1.http_port}"],
-                       capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(old_tree)), cwd=str(old_tree))
-    assert r.returncode == 0, r.stderr
+    r = run_old_release(old_tree, OLD_INSTALL, str(PORT), INSTANCE,
+                        f"{b0.address}:{b0.http_port}", f"{b1.address}:{b1.http_port}")
     assert "layout=1 " in r.stdout
     assert dp.passive_failures() == {}  # layout 1 has no counters: nothing to read
-    failures: list[str] = []
-    ok = [0]
-    stop = threading.Event()
-
-    def loop() -> None:
-        end = time.monotonic() + 30
-        while not stop.is_set() and time.monotonic() < end:
-            outcome = attempt()
-            if outcome == "ok":
-                ok[0] += 1
-            else:
-                failures.append(outcome)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
+    with Hammer(lambda: connect().close()) as load:
         time.sleep(0.3)
         assert dp.install([be(tb.backends[2])]) is True  # replaced, keeping what it steered to
-        n = ok[0]
+        n = load.ok
         time.sleep(0.3)
-    finally:
-        stop.set()
-        t.join(35)
-    assert failures == []
-    assert ok[0] > n > 0
+    assert load.failures == []
+    assert load.ok > n > 0
     st = dp.read_state()
     assert st.details["current_layout"] is True and "layout=2 " in st.details["marker"]
     assert st.backends == tuple(sorted([be(b0), be(b1)]))
