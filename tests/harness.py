@@ -183,12 +183,13 @@ class RecordingClient:
     count and time. A few threads so one hanging attempt does not stall the
     rate.
 
-    The retry waits `retry_delay` (50 ms), as real clients back off (client-go
+    The retry waits `retry_delay` (200 ms), as real clients back off (client-go
     far longer). Immediate retries after a *refused* connect are covered by
-    the eBPF path's in-kernel exclusion; the delay matters for a request
-    whose server was killed mid-request (EOF, no refusal for the kernel to
-    see): by the time it retries, other connects have been refused and the
-    backend is excluded."""
+    the kernel's exclusion (both data paths); the delay matters for a
+    request whose server was killed mid-request (reset or EOF: no refusal for
+    the kernel to see): by the time it retries, some other connect has been
+    refused and the backend is excluded. At ~100 connects/s with 3 backends,
+    50 ms left a ~13% chance that none had been refused yet; 200 ms, ~0.03%."""
 
     ctx: ssl.SSLContext
     port: int = TEST_PORT
@@ -196,7 +197,7 @@ class RecordingClient:
     timeout: float = 2.0
     threads: int = 4
     max_seconds: float = 60.0
-    retry_delay: float = 0.05
+    retry_delay: float = 0.2
     requests: list[Request] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)

@@ -125,13 +125,17 @@ def test_flapping_backend_is_held_out(testbed, datapath):
         _ready(d, tb)
         with RecordingClient(ctx, rate=100) as client:
             for _ in range(3):
-                victim.stop()
-                d.wait_event("backend_down", after=0, address=victim.endpoint)
-                time.sleep(0.3)
-                victim.start()
+                # Marks taken before each action: every wait sees this cycle's
+                # event, never an earlier one.
                 mark = len(d.events())
+                victim.stop()
+                d.wait_event("backend_down", after=mark, address=victim.endpoint)
+                time.sleep(0.3)
+                mark = len(d.events())
+                victim.start()
                 d.wait_event("backend_up", after=mark, address=victim.endpoint, timeout=20)
                 time.sleep(0.2)
+            mark = len(d.events())
             victim.stop()
             held = d.wait_event("backend_down", after=mark, address=victim.endpoint)
             victim.start()
