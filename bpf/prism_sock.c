@@ -11,9 +11,9 @@
  *                                              [::ffff:127.0.0.1]:PORT -> [::ffff:v4 backend]
  *   getpeername4  BPF_CGROUP_INET4_GETPEERNAME  backend -> address the socket connected to
  *   getpeername6  BPF_CGROUP_INET6_GETPEERNAME  (same, AF_INET6 sockets)
- *   sockops       BPF_CGROUP_SOCK_OPS           steered sockets only: per-socket record for
- *                                              close_connections(), outcome counters
- *                                              (refused / SYN timeouts / established)
+ *   sockops       BPF_CGROUP_SOCK_OPS           steered sockets only, until established:
+ *                                              outcome counters (refused / SYN timeouts /
+ *                                              established), suspect marks
  *
  * Only TCP connects, only to exactly the listen address and port, and only
  * in the host network namespace (netns cookie == pk_config.host_netns_cookie:
@@ -31,14 +31,10 @@
  *   pk_stats     PERCPU_ARRAY    PK_STAT_* global counters.
  *   pk_peers     SK_STORAGE      per socket {original dst, backend address as the socket
  *                                sees it, backend key}: reverse translation for
- *                                getpeername(), and THE mark of a steered socket for
- *                                sockops; freed with the socket.
- *   pk_socks     LRU_HASH        socket cookie -> {backend, local address and port}: every
- *                                steered socket from tcp_connect() (SYN_SENT) until it
- *                                reaches CLOSE, so that user space can enumerate the
- *                                sockets steered to a backend and SOCK_DESTROY them by
- *                                exact 4-tuple + cookie. Written and deleted by sockops
- *                                only; LRU-bounded (PK_MAX_SOCKS) in case a delete is missed.
+ *                                getpeername(), THE mark of a steered socket for sockops,
+ *                                and how user space finds the sockets steered to a backend
+ *                                (a sock_diag dump that asks for this map's values,
+ *                                INET_DIAG_REQ_SK_BPF_STORAGES); freed with the socket.
  *   pk_passive   PERCPU_HASH     backend -> {refused, syn_timeouts, established}:
  *                                cumulative outcome counters of steered connects, created
  *                                by sockops on first use; never reset by updates.
@@ -47,6 +43,10 @@
  *                                below). Written by sockops only, read by connect4/6; an
  *                                entry expires by its value, LRU-bounded (PK_MAX_PASSIVE),
  *                                never written by user space.
+ *   pk_suspect_until ARRAY[1]    u64: the latest deadline written into pk_suspect (0: never).
+ *                                connect4/6 read it first, so that while no backend is
+ *                                suspect a connect costs neither a clock read nor a hash
+ *                                lookup (an array lookup is inlined by the verifier).
  *
  * pk_active, pk_slots and pk_counters are hash maps created with
  * BPF_F_NO_PREALLOC on purpose: a hash update from user space builds a new
@@ -70,10 +70,16 @@
  *
  * sockops (fast failover, issue 4). Runs for every TCP socket of the machine at
  * a few points; only a socket connect4/connect6 steered (it has a pk_peers entry
- * and is still connected to that backend) is acted on:
- *   TCP_CONNECT_CB       (in tcp_connect(), SYN about to leave, local port known):
- *                        OR in STATE_CB | RTO_CB for this socket, write pk_socks[cookie].
- *   ACTIVE_ESTABLISHED_CB  established++ (the handshake completed).
+ * and is still connected to that backend) is acted on, and only while it is in
+ * SYN_SENT: everything the failover needs from the kernel happens there.
+ * Layout 3 followed every steered socket to CLOSE and kept an LRU index of
+ * them (insert at connect, delete at close): 0.963x of direct in the
+ * one-connection-per-request benchmark, against 0.980x for this layout
+ * (bench/run.py --targets direct,ebpf --modes close --rounds 9).
+ *   TCP_CONNECT_CB       (in tcp_connect(), SYN about to leave): OR in STATE_CB |
+ *                        RTO_CB for this socket.
+ *   ACTIVE_ESTABLISHED_CB  established++ (the handshake completed), and the two
+ *                        callbacks switched off again: nothing more to see.
  *   RTO_CB in SYN_SENT   syn_timeouts++ and the backend marked suspect (every firing:
  *                        1 s after the SYN of a black-holed connect, then every
  *                        second while tcp_syn_linear_timeouts lasts, then doubling).
@@ -82,11 +88,11 @@
  *                        in (segs_in > 0: the RST; a SYN-ACK would have made it
  *                        ESTABLISHED). A SYN_SENT socket closed by its owner, aborted
  *                        by SOCK_DESTROY, failed by ICMP or timed out has segs_in == 0
- *                        and is not counted. Then pk_socks[cookie] is deleted.
- * The cb flags are ORed into the socket's current ones: another sock_ops program's
- * flags are kept.
+ *                        and is not counted.
+ * The cb flags are ORed into (and cleared from) the socket's current ones: another
+ * sock_ops program's flags are kept.
  *
- * In-kernel exclusion of suspect backends (layout 3). The daemon learns of a
+ * In-kernel exclusion of suspect backends (since layout 3). The daemon learns of a
  * refusal by polling pk_passive (100 ms); a client retries within microseconds.
  * So the kernel reacts itself:
  *   sockops  a steered connect REFUSED (the STATE_CB above) or an RTO in SYN_SENT
@@ -99,7 +105,8 @@
  *            the error a few hundred ns before the mark, but its retry still has
  *            getsockopt/close/socket/connect to do; measured: 0 of 200 retries
  *            refused, blocking and poll() clients, tests/test_datapath_suspect.py.)
- *   connect  pk_pick() draws a random slot as before; when its backend is
+ *   connect  pk_pick() draws a random slot as before; unless pk_suspect_until
+ *            is in the past, it looks the backend up in pk_suspect, and when it is
  *            suspect (deadline > now) it walks the other slots of the same buffer
  *            from there, in a random direction (the suspect's share goes to both
  *            neighbours, not all to one), at most count - 1 steps, and takes the
@@ -117,11 +124,10 @@
 #include <linux/socket.h>
 
 #ifndef PK_LAYOUT
-#define PK_LAYOUT 3
+#define PK_LAYOUT 4
 #endif
 #define PK_MAX_BACKENDS 64 /* per family; the daemon refuses more */
 #define PK_PICK_TRIES 3
-#define PK_MAX_SOCKS 65536   /* pk_socks: steered sockets tracked at once */
 #define PK_MAX_PASSIVE 1024  /* pk_passive: backends with outcome counters */
 #define PK_CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG)
 #ifndef PK_SUSPECT_NS
@@ -137,8 +143,6 @@ enum {
 	PK_STAT_NO_BACKEND,   /* matching connects left alone: empty set for the family */
 	PK_STAT_RETRY,        /* selector re-read because a slot vanished under an update */
 	PK_STAT_PEER_XLATE,   /* getpeername() answers rewritten */
-	PK_STAT_SOCK_TRACKED, /* steered sockets entered in pk_socks (tcp_connect) */
-	PK_STAT_SOCK_FAILED,  /* ... and pk_socks updates that failed */
 	PK_STAT_PASSIVE_FULL, /* outcomes not counted: pk_passive full */
 	PK_STAT_SKIPPED_SUSPECT, /* connects moved off a suspect pick to another backend */
 	PK_STAT_ALL_SUSPECT,  /* connects steered to a suspect backend: every one was suspect */
@@ -190,15 +194,6 @@ struct pk_peer {
 	struct pk_backend be;   /* the backend as keyed in pk_counters / pk_passive */
 };
 
-/* pk_socks value: a steered socket, enough for an exact SOCK_DESTROY
- * (remote = be.addr:be.port, local = local_addr:local_port, cookie = the key). */
-struct pk_sock {
-	struct pk_backend be;
-	__u32 local_addr[4];  /* network byte order; IPv4 (also v4-mapped sockets) in [0] */
-	__u16 local_port;     /* network byte order */
-	__u16 pad;
-};
-
 struct pk_outcome {
 	__u64 refused;
 	__u64 syn_timeouts;
@@ -234,9 +229,9 @@ PK_MAP("hash", __u32, struct pk_backend, pk_slots, 4 * PK_MAX_BACKENDS, BPF_F_NO
 PK_MAP("percpu_hash", struct pk_backend, __u64, pk_counters, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 PK_MAP("percpu_array", __u32, __u64, pk_stats, PK_STAT_MAX, 0);
 PK_SK_STORAGE(pk_peers, struct pk_peer);
-PK_MAP("lru_hash", __u64, struct pk_sock, pk_socks, PK_MAX_SOCKS, 0);
 PK_MAP("percpu_hash", struct pk_backend, struct pk_outcome, pk_passive, PK_MAX_PASSIVE, BPF_F_NO_PREALLOC);
 PK_MAP("lru_hash", struct pk_backend, __u64, pk_suspect, PK_MAX_PASSIVE, 0);
+PK_MAP("array", __u32, __u64, pk_suspect_until, 1, 0);
 
 /* --- helpers ------------------------------------------------------------- */
 
@@ -286,6 +281,20 @@ static __always_inline int pk_is_suspect(struct pk_backend *be, __u64 now)
 	return until && *until > now;
 }
 
+/* Some backend may be suspect at `*now` (read here, only then): the latest
+ * mark's deadline has not passed. The common case, no mark for a while, costs
+ * one inlined array load. */
+static __always_inline int pk_any_suspect(__u64 *now)
+{
+	__u32 zero = 0;
+	__u64 *until = pk_suspect_until.lookup(&zero);
+
+	if (!until || *until == 0)
+		return 0;
+	*now = bpf_ktime_get_ns();
+	return *until > *now;
+}
+
 /* One random backend of `family` from the live buffer, copied to *out; a
  * backend that is not suspect when there is one. Returns 0, or -1 when the
  * set of that family is empty or a slot vanished under an update (*raced). */
@@ -312,8 +321,7 @@ static __always_inline int pk_pick_once(__u8 family, struct pk_backend *out, int
 		return -1;
 	}
 	__builtin_memcpy(out, be, sizeof(*out));
-	now = bpf_ktime_get_ns();
-	if (!pk_is_suspect(out, now))
+	if (!pk_any_suspect(&now) || !pk_is_suspect(out, now))
 		return 0;
 
 	/* Suspect: the other slots, walking from idx in a random direction.
@@ -496,7 +504,7 @@ int getpeername6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-/* --- sock_ops: outcome counters and the steered-socket index --------------- */
+/* --- sock_ops: outcome counters and suspect marks, in SYN_SENT ------------- */
 
 /* The pk_peers entry of a socket this program steered and that is still
  * connected to that backend (a socket can connect again elsewhere), else NULL. */
@@ -536,12 +544,20 @@ static __always_inline struct pk_outcome *pk_outcome_for(struct pk_backend *be)
 /* A steered connect to `be` failed (refused, or an RTO in SYN_SENT): suspect
  * until now + PK_SUSPECT_NS, a later failure moving the deadline on. An
  * existing entry is written in place (one aligned 8-byte store): an LRU map
- * recycles a replaced element at once, under a concurrent reader's feet. */
+ * recycles a replaced element at once, under a concurrent reader's feet.
+ * pk_suspect_until first, so that no connect skips the lookup of a mark that
+ * is already in pk_suspect; two CPUs marking at once store deadlines
+ * microseconds apart, whichever lands last is the one kept. */
 static __always_inline void pk_mark_suspect(struct pk_backend *be)
 {
+	__u32 zero = 0;
 	__u64 until = bpf_ktime_get_ns() + PK_SUSPECT_NS;
-	__u64 *cur = pk_suspect.lookup(be);
+	__u64 *latest = pk_suspect_until.lookup(&zero);
+	__u64 *cur;
 
+	if (latest)
+		*latest = until;
+	cur = pk_suspect.lookup(be);
 	if (cur) {
 		*cur = until;
 		pk_stat_inc(PK_STAT_SUSPECT_MARK);
@@ -554,48 +570,23 @@ static __always_inline void pk_mark_suspect(struct pk_backend *be)
 	pk_stat_inc(PK_STAT_SUSPECT_FAILED);
 }
 
-static __always_inline void pk_track(struct bpf_sock_ops *skops, struct pk_peer *p)
-{
-	struct pk_sock rec = {};
-	__u64 cookie = bpf_get_socket_cookie(skops);
-
-	__builtin_memcpy(&rec.be, &p->be, sizeof(rec.be));
-	if (p->be.family == PK_FAMILY4) {
-		rec.local_addr[0] = skops->local_ip4;
-	} else {
-		rec.local_addr[0] = skops->local_ip6[0];
-		rec.local_addr[1] = skops->local_ip6[1];
-		rec.local_addr[2] = skops->local_ip6[2];
-		rec.local_addr[3] = skops->local_ip6[3];
-	}
-	rec.local_port = pk_htons((__u16)skops->local_port);  /* host order in the context */
-	if (pk_socks.update(&cookie, &rec) == 0)
-		pk_stat_inc(PK_STAT_SOCK_TRACKED);
-	else
-		pk_stat_inc(PK_STAT_SOCK_FAILED);
-}
-
 int sockops(struct bpf_sock_ops *skops)
 {
 	__u32 op = skops->op;
 	struct pk_outcome *o;
 	struct pk_peer *p;
-	__u64 cookie;
 
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-		p = pk_steered(skops);
-		if (!p)
-			return 1;
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | PK_CB_FLAGS);
-		pk_track(skops, p);
+		if (pk_steered(skops))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | PK_CB_FLAGS);
 		return 1;
 	}
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_RTO_CB &&
 	    op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
-	/* Cheapest tests first: TCP_CONNECT_CB set these flags on our sockets,
-	 * and of a steered socket's ~6 state changes only the one to CLOSE
-	 * matters (it runs per connection: no storage lookup for the others). */
+	/* Cheapest tests first: TCP_CONNECT_CB set these flags on our sockets
+	 * (ACTIVE_ESTABLISHED_CB runs for every socket of the machine), and of
+	 * the state changes only the one to CLOSE matters. */
 	if ((skops->bpf_sock_ops_cb_flags & PK_CB_FLAGS) != PK_CB_FLAGS)
 		return 1;
 	if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] != BPF_TCP_CLOSE)
@@ -605,6 +596,7 @@ int sockops(struct bpf_sock_ops *skops)
 		return 1;
 
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~PK_CB_FLAGS);
 		o = pk_outcome_for(&p->be);
 		if (o)
 			o->established += 1;  /* per-CPU: no atomic needed */
@@ -628,7 +620,5 @@ int sockops(struct bpf_sock_ops *skops)
 		if (o)
 			o->refused += 1;
 	}
-	cookie = bpf_get_socket_cookie(skops);
-	pk_socks.delete(&cookie);
 	return 1;
 }

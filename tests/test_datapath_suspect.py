@@ -1,4 +1,4 @@
-"""In-kernel exclusion of suspect backends (eBPF data path, layout 3): the
+"""In-kernel exclusion of suspect backends (eBPF data path, since layout 3): the
 sockops program marks a backend suspect for SUSPECT_WINDOW_S when a steered
 connect to it is refused or its SYN times out, and connect4/connect6 skip
 suspect backends (all suspect: the original pick), so that a client's
@@ -51,9 +51,9 @@ PREFIX = "pks"
 NET_OFFSET = 80
 INSTANCE = "pk-sus-dev-ebpf"
 REPO = Path(__file__).resolve().parents[1]
-# The commit with the layout-2 data path (sockops, pk_passive, no pk_suspect):
-# what a node runs before this change; the upgrade test installs it first.
-LAYOUT2_COMMIT = "e28568a"
+# Earlier releases the upgrade test installs first: layout 2 (sockops,
+# pk_passive, no pk_suspect) and layout 3 (pk_suspect, pk_socks).
+OLD_RELEASES = {2: "e28568a", 3: "f5a36d3"}
 
 
 def _unavailable() -> str | None:
@@ -520,7 +520,7 @@ def test_suspect_state_without_install(tb, ebpf):
     json.dumps(st.details)  # `prism-kernel status -o json` prints it
 
 
-# --- upgrade from layout 2 ---------------------------------------------------------------
+# --- upgrade from layouts 2 and 3 ------------------------------------------------------
 
 
 OLD_INSTALL = """
@@ -536,37 +536,52 @@ print(json.dumps({"layout": LAYOUT, "prog_ids": st.details["prog_ids"],
 """
 
 
-def test_upgrade_from_layout2(tb, ebpf, tmp_path):
-    """A node running the layout-2 data path is upgraded in place: the five
-    links move to the new programs (link update), the set is carried into the
-    new maps, no connect fails on the way; then suspect exclusion works."""
-    old_tree = old_release(LAYOUT2_COMMIT, tmp_path / "old", "prism_kernel", "bpf")
+@pytest.mark.parametrize("old_layout", sorted(OLD_RELEASES))
+def test_upgrade_from_older_layout(tb, ebpf, tmp_path, old_layout):
+    """A node running an earlier layout is upgraded in place: the five links
+    move to the new programs (link update), the set is carried into the new
+    maps, no connect fails on the way; pk_peers is carried over, so a
+    connection steered before the upgrade keeps its getpeername() answer and
+    is still found and aborted by close_connections(); suspect exclusion
+    works."""
+    old_tree = old_release(OLD_RELEASES[old_layout], tmp_path / "old", "prism_kernel", "bpf")
     servers = tb.backends[:3]
     r = run_old_release(old_tree, OLD_INSTALL, str(PORT), INSTANCE, str(servers[0].http_port),
                         *(s.address for s in servers))
     old = json.loads(r.stdout.strip().splitlines()[-1])
-    assert old["layout"] == 2 and len(old["link_ids"]) == 5
+    assert old["layout"] == old_layout and len(old["link_ids"]) == 5
+    held = connect()  # steered by the old program
+    assert held.getpeername() == ("127.0.0.1", PORT)
 
     def one_request() -> None:
         with connect(timeout=2) as s:
             if not http_ok(s):
                 raise OSError("not 200")
 
-    with Hammer(one_request) as load:
-        time.sleep(0.3)
-        dp = ebpf()
-        assert dp.install([]) is True  # upgraded in place, the set carried over
-        n_before = load.ok
-        time.sleep(0.3)
-    assert load.failures == [], load.failures[:5]
-    assert load.ok > n_before > 0
-    st = dp.read_state()
-    assert st.installed and st.details["layout"] == LAYOUT == 3 and st.details["program_current"]
-    assert sorted(st.backends) == sorted(be(s) for s in servers)
-    assert st.details["link_ids"] == old["link_ids"]  # the same links, new programs
-    assert set(st.details["prog_ids"].values()).isdisjoint(old["prog_ids"].values())
-    assert sorted(n for n in os.listdir(f"/sys/fs/bpf/{INSTANCE}") if n.startswith("maps-")) == \
-        [f"maps-v{LAYOUT}"]
+    try:
+        with Hammer(one_request) as load:
+            time.sleep(0.3)
+            dp = ebpf()
+            assert dp.install([]) is True  # upgraded in place, the set carried over
+            n_before = load.ok
+            time.sleep(0.3)
+        assert load.failures == [], load.failures[:5]
+        assert load.ok > n_before > 0
+        st = dp.read_state()
+        assert st.installed and st.details["layout"] == LAYOUT and st.details["program_current"]
+        assert sorted(st.backends) == sorted(be(s) for s in servers)
+        assert st.details["link_ids"] == old["link_ids"]  # the same links, new programs
+        assert set(st.details["prog_ids"].values()).isdisjoint(old["prog_ids"].values())
+        assert sorted(n for n in os.listdir(f"/sys/fs/bpf/{INSTANCE}") if n.startswith("maps-")) == \
+            [f"maps-v{LAYOUT}"]
+        # the connection from before the upgrade: same reverse translation, found, aborted
+        assert held.getpeername() == ("127.0.0.1", PORT)
+        assert dp.close_connections([be(s) for s in servers]) >= 1
+        held.settimeout(2)
+        with pytest.raises((ConnectionAbortedError, ConnectionResetError)):
+            held.recv(1)
+    finally:
+        held.close()
     # the new programs exclude a refusing backend
     servers[0].stop()
     results = [request_with_one_retry(tb) for _ in range(100)]

@@ -37,6 +37,7 @@ BPF_LINK_DETACH = 34
 
 # enum bpf_map_type (the ones used here)
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_SK_STORAGE = 24
 
 # enum bpf_attach_type
 BPF_CGROUP_SOCK_OPS = 3

@@ -1,5 +1,6 @@
-"""Netlink for fast failover: abort sockets (sock_diag SOCK_DESTROY, as
-`ss -K` does) and find / delete conntrack entries (ctnetlink).
+"""Netlink for fast failover: find sockets together with their BPF socket
+storage (a sock_diag dump), abort sockets (sock_diag SOCK_DESTROY, as `ss -K`
+does) and find / delete conntrack entries (ctnetlink).
 
 Messages are pyroute2's classes (`inet_diag_req`, `nfct_msg`, `nlmsgerr`,
 its Marshal for parsing); the transport is a plain blocking AF_NETLINK
@@ -40,7 +41,15 @@ from pyroute2.netlink import (
     nlmsg,
     nlmsgerr,
 )
-from pyroute2.netlink.diag import SOCK_DESTROY, SS_ALL, inet_diag_req
+from pyroute2.netlink import nla
+from pyroute2.netlink.diag import (
+    SOCK_DESTROY,
+    SOCK_DIAG_BY_FAMILY,
+    SS_ALL,
+    SS_CONN,
+    inet_diag_msg,
+    inet_diag_req,
+)
 try:
     from pyroute2.netlink.marshal import Marshal
 except ImportError:  # pyroute2 < 0.9
@@ -211,6 +220,91 @@ class _Netlink:
 
 
 # --- sock_diag -------------------------------------------------------------------
+
+# include/uapi/linux/inet_diag.h and sock_diag.h: the request attribute that
+# asks for the values of BPF_MAP_TYPE_SK_STORAGE maps (by fd) with each socket,
+# and the reply attribute carrying them (Linux >= 5.2, CAP_BPF or CAP_SYS_ADMIN).
+INET_DIAG_REQ_SK_BPF_STORAGES = 2
+INET_DIAG_SK_BPF_STORAGES = 20
+
+
+class _storage_dump_req(inet_diag_req):
+    """inet_diag_req_v2 plus INET_DIAG_REQ_SK_BPF_STORAGES (pyroute2 0.9
+    defines no request attributes)."""
+
+    nla_map = ((INET_DIAG_REQ_SK_BPF_STORAGES, "INET_DIAG_REQ_SK_BPF_STORAGES", "map_fds|nested"),)
+
+    class map_fds(nla):
+        nla_map = ((1, "SK_DIAG_BPF_STORAGE_REQ_MAP_FD", "uint32"),)
+
+
+class _storage_diag_msg(inet_diag_msg):
+    """inet_diag_msg whose INET_DIAG_SK_BPF_STORAGES is decoded (pyroute2
+    0.9 leaves it as hex): one SK_DIAG_BPF_STORAGE per map, {map id, value}."""
+
+    nla_map = tuple(
+        (i, name, "sk_bpf_storages" if i == INET_DIAG_SK_BPF_STORAGES else kind)
+        for i, (name, kind) in enumerate(inet_diag_msg.nla_map)
+    )
+
+    class sk_bpf_storages(nla):
+        nla_map = ((1, "SK_DIAG_BPF_STORAGE", "storage"),)
+
+        class storage(nla):
+            nla_map = ((2, "SK_DIAG_BPF_STORAGE_MAP_ID", "uint32"),
+                       (3, "SK_DIAG_BPF_STORAGE_MAP_VALUE", "cdata"))
+
+
+@dataclass(frozen=True)
+class StoredSock:
+    """A TCP socket with the value it holds in one socket-storage map."""
+
+    sock: SockId
+    state: int  # TCP_* (1 established, 2 SYN_SENT, ...)
+    value: bytes
+
+
+def sockets_with_storage(family: int, dport: int, map_fd: int, map_id: int) -> list[StoredSock]:
+    """Every TCP socket of `family` in the calling network namespace with
+    remote port `dport`, in a connected state (SYN_SENT to LAST_ACK: not
+    listening, not TIME_WAIT), that has an entry in the socket-storage map
+    `map_fd` (whose id is `map_id`), with that entry. One dump; the kernel
+    filters by port, so a node's other connections are not even sent."""
+    req = _storage_dump_req()
+    req["header"]["type"] = SOCK_DIAG_BY_FAMILY
+    req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+    req["header"]["pid"] = 0
+    req["sdiag_family"] = family
+    req["sdiag_protocol"] = socket.IPPROTO_TCP
+    req["idiag_ext"] = 0
+    req["idiag_states"] = SS_CONN
+    req["idiag_sport"] = 0
+    req["idiag_dport"] = dport
+    req["idiag_src"] = (0, 0, 0, 0)
+    req["idiag_dst"] = (0, 0, 0, 0)
+    req["idiag_if"] = 0
+    req["idiag_cookie"] = INET_DIAG_NOCOOKIE
+    req["attrs"] = [("INET_DIAG_REQ_SK_BPF_STORAGES",
+                     {"attrs": [("SK_DIAG_BPF_STORAGE_REQ_MAP_FD", map_fd)]})]
+    out: list[StoredSock] = []
+    with _Netlink(NETLINK_SOCK_DIAG) as nl:
+        req["header"]["sequence_number"] = nl.next_seq()
+        for m in nl.dump(req, _Marshal({SOCK_DIAG_BY_FAMILY: _storage_diag_msg})):
+            stgs = m.get_attr("INET_DIAG_SK_BPF_STORAGES")
+            if stgs is None:
+                continue  # not in the map: not ours
+            value = None
+            for st in stgs.get_attrs("SK_DIAG_BPF_STORAGE"):
+                if st.get_attr("SK_DIAG_BPF_STORAGE_MAP_ID") == map_id:
+                    value = st.get_attr("SK_DIAG_BPF_STORAGE_MAP_VALUE")
+            if value is None:
+                continue
+            out.append(StoredSock(
+                sock=SockId(src=ipaddress.ip_address(m["idiag_src"]), sport=m["idiag_sport"],
+                            dst=ipaddress.ip_address(m["idiag_dst"]), dport=m["idiag_dport"],
+                            cookie=m["idiag_cookie"]),
+                state=m["idiag_state"], value=bytes(value)))
+    return out
 
 
 def _destroy_msg(sid: SockId, seq: int) -> inet_diag_req:

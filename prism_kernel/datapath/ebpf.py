@@ -2,7 +2,8 @@
 connect() to 127.0.0.1:PORT / [::1]:PORT / [::ffff:127.0.0.1]:PORT into a
 connect() to a healthy API server, in the host network namespace only; the
 getpeername hooks make a steered socket report the address it connected to;
-a sock_ops program follows the steered sockets (fast failover, below).
+a sock_ops program follows the steered sockets through their handshake
+(fast failover, below).
 The programs are in bpf/prism_sock.c (its header comment describes them).
 
 Process split
@@ -19,7 +20,7 @@ Pinned state (bpffs, mounted at /sys/fs/bpf when missing)
     /sys/fs/bpf/<instance>/
         meta                  ARRAY[1] {sha256 of program, map layout}: what is attached
         maps-v<LAYOUT>/       pk_config pk_active pk_slots pk_counters pk_stats pk_peers
-                              pk_socks pk_passive pk_suspect
+                              pk_passive pk_suspect pk_suspect_until
         links/                getpeername4 getpeername6 sockops connect4 connect6 (bpf_link)
         stage-<pid>/          programs between load and attach (transient)
 
@@ -29,16 +30,19 @@ pk_config (ARRAY[1]) {host netns cookie, listen port}; pk_active (HASH[1],
 key 0) {generation, count4, count6, buf}; pk_slots (HASH) key
 (family << 24 | buf << 16 | index) -> backend; pk_counters (PERCPU_HASH)
 backend -> connects steered; pk_stats (PERCPU_ARRAY); pk_peers (SK_STORAGE);
-pk_socks (LRU_HASH, 65536) socket cookie -> {backend, local address, local
-port}; pk_passive (PERCPU_HASH, 1024) backend -> {refused, syn_timeouts,
+pk_passive (PERCPU_HASH, 1024) backend -> {refused, syn_timeouts,
 established}; pk_suspect (LRU_HASH, 1024) backend -> u64 deadline in
-bpf_ktime_get_ns() (CLOCK_MONOTONIC). The listen port lives in pk_config,
-not in the program: a port change is a config write, not a new program.
+bpf_ktime_get_ns() (CLOCK_MONOTONIC); pk_suspect_until (ARRAY[1]) the latest
+of those deadlines. The listen port lives in pk_config, not in the program:
+a port change is a config write, not a new program.
 
 Layout history: 1 = the four sock_addr programs; 2 = + sockops, pk_socks,
 pk_passive, pk_peers gains the backend key, pk_stats gains three counters;
 3 = + pk_suspect (in-kernel exclusion of suspect backends), pk_stats gains
-four counters.
+four counters; 4 = pk_socks dropped (steered sockets are found by a
+sock_diag dump of pk_peers instead, and sockops follows a socket only until
+it is established), + pk_suspect_until, pk_stats loses the two pk_socks
+counters.
 
 One writer (the daemon). `_write_set()` follows the order documented in
 bpf/prism_sock.c, the order Cilium's and Calico's service syncers use:
@@ -59,18 +63,21 @@ Fast failover (issue 4)
 * Which sockets are ours: connect4/connect6 mark every socket they steer
   (pk_peers, per-socket storage, with the backend key). The sockops program
   (BPF_CGROUP_SOCK_OPS at the same cgroup root) acts only on marked sockets
-  still connected to that backend: at TCP_CONNECT_CB (SYN about to leave,
-  local port chosen) it enables the STATE and RTO callbacks for the socket and
-  records it in pk_socks[socket cookie] = {backend, local address, port}; at
-  the socket's transition to CLOSE it deletes the record. So pk_socks holds
-  exactly the live steered sockets (SYN_SENT included), enumerable by backend;
-  a direct connection to the same address has no mark and no record.
-* close_connections(backends): one batch read of pk_socks, then one
-  sock_diag SOCK_DESTROY per matching socket by exact 4-tuple + cookie (a
-  later socket reusing the tuple does not match), sent as one netlink batch
-  (_netlink.py). Call it after apply() removed the backends: a connect that
-  picked a backend microseconds before the removal and has not reached
-  tcp_connect() yet is not in pk_socks.
+  still connected to that backend, and only until the handshake is over: at
+  TCP_CONNECT_CB (SYN about to leave) it enables the STATE and RTO callbacks
+  for the socket, at ACTIVE_ESTABLISHED_CB it disables them again.
+* close_connections(backends): a sock_diag dump of the TCP sockets with the
+  backends' remote port (the kernel filters by port) that asks for each
+  socket's pk_peers value (INET_DIAG_REQ_SK_BPF_STORAGES; both families for
+  an IPv4 backend: dual-stack sockets reach it v4-mapped). A socket whose
+  value names one of the backends and whose peer still is that backend is
+  steered to it; a direct connection to the same address has no value. Then
+  one SOCK_DESTROY per such socket by exact 4-tuple + cookie (a later socket
+  reusing the tuple does not match), sent as one netlink batch (_netlink.py).
+  Nothing is kept per socket for this, so it costs nothing per connection.
+  Call it after apply() removed the backends: a connect that picked a
+  backend microseconds before the removal and is not hashed yet (no local
+  port) is not in the dump.
 * passive_failures(): one BPF_MAP_LOOKUP_BATCH of pk_passive, summed over
   CPUs. refused = SYN_SENT -> CLOSE after a segment came in (the RST);
   syn_timeouts = every RTO in SYN_SENT (the first about 1 s after the SYN of
@@ -80,8 +87,9 @@ Fast failover (issue 4)
   connect closed by its owner, aborted (SOCK_DESTROY) or failed by ICMP while
   in SYN_SENT is not "refused". Counters are cumulative while the maps live
   (adopt keeps them; a layout upgrade starts new maps at zero).
-* Sockets steered before a layout upgrade are in the old pk_peers only: the
-  new programs neither count nor close them (they finish on their own).
+* Sockets steered before a layout upgrade from layout 1 are in the old
+  pk_peers only: the new programs neither count nor close them (they finish
+  on their own). From layout 2 on pk_peers is carried over (below).
 
 In-kernel exclusion of suspect backends
 ---------------------------------------
@@ -121,8 +129,11 @@ Adopt, upgrade, cleanup
   link: an atomic program swap, never detach-then-attach. `install()` returns
   True (the service went on). When neither the old maps nor `initial` give a
   set, the swap waits for the first apply().
-  A layout change also replaces pk_peers: sockets steered before it answer
-  getpeername() with the backend's address (same-layout upgrades keep it).
+  pk_peers is carried into the new maps dir when its format is unchanged
+  (layouts 2 to 4: the same map, pinned at the new path before the loader
+  runs), so sockets steered before the upgrade keep their reverse
+  translation and are still found by close_connections(). From layout 1 it
+  is not: those sockets answer getpeername() with the backend's address.
 * fresh: maps populated with `initial`, then links created (getpeername hooks
   first, so every steered socket has its reverse translation, then sockops,
   so that every steered socket is followed) and pinned.
@@ -172,7 +183,7 @@ log = logging.getLogger(__name__)
 
 
 
-LAYOUT = 3            # bump when a map's key/value format changes (new maps-v<N> dir)
+LAYOUT = 4            # bump when a map's key/value format changes (new maps-v<N> dir)
 MAX_BACKENDS = 64     # per family; PK_MAX_BACKENDS in the C source
 MAX_PASSIVE = 1024    # PK_MAX_PASSIVE: backends with outcome counters (and pk_suspect entries)
 SUSPECT_WINDOW_S = 2.0  # a refused / SYN-timed-out backend is avoided this long (-DPK_SUSPECT_NS)
@@ -191,9 +202,9 @@ HOOKS: tuple[tuple[str, int], ...] = (
     ("connect6", bpf.BPF_CGROUP_INET6_CONNECT),
 )
 MAP_NAMES = ("pk_config", "pk_active", "pk_slots", "pk_counters", "pk_stats", "pk_peers",
-             "pk_socks", "pk_passive", "pk_suspect")
+             "pk_passive", "pk_suspect", "pk_suspect_until")
 STAT_NAMES = ("steered", "no_backend", "retry", "peer_xlate",  # PK_STAT_* order
-              "sock_tracked", "sock_track_failed", "passive_full",
+              "passive_full",
               "skipped_suspect", "all_suspect", "suspect_marked", "suspect_mark_failed")
 
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -203,7 +214,7 @@ _CONFIG = struct.Struct("=QII")      # host_netns_cookie, listen_port, flags
 _ACTIVE = struct.Struct("=QIIII")    # gen, count4, count6, buf, pad
 _BACKEND_SIZE = 20                   # addr[16] (network order), port (network order), family, pad
 _META = struct.Struct("=32sI28x")    # sha256, layout
-_SOCK = struct.Struct("=20s16s2s2x")  # pk_sock: backend, local_addr (network order), local_port (network order)
+_PEER = struct.Struct("=16s16s2s2s4x20s")  # pk_peer: orig addr, backend addr, ports, backend key
 _OUTCOME = struct.Struct("=QQQ")     # pk_outcome: refused, syn_timeouts, established (per CPU)
 _DEADLINE = struct.Struct("=Q")      # pk_suspect value: bpf_ktime_get_ns() (CLOCK_MONOTONIC)
 _KEY0 = struct.pack("=I", 0)
@@ -713,6 +724,37 @@ class EbpfDatapath(Datapath):
             _close_quietly(afd)
             _close_quietly(sfd)
 
+    def _carry_peers(self, attached_ids: dict[str, int]) -> None:
+        """Before a layout upgrade loads the new program: when the attached
+        program's pk_peers has the format this code uses (layouts 2 to 4),
+        pin that very map into the new maps dir, so the loader reuses it.
+        The sockets steered before the upgrade then keep their reverse
+        translation, and close_connections() still finds them: a watch
+        connection that predates the upgrade is not left hanging on a dead
+        backend later. Layout 1's pk_peers (no backend key) is not carried."""
+        mid = attached_ids.get("pk_peers")
+        target = self.paths.map("pk_peers")
+        if mid is None or os.path.exists(target):
+            return
+        try:
+            fd = bpf.map_fd_by_id(mid)
+        except OSError:
+            return
+        try:
+            mi = bpf.map_info(fd)
+            if (mi.type, mi.key_size, mi.value_size) != (bpf.BPF_MAP_TYPE_SK_STORAGE, 4, _PEER.size):
+                log.info("layout upgrade: the attached pk_peers (value %d bytes) is not carried "
+                         "over; sockets steered before the upgrade answer getpeername() with "
+                         "the backend's address", mi.value_size)
+                return
+            os.makedirs(self.paths.maps, mode=0o700, exist_ok=True)
+            bpf.obj_pin(fd, target)
+            log.info("layout upgrade: pk_peers (map %d) carried over with its sockets", mid)
+        except OSError as e:
+            log.warning("layout upgrade: could not carry pk_peers over: %s", e)
+        finally:
+            os.close(fd)
+
     def _swap_programs(self, new: dict[str, int]) -> None:
         """Move every hook to the new program: BPF_LINK_UPDATE (BPF_F_REPLACE)
         on existing links, link create + pin for missing ones."""
@@ -786,6 +828,8 @@ class EbpfDatapath(Datapath):
 
         had_links = bool(self._links)
         old_set = self._read_attached_set(self._links) if had_links else None
+        if had_links:
+            self._carry_peers(attached_ids)
         new_progs = self._load()
         try:
             if self._maps is not None:
@@ -904,8 +948,6 @@ class EbpfDatapath(Datapath):
                 connections=sum(struct.unpack(f"={self._ncpus}Q", raw)),
                 extra={"refused": pc.refused, "syn_timeouts": pc.syn_timeouts,
                        "established": pc.established})
-        details["tracked_sockets"] = len(bpf.map_lookup_batch(maps.fds["pk_socks"], 8, _SOCK.size,
-                                                              chunk=4096))
         details["suspect_window_s"] = SUSPECT_WINDOW_S
         details["suspect"] = {str(b): round(left, 3) for b, left in
                               sorted(self._read_suspect(maps).items())}
@@ -963,36 +1005,46 @@ class EbpfDatapath(Datapath):
             raise DatapathError(f"reading pk_passive failed: {e}") from e
 
     def steered_sockets(self, backends: Sequence[Backend] | None = None) -> list[Any]:
-        """The live steered sockets (pk_socks) as _netlink.SockId, to
-        `backends` only when given."""
+        """The live steered sockets (SYN_SENT to LAST_ACK) as _netlink.SockId,
+        to `backends` only when given: a sock_diag dump with each socket's
+        pk_peers value (module docstring, "Fast failover")."""
         _netlink = import_netlink()  # pyroute2: ~10 MB of RSS, so only on failover
 
         maps = self._ensure_maps()
         if maps is None:
             return []
-        wanted = None if backends is None else {encode_backend(b) for b in backends}
-        try:
-            entries = bpf.map_lookup_batch(maps.fds["pk_socks"], 8, _SOCK.size, chunk=4096)
-        except OSError as e:
-            raise DatapathError(f"reading pk_socks failed: {e}") from e
+        wanted = None if backends is None else {encode_backend(b): b for b in backends}
+        # (family, remote port) dumps: an IPv4 backend is also reached by
+        # dual-stack AF_INET6 sockets, as ::ffff:a.b.c.d. Port 0: any.
+        if backends is None:
+            dumps = {(socket.AF_INET, 0), (socket.AF_INET6, 0)}
+        else:
+            dumps = {(socket.AF_INET6, b.port) for b in backends}
+            dumps |= {(socket.AF_INET, b.port) for b in backends if b.family == 4}
+        fd, map_id = maps.fds["pk_peers"], maps.ids["pk_peers"]
         out: list[_netlink.SockId] = []
-        for key, raw in entries:
-            be_raw, local, lport = _SOCK.unpack(raw)
-            if wanted is not None and be_raw not in wanted:
-                continue
+        for family, port in sorted(dumps):
             try:
-                b = decode_backend(be_raw)
-            except DatapathError:
-                continue
-            src = ipaddress.IPv4Address(local[:4]) if b.family == 4 else ipaddress.IPv6Address(local)
-            out.append(_netlink.SockId(src=src, sport=struct.unpack("!H", lport)[0],
-                                       dst=b.address, dport=b.port,
-                                       cookie=struct.unpack("=Q", key)[0]))
+                found = _netlink.sockets_with_storage(family, port, fd, map_id)
+            except OSError as e:
+                raise DatapathError(f"sock_diag dump of steered sockets failed: {e}") from e
+            for ss in found:
+                be_raw = _PEER.unpack(ss.value[:_PEER.size])[4]
+                try:
+                    b = decode_backend(be_raw) if wanted is None else wanted[be_raw]
+                except (KeyError, DatapathError):
+                    continue  # another backend's socket
+                peer = ss.sock.dst
+                if peer.version == 6 and b.family == 4 and peer.ipv4_mapped is not None:
+                    peer = peer.ipv4_mapped
+                if peer != b.address or ss.sock.dport != b.port:
+                    continue  # connected elsewhere since (the value outlives a reconnect)
+                out.append(ss.sock)
         return out
 
     def close_connections(self, backends: Sequence[Backend]) -> int:
-        """SOCK_DESTROY every live socket steered to `backends` (pk_socks:
-        established and SYN_SENT alike), by exact 4-tuple and socket cookie:
+        """SOCK_DESTROY every live socket steered to `backends` (SYN_SENT
+        and established alike), by exact 4-tuple and socket cookie:
         never a direct connection to the same address. Returns how many were
         aborted. Call after apply() took the backends out of the set."""
         if not backends:
@@ -1006,15 +1058,7 @@ class EbpfDatapath(Datapath):
             res = _netlink.destroy_sockets(socks)
         except OSError as e:
             raise DatapathError(f"sock_diag SOCK_DESTROY failed: {e}") from e
-        gone = [sid for sid, err in res.failed if err == errno.ENOENT]
-        maps = self._maps
-        if gone and maps is not None:
-            # A record whose socket is gone (its CLOSE was missed): drop it.
-            for sid in gone:
-                try:
-                    bpf.map_delete(maps.fds["pk_socks"], struct.pack("=Q", sid.cookie))
-                except OSError:
-                    pass
+        gone = [sid for sid, err in res.failed if err == errno.ENOENT]  # closed since the dump
         other = {e: n for e, n in res.errors().items() if e != errno.ENOENT}
         if other:
             desc = ", ".join(f"{os.strerror(e)} x{n}" for e, n in other.items())
