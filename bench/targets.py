@@ -151,6 +151,83 @@ class Ebpf(Nftables):
     instance_suffix = "-ebpf"
 
 
+class NftablesMinimal(Target):
+    """The least a DNAT data path can do: one dnat rule to the one backend and
+    one masquerade rule; no map, no random draw, no counters, no CVE-2020-8558
+    guard, no refused detection. Not a product (it must not be deployed: the
+    guard is missing); the ceiling any nftables ruleset of this design can
+    reach on this kernel, measured beside the real one. Same sysctls as the
+    data path (route_localnet=1, tcp_timestamps=2), saved and restored with
+    prism_kernel.datapath.sysctl under its own instance name."""
+
+    name = "nftables-minimal"
+    description = "wrk -> 127.0.0.1:PORT, one nft dnat rule + one masquerade rule (the floor of NAT cost)"
+    conflicts = ("nftables", "nftables-naive")
+    conflict_reason = "both set the host-wide sysctls; measure the minimal ruleset on its own run"
+    port_offset = 4
+    table = "pkb_min"
+    instance = "pkb-min"
+    sysctls = (("net.ipv4.conf.all.route_localnet", "1"), ("net.ipv4.tcp_timestamps", "2"))
+
+    def __init__(self) -> None:
+        self.opts: Any = None
+
+    @staticmethod
+    def _nft(cmds: list[dict]) -> None:
+        import nftables
+
+        nft = nftables.Nftables()
+        nft.set_json_output(True)
+        rc, _, err = nft.json_cmd({"nftables": cmds})
+        if rc != 0:
+            raise RuntimeError(f"nft: {err.strip()}")
+
+    def setup(self, env: Env, opts: Any) -> str:
+        from prism_kernel.datapath import sysctl
+
+        self.opts = opts
+        addr, port = env.backend
+        listen = opts.port + self.port_offset
+        t = {"family": "ip", "table": self.table}
+        for name, value in self.sysctls:
+            sysctl.ensure(self.instance, name, value)
+        self._nft([
+            {"add": {"table": {"family": "ip", "name": self.table}}},
+            {"add": {"chain": {**t, "name": "out", "type": "nat", "hook": "output",
+                               "prio": -100, "policy": "accept"}}},
+            {"add": {"chain": {**t, "name": "post", "type": "nat", "hook": "postrouting",
+                               "prio": 100, "policy": "accept"}}},
+            {"add": {"rule": {**t, "chain": "out", "expr": [
+                {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                           "right": "127.0.0.1"}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                           "right": listen}},
+                {"dnat": {"addr": addr, "port": port}}]}}},
+            {"add": {"rule": {**t, "chain": "post", "expr": [
+                {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                {"match": {"op": "==", "left": {"ct": {"key": "ip daddr", "dir": "original"}},
+                           "right": "127.0.0.1"}},
+                {"masquerade": None}]}}},
+        ])
+        return f"http://127.0.0.1:{listen}/"
+
+    def teardown(self) -> None:
+        if self.opts is not None:
+            self.clear_leftovers(self.opts)
+
+    @classmethod
+    def clear_leftovers(cls, opts: Any) -> list[str]:
+        import nftables
+
+        from prism_kernel.datapath import sysctl
+
+        nft = nftables.Nftables()
+        nft.set_json_output(True)
+        rc, _, _ = nft.json_cmd({"nftables": [{"delete": {"table": {"family": "ip", "name": cls.table}}}]})
+        lines = [f"nft table ip {cls.table}: deleted"] if rc == 0 else []
+        return lines + sysctl.restore(cls.instance)
+
+
 class Haproxy(Target):
     """HAProxy in TCP mode, one thread: the userspace proxy people use for
     this job today, and KubePrism's model (every byte crosses a process).
@@ -218,6 +295,6 @@ class Haproxy(Target):
 
 
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Direct, Ebpf, Nftables, NftablesNaive, Haproxy)
+    t.name: t for t in (Direct, Ebpf, Nftables, NftablesNaive, NftablesMinimal, Haproxy)
 }
 DEFAULT_TARGETS = ("direct", "ebpf", "nftables", "haproxy")
