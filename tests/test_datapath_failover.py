@@ -391,6 +391,25 @@ def test_close_many_and_the_count(tb, dp):
             s.close()
 
 
+def test_close_aborts_dual_stack_connections(tb, dp):
+    """A dual-stack client (AF_INET6 socket, [::ffff:127.0.0.1]:PORT) is
+    steered to an IPv4 backend on both paths; its connection is found and
+    aborted like an IPv4 one."""
+    b0, b1 = tb.backends[0], tb.backends[1]
+    dp.install([be(b0)])
+    mapped = Held(connect("::ffff:127.0.0.1", family=socket.AF_INET6))
+    plain = Held(connect())
+    try:
+        dp.apply([be(b1)])
+        assert dp.close_connections([be(b0)]) == 2
+        for h in (mapped, plain):
+            h.wait()
+            assert _aborted(h.error), (h.error, h.data)
+    finally:
+        mapped.close()
+        plain.close()
+
+
 # --- eBPF specifics -------------------------------------------------------------------
 
 

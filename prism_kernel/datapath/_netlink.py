@@ -170,16 +170,20 @@ class _Netlink:
             chunks.append(data)
         return b"".join(chunks)
 
-    def request_acks(self, msgs: Sequence[nlmsg]) -> dict[int, int]:
+    def request(self, msgs: Sequence[nlmsg], marshal: Marshal | None = None
+                ) -> dict[int, tuple[int, list[nlmsg]]]:
         """Send messages that carry NLM_F_ACK (sequence numbers set by the
-        caller) in batches; returns seq -> error (0 = done, else a positive errno)."""
-        marshal = _Marshal()
-        results: dict[int, int] = {}
+        caller, encoded) in batches; returns seq -> (error, answers): error 0 =
+        done, else a positive errno; answers = the messages the kernel sent for
+        that request before its ack (parsed with `marshal`: a GET's entry)."""
+        marshal = marshal or _Marshal()
+        results: dict[int, tuple[int, list[nlmsg]]] = {}
         for start in range(0, len(msgs), BATCH):
             part = msgs[start:start + BATCH]
             want = {m["header"]["sequence_number"] for m in part}
+            answers: dict[int, list[nlmsg]] = {seq: [] for seq in want}
             self.sock.send(b"".join(m.data for m in part))
-            # The kernel socket handled the batch inside send(): acks are queued.
+            # The kernel socket handled the batch inside send(): answers are queued.
             block = False
             while want:
                 data = self._recv_all(block)
@@ -190,12 +194,20 @@ class _Netlink:
                     continue
                 for msg in marshal.parse(data):
                     seq = msg["header"]["sequence_number"]
-                    if isinstance(msg, nlmsgerr) and seq in want:
+                    if seq not in want:
+                        continue
+                    if isinstance(msg, nlmsgerr):
                         want.discard(seq)
-                        results[seq] = abs(msg["error"] or 0)
+                        results[seq] = (abs(msg["error"] or 0), answers[seq])
+                    else:
+                        answers[seq].append(msg)
             for seq in want:
-                results[seq] = errno.EIO
+                results[seq] = (errno.EIO, answers[seq])
         return results
+
+    def request_acks(self, msgs: Sequence[nlmsg]) -> dict[int, int]:
+        """request() when only the outcome matters: seq -> error."""
+        return {seq: err for seq, (err, _) in self.request(msgs).items()}
 
     def dump(self, msg: nlmsg, marshal: Marshal) -> Iterator[nlmsg]:
         """Send one NLM_F_DUMP request; yield the messages of the answer."""
@@ -256,20 +268,23 @@ class _storage_diag_msg(inet_diag_msg):
 
 
 @dataclass(frozen=True)
-class StoredSock:
-    """A TCP socket with the value it holds in one socket-storage map."""
+class FoundSock:
+    """A TCP socket from a sock_diag dump, with the value it holds in the
+    socket-storage map asked for (None when none was asked for)."""
 
     sock: SockId
     state: int  # TCP_* (1 established, 2 SYN_SENT, ...)
-    value: bytes
+    value: bytes | None = None
 
 
-def sockets_with_storage(family: int, dport: int, map_fd: int, map_id: int) -> list[StoredSock]:
+def tcp_sockets(family: int, dport: int, map_fd: int | None = None,
+                map_id: int | None = None) -> list[FoundSock]:
     """Every TCP socket of `family` in the calling network namespace with
-    remote port `dport`, in a connected state (SYN_SENT to LAST_ACK: not
-    listening, not TIME_WAIT), that has an entry in the socket-storage map
-    `map_fd` (whose id is `map_id`), with that entry. One dump; the kernel
-    filters by port, so a node's other connections are not even sent."""
+    remote port `dport` (0: any), in a connected state (SYN_SENT to LAST_ACK:
+    not listening, not TIME_WAIT). With a socket-storage map (`map_fd`, whose
+    id is `map_id`): only the sockets that have an entry in it, with that
+    entry. One dump; the kernel filters by port, so a node's other
+    connections are not even sent."""
     req = _storage_dump_req()
     req["header"]["type"] = SOCK_DIAG_BY_FAMILY
     req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
@@ -284,26 +299,26 @@ def sockets_with_storage(family: int, dport: int, map_fd: int, map_id: int) -> l
     req["idiag_dst"] = (0, 0, 0, 0)
     req["idiag_if"] = 0
     req["idiag_cookie"] = INET_DIAG_NOCOOKIE
-    req["attrs"] = [("INET_DIAG_REQ_SK_BPF_STORAGES",
-                     {"attrs": [("SK_DIAG_BPF_STORAGE_REQ_MAP_FD", map_fd)]})]
-    out: list[StoredSock] = []
+    if map_fd is not None:
+        req["attrs"] = [("INET_DIAG_REQ_SK_BPF_STORAGES",
+                         {"attrs": [("SK_DIAG_BPF_STORAGE_REQ_MAP_FD", map_fd)]})]
+    out: list[FoundSock] = []
     with _Netlink(NETLINK_SOCK_DIAG) as nl:
         req["header"]["sequence_number"] = nl.next_seq()
         for m in nl.dump(req, _Marshal({SOCK_DIAG_BY_FAMILY: _storage_diag_msg})):
-            stgs = m.get_attr("INET_DIAG_SK_BPF_STORAGES")
-            if stgs is None:
-                continue  # not in the map: not ours
             value = None
-            for st in stgs.get_attrs("SK_DIAG_BPF_STORAGE"):
-                if st.get_attr("SK_DIAG_BPF_STORAGE_MAP_ID") == map_id:
-                    value = st.get_attr("SK_DIAG_BPF_STORAGE_MAP_VALUE")
-            if value is None:
-                continue
-            out.append(StoredSock(
+            if map_fd is not None:
+                stgs = m.get_attr("INET_DIAG_SK_BPF_STORAGES")
+                for st in (stgs.get_attrs("SK_DIAG_BPF_STORAGE") if stgs is not None else ()):
+                    if st.get_attr("SK_DIAG_BPF_STORAGE_MAP_ID") == map_id:
+                        value = bytes(st.get_attr("SK_DIAG_BPF_STORAGE_MAP_VALUE"))
+                if value is None:
+                    continue  # not in the map
+            out.append(FoundSock(
                 sock=SockId(src=ipaddress.ip_address(m["idiag_src"]), sport=m["idiag_sport"],
                             dst=ipaddress.ip_address(m["idiag_dst"]), dport=m["idiag_dport"],
                             cookie=m["idiag_cookie"]),
-                state=m["idiag_state"], value=bytes(value)))
+                state=m["idiag_state"], value=value))
     return out
 
 
@@ -406,23 +421,66 @@ def dnat_entries(daddr: str, dport: int) -> list[CtEntry]:
             status = m.get_attr("CTA_STATUS") or 0
             if o.daddr != daddr or o.dport != dport or not status & IPS_DST_NAT:
                 continue
-            state = None
-            pi = m.get_attr("CTA_PROTOINFO")
-            if pi is not None:
-                tcp = pi.get_attr("CTA_PROTOINFO_TCP")
-                if tcp is not None:
-                    state = tcp.get_attr("CTA_PROTOINFO_TCP_STATE")
-            try:
-                out.append(CtEntry(
-                    id=m.get_attr("CTA_ID"), status=status,
-                    orig_src=ipaddress.IPv4Address(o.saddr), orig_sport=o.sport,
-                    orig_dst=ipaddress.IPv4Address(o.daddr), orig_dport=o.dport,
-                    reply_src=ipaddress.IPv4Address(r.saddr), reply_sport=r.sport,
-                    reply_dst=ipaddress.IPv4Address(r.daddr), reply_dport=r.dport,
-                    state=state))
-            except (TypeError, ValueError):
-                continue
+            e = _entry(m)
+            if e is not None:
+                out.append(e)
     return out
+
+
+def _entry(m: nlmsg) -> CtEntry | None:
+    """The CtEntry of a ctnetlink message (IPv4 TCP), else None."""
+    o, r = _tuple(m, "CTA_TUPLE_ORIG"), _tuple(m, "CTA_TUPLE_REPLY")
+    if o is None or r is None or o.proto != socket.IPPROTO_TCP:
+        return None
+    state = None
+    pi = m.get_attr("CTA_PROTOINFO")
+    if pi is not None:
+        tcp = pi.get_attr("CTA_PROTOINFO_TCP")
+        if tcp is not None:
+            state = tcp.get_attr("CTA_PROTOINFO_TCP_STATE")
+    try:
+        return CtEntry(
+            id=m.get_attr("CTA_ID"), status=m.get_attr("CTA_STATUS") or 0,
+            orig_src=ipaddress.IPv4Address(o.saddr), orig_sport=o.sport,
+            orig_dst=ipaddress.IPv4Address(o.daddr), orig_dport=o.dport,
+            reply_src=ipaddress.IPv4Address(r.saddr), reply_sport=r.sport,
+            reply_dst=ipaddress.IPv4Address(r.daddr), reply_dport=r.dport,
+            state=state)
+    except (TypeError, ValueError):
+        return None
+
+
+def entries_by_tuple(tuples: Sequence[tuple[str, int, str, int]]) -> list[CtEntry | None]:
+    """The conntrack entry of each IPv4 TCP original tuple (src, sport, dst,
+    dport), None where there is none: one CT_GET per tuple, sent as one
+    batch. For the few live sockets of a failover, this is much cheaper than
+    a dump of every entry (TIME_WAIT ones included: thousands under churn,
+    ~30 us each to parse)."""
+    if not tuples:
+        return []
+    marshal = _Marshal({_CT_MSG | IPCTNL_MSG_CT_NEW: nfct_msg, _CT_MSG | IPCTNL_MSG_CT_GET: nfct_msg})
+    with _Netlink(NETLINK_NETFILTER) as nl:
+        by_seq: dict[int, int] = {}
+        msgs = []
+        for i, (src, sport, dst, dport) in enumerate(tuples):
+            m = nfct_msg.create_from(tuple_orig=NFCTAttrTuple(
+                family=socket.AF_INET, saddr=src, daddr=dst, proto=socket.IPPROTO_TCP,
+                sport=sport, dport=dport))
+            m["nfgen_family"] = socket.AF_INET
+            m["version"] = 0
+            m["res_id"] = 0
+            m["header"]["type"] = _CT_MSG | IPCTNL_MSG_CT_GET
+            m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+            seq = nl.next_seq()
+            m["header"]["sequence_number"] = seq
+            m.encode()
+            msgs.append(m)
+            by_seq[seq] = i
+        out: list[CtEntry | None] = [None] * len(tuples)
+        for seq, (err, answers) in nl.request(msgs, marshal).items():
+            if err == 0 and answers and isinstance(answers[0], nfct_msg):
+                out[by_seq[seq]] = _entry(answers[0])
+        return out
 
 
 def delete_entries(entries: Iterable[CtEntry]) -> int:
@@ -451,5 +509,5 @@ def delete_entries(entries: Iterable[CtEntry]) -> int:
         return sum(1 for err in nl.request_acks(msgs).values() if err == 0)
 
 
-__all__ = ["SockId", "DestroyResult", "destroy_sockets", "CtEntry", "dnat_entries",
-           "delete_entries", "NLMSG_ERROR"]
+__all__ = ["SockId", "FoundSock", "tcp_sockets", "DestroyResult", "destroy_sockets", "CtEntry",
+           "dnat_entries", "entries_by_tuple", "delete_entries", "NLMSG_ERROR"]

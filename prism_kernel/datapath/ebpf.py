@@ -1025,7 +1025,7 @@ class EbpfDatapath(Datapath):
         out: list[_netlink.SockId] = []
         for family, port in sorted(dumps):
             try:
-                found = _netlink.sockets_with_storage(family, port, fd, map_id)
+                found = _netlink.tcp_sockets(family, port, fd, map_id)
             except OSError as e:
                 raise DatapathError(f"sock_diag dump of steered sockets failed: {e}") from e
             for ss in found:
