@@ -410,6 +410,33 @@ def test_close_aborts_dual_stack_connections(tb, dp):
         plain.close()
 
 
+def test_black_hole_is_seen_at_the_first_syn_retransmit(tb, dp):
+    """A black-holed backend: both paths count the steered connect's SYN
+    retransmits (eBPF: sock_ops RTO in SYN_SENT; nftables: a SYN of an
+    already confirmed entry) from the first one, about 1 s after connect(),
+    and flag the backend suspect; a direct connect to it is not counted."""
+    b0 = tb.backends[0]
+    dp.install([be(b0)])
+    b0.blackhole(True)
+    steered = Connecting("127.0.0.1", PORT, timeout=2.5)
+    direct = Connecting(b0.address, b0.http_port, timeout=2.5)
+    seen_after = None
+    while time.monotonic() - steered.started < 2.4:
+        if dp.passive_failures().get(be(b0), PassiveCounts()).syn_timeouts:
+            seen_after = time.monotonic() - steered.started
+            break
+        time.sleep(0.005)
+    print(f"{dp.name}: syn_timeouts seen {seen_after:.3f} s after a black-holed connect")
+    assert seen_after is not None and 0.8 < seen_after < 1.5
+    assert be(b0) in dp.suspect_backends()
+    steered.wait()
+    direct.wait()
+    assert isinstance(steered.error, TimeoutError) and isinstance(direct.error, TimeoutError)
+    rtos = 2 if _linear_syn_timeouts() >= 2 else 1  # within 2.5 s: at 1 s, then 2 s (or 3 s)
+    pc = dp.passive_failures()[be(b0)]
+    assert (pc.syn_timeouts, pc.refused, pc.established) == (rtos, 0, 0)
+
+
 # --- eBPF specifics -------------------------------------------------------------------
 
 

@@ -172,7 +172,7 @@ def test_refused_is_counted_at_once_and_only_for_steered_connects(tb, dp):
     for b in (be(b0), be(b1), be(b2)):
         got = pf.get(b, PassiveCounts())
         assert got.established + got.refused == steered[b], (b, got, steered[b])
-        assert got.syn_timeouts == 0  # invisible to conntrack
+        assert got.syn_timeouts == 0  # every SYN was answered
 
     # A direct connect to the same stopped server is not ours: not counted.
     with pytest.raises(ConnectionRefusedError):

@@ -39,24 +39,27 @@ built from the template nft/ruleset.json; nft/README.md shows the resulting
   SNAT makes backends drop reconnecting SYNs in TIME_WAIT: nft/README.md,
   "Why connection churn was slow").
 
-- Fast failover: close_connections() finds the connections this table
-  steered in conntrack (original direction 127.0.0.1:* -> 127.0.0.1:<listen
-  port>, status DNAT, reply source = the backend: one kernel-filtered dump),
-  aborts each client socket by its original tuple with sock_diag SOCK_DESTROY
-  (established and SYN_SENT alike; the owner gets ECONNABORTED, an established
-  one also sends an RST, NATed to the backend by its entry), then deletes those
-  entries (a SYN_SENT entry would otherwise hold its masquerade port for
-  120 s). Direct connections to the same backend have another original
-  destination and are never touched. The dump walks the whole conntrack
-  hash table in the kernel (about 10 ms with 262144 buckets), so a call costs
-  ~10 ms: fine for a failover, not for polling.
-- passive_failures(): two `list set` calls (~0.25 ms): refused and
-  established per backend, cumulative while the table lives (a backend
+- Fast failover: close_connections() takes the live TCP sockets connected
+  to 127.0.0.1:<listen port> (a sock_diag dump the kernel filters by port,
+  both families), looks up each one's conntrack entry by its exact tuple
+  (one batch of CT_GET) and keeps those DNATed to a dead backend; it aborts
+  those sockets with sock_diag SOCK_DESTROY (established and SYN_SENT alike;
+  the owner gets ECONNABORTED, an established one also sends an RST, NATed
+  to the backend by its entry), then deletes their entries (a SYN_SENT entry
+  would otherwise hold its masquerade port for 120 s). Direct connections to
+  the same backend have another original destination and are never
+  touched. Not a dump of the conntrack table: under churn it holds thousands
+  of TIME_WAIT entries, and parsing them delayed the aborts by 0.1-0.6 s.
+- passive_failures(): three `list set` calls (~0.4 ms): refused, established
+  and syn_timeouts per backend, cumulative while the table lives (a backend
   keeps its counts after leaving the set; a table replacement starts at
-  zero). syn_timeouts stays 0: a retransmitted SYN changes no conntrack
-  state, so a black hole is invisible to any rule. (Conntrack events through
-  ctnetlink were the other candidate, and rejected: every event of the host
-  would be read by the daemon, and a burst overflows the socket.)
+  zero). A black hole shows as syn_timeouts: the client's retransmitted SYN
+  passes the output hook with an entry that is already confirmed (the first
+  SYN's is not, until postrouting), about 1 s after connect(); the rule in
+  `filter_output` counts it and flags the backend suspect, as an RST does.
+  (Conntrack events through ctnetlink were the other candidate, and
+  rejected: every event of the host would be read by the daemon, and a
+  burst overflows the socket.)
 
 libnftables is not thread-safe: all calls of one instance go through a lock.
 """
@@ -113,6 +116,7 @@ CVE_CHAIN = "filter_prerouting"
 # per-slot and per-backend objects.
 REFUSED_SET = "refused"
 ESTABLISHED_SET = "established"
+SYN_TIMEOUTS_SET = "syn_timeouts"
 FLAG_MAP = "flag"
 PICK_PREFIX = "pick_"
 SUSPECT_PREFIX = "suspect_"
@@ -184,7 +188,7 @@ class Template:
         for needed in (STEER_CHAIN, MARKER_CHAIN, CVE_CHAIN):
             if needed not in self.chains:
                 raise DatapathError(f"nft template {source}: chain {needed!r} missing")
-        for needed in (COUNTER_SET, REFUSED_SET, ESTABLISHED_SET, FLAG_MAP):
+        for needed in (COUNTER_SET, REFUSED_SET, ESTABLISHED_SET, SYN_TIMEOUTS_SET, FLAG_MAP):
             if needed not in self.sets:
                 raise DatapathError(f"nft template {source}: set {needed!r} missing")
 
@@ -256,6 +260,7 @@ class _Observed:
     counters: dict[Backend, tuple[int, int]] = field(default_factory=dict)
     refused: dict[Backend, int] = field(default_factory=dict)
     established: dict[Backend, int] = field(default_factory=dict)
+    syn_timeouts: dict[Backend, int] = field(default_factory=dict)
     flags: dict[Backend, str | None] = field(default_factory=dict)  # map `flag`: backend -> goto chain
     suspect: dict[Backend, float] = field(default_factory=dict)  # flagged backend -> seconds left
     steer_handle: int | None = None
@@ -438,6 +443,8 @@ def _parse_table(objects: list[dict[str, Any]]) -> _Observed:
                 obs.refused = {b: n for b, (n, _) in _counter_elements(body).items()}
             elif name == ESTABLISHED_SET:
                 obs.established = {b: n for b, (n, _) in _counter_elements(body).items()}
+            elif name == SYN_TIMEOUTS_SET:
+                obs.syn_timeouts = {b: n for b, (n, _) in _counter_elements(body).items()}
             elif name == FLAG_MAP:
                 for entry in _map_entries(body.get("elem") or []) or []:
                     try:
@@ -863,6 +870,7 @@ class NftablesDatapath(Datapath):
         problems = self._problems(obs)
         counters = {b: BackendCounters(connections=pkts,
                                        extra={"refused": obs.refused.get(b, 0),
+                                              "syn_timeouts": obs.syn_timeouts.get(b, 0),
                                               "established": obs.established.get(b, 0)})
                     for b, (pkts, _) in obs.counters.items()}
         return KernelState(
@@ -878,14 +886,16 @@ class NftablesDatapath(Datapath):
                 "problems": problems,
                 "marker": obs.marker,
                 "cve_2020_8558_drops": obs.cve_drops,
-                # Backends that refused a steered connect within the last
+                # Backends that refused (or did not answer) a steered connect within the last
                 # suspect_window_s: new connects skip them (unless all are);
                 # {"addr:port": seconds left}, whole seconds (rounded down).
                 "suspect": {str(b): left for b, left in sorted(obs.suspect.items())},
                 "suspect_window_s": self._template.suspect_seconds,
                 "counters": "connections: new connections steered to the backend since it "
                             "entered the set; refused / established: steered connects the "
-                            "backend answered with RST / SYN-ACK since the table was created",
+                            "backend answered with RST / SYN-ACK since the table was created; "
+                            "syn_timeouts: SYNs of steered connects sent again (no answer "
+                            "within the retransmission timeout)",
             },
         )
 
@@ -899,19 +909,23 @@ class NftablesDatapath(Datapath):
 
     def passive_failures(self) -> dict[Backend, PassiveCounts]:
         """Cumulative outcomes of steered connects per backend, counted in the
-        kernel by the rule `handshake` (nft/README.md): refused = the backend
-        answered the SYN with RST, established = it answered with SYN-ACK.
-        syn_timeouts is always 0: a SYN that gets no answer changes nothing
-        that conntrack or nftables can see. Two `list set` calls (one
-        libnftables call cannot list two sets); a backend appears at its
+        kernel (nft/README.md): refused = the backend answered the SYN with
+        RST, established = it answered with SYN-ACK (rule `handshake`),
+        syn_timeouts = the client sent a SYN again, i.e. no answer within the
+        retransmission timeout (rule in `filter_output`: a SYN of an entry that
+        is already confirmed, so not the first one). Three `list set` calls
+        (one libnftables call cannot list two sets); a backend appears at its
         first outcome and keeps its counts after it leaves the set. {} when
-        no table of this layout is installed."""
+        no table of this layout is installed. A table from before the
+        syn_timeouts set (same layout) reads as 0 there until replaced."""
         counts: dict[Backend, PassiveCounts] = {}
         with self._lock:
             nft = self._nft_handle()
-            for name in (REFUSED_SET, ESTABLISHED_SET):
+            for name in (REFUSED_SET, ESTABLISHED_SET, SYN_TIMEOUTS_SET):
                 objs = _list(nft, {"set": {"family": FAMILY, "table": self.table, "name": name}})
                 if objs is None:
+                    if name == SYN_TIMEOUTS_SET and counts:
+                        continue  # a table of the previous template: no such set yet
                     return {}  # no table, or one of layout 1 (no such sets)
                 for obj in objs:
                     body = obj.get("set")
@@ -920,8 +934,10 @@ class NftablesDatapath(Datapath):
                             pc = counts.setdefault(b, PassiveCounts())
                             if name == REFUSED_SET:
                                 pc.refused = n
-                            else:
+                            elif name == ESTABLISHED_SET:
                                 pc.established = n
+                            else:
+                                pc.syn_timeouts = n
         return counts
 
     def close_connections(self, backends: Sequence[Backend]) -> int:
