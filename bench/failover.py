@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import random
 import statistics
 import sys
 import time
@@ -50,7 +51,10 @@ def one_run(tb: Testbed, datapath: str, fault: str, tmp: str) -> dict:
         streams = open_streams(ctx, {"be0", "be1", "be2"})
         # 50 ms retry backoff: the harsher setting the published figures were measured with.
         with RecordingClient(ctx, rate=150, timeout=2.0, retry_delay=0.05) as client:
-            time.sleep(1.5)
+            # A random phase against the probe schedule (1 s): otherwise the
+            # fault lands at the same point of every run's probe cycle and
+            # the detection time shows that phase, not the distribution.
+            time.sleep(1.5 + random.uniform(0.0, 1.0))
             t_mono, t_wall = time.monotonic(), time.time()
             {"refused": victim.stop, "blackhole": lambda: victim.blackhole(True), "frozen": victim.freeze,
              "drain": lambda: victim.drain(True)}[fault]()
