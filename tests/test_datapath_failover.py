@@ -622,6 +622,10 @@ def test_ebpf_upgrade_from_layout1_release(tb, ebpf, tmp_path):
 
 
 def test_nftables_close_connections_also_deletes_their_conntrack_entries(tb, nft_dp):
+    """The entries of the aborted sockets go, and so does the entry of a
+    connect to the dead backend that gave up unanswered (its socket is gone,
+    the entry would stay in SYN_SENT for 120 s and catch a new connect that
+    reuses its source port)."""
     dp = nft_dp
     from prism_kernel.datapath import _netlink
 
@@ -630,14 +634,23 @@ def test_nftables_close_connections_also_deletes_their_conntrack_entries(tb, nft
     assert not any(c.refused for c in dp.passive_failures().values())  # nothing seen yet
     held = Held(connect())
     b0.blackhole(True)
+    gave_up = Connecting("127.0.0.1", PORT, timeout=1.0)
+    wait_syn_sent("127.0.0.1", PORT, 1)
+    gave_up_port = gave_up.sock.getsockname()[1]
+    gave_up.wait()
+    assert isinstance(gave_up.error, TimeoutError)
     stuck = Connecting("127.0.0.1", PORT, timeout=10)
     wait_syn_sent("127.0.0.1", PORT, 1)
-    ours = [e for e in _netlink.dnat_entries("127.0.0.1", PORT) if str(e.reply_src) == b0.address]
-    assert len(ours) == 2
-    assert dp.close_connections([be(b0)]) == 2
+    ports = {held.sock.getsockname()[1], stuck.sock.getsockname()[1], gave_up_port}
+
+    def entries() -> list:
+        return [e for e in _netlink.dnat_entries("127.0.0.1", PORT)
+                if str(e.reply_src) == b0.address and e.orig_sport in ports]
+
+    assert len(entries()) == 3
+    assert dp.close_connections([be(b0)]) == 2  # the two live sockets
     stuck.wait()
     held.wait()
     assert _aborted(stuck.error) and _aborted(held.error)
     held.close()
-    left = [e for e in _netlink.dnat_entries("127.0.0.1", PORT) if str(e.reply_src) == b0.address]
-    assert left == []
+    assert entries() == []

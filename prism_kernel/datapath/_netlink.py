@@ -60,6 +60,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
     IPCTNL_MSG_CT_GET,
     IPCTNL_MSG_CT_NEW,
     IPS_DST_NAT,
+    IPS_SEEN_REPLY,
     NFCTAttrTuple,
     nfct_msg,
 )
@@ -393,15 +394,18 @@ def _tuple(msg: nlmsg, name: str) -> NFCTAttrTuple | None:
         return None
 
 
-def dnat_entries(daddr: str, dport: int) -> list[CtEntry]:
+def dnat_entries(daddr: str, dport: int, unanswered: bool = False) -> list[CtEntry]:
     """IPv4 TCP entries whose original destination is daddr:dport and that
-    were DNATed (status IPS_DST_NAT), filtered in the kernel (CTA_FILTER,
-    Linux >= 5.8; CTA_STATUS filter >= 5.15): one dump request."""
+    were DNATed (status IPS_DST_NAT); with `unanswered`, only those that never
+    saw a reply packet (no IPS_SEEN_REPLY: connects to a black hole).
+    Filtered in the kernel (CTA_FILTER, Linux >= 5.8; CTA_STATUS filter >=
+    5.15): one dump request."""
     flt = NFCTAttrTuple(family=socket.AF_INET, daddr=daddr, proto=socket.IPPROTO_TCP, dport=dport)
     flt.attrs()  # computes flt.flags
+    mask = IPS_DST_NAT | (IPS_SEEN_REPLY if unanswered else 0)
     msg = nfct_msg.create_from(tuple_orig=flt,
                                cta_filter={"attrs": [["CTA_FILTER_ORIG_FLAGS", flt.flags]]},
-                               status=IPS_DST_NAT, status_mask=IPS_DST_NAT)
+                               status=IPS_DST_NAT, status_mask=mask)
     msg["nfgen_family"] = socket.AF_INET
     msg["version"] = 0
     msg["res_id"] = 0
@@ -419,7 +423,7 @@ def dnat_entries(daddr: str, dport: int) -> list[CtEntry]:
                 continue
             # The kernel filter is a superset guarantee on old kernels only: re-check.
             status = m.get_attr("CTA_STATUS") or 0
-            if o.daddr != daddr or o.dport != dport or not status & IPS_DST_NAT:
+            if o.daddr != daddr or o.dport != dport or status & mask != IPS_DST_NAT:
                 continue
             e = _entry(m)
             if e is not None:

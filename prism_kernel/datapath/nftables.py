@@ -46,9 +46,11 @@ built from the template nft/ruleset.json; nft/README.md shows the resulting
   those sockets with sock_diag SOCK_DESTROY (established and SYN_SENT alike;
   the owner gets ECONNABORTED, an established one also sends an RST, NATed
   to the backend by its entry), then deletes their entries (a SYN_SENT entry
-  would otherwise hold its masquerade port for 120 s). Direct connections to
-  the same backend have another original destination and are never
-  touched. Not a dump of the conntrack table: under churn it holds thousands
+  would otherwise hold its masquerade port for 120 s), and the entries of
+  unanswered connects to it whose socket is gone (a new SYN reusing that
+  source port would be taken for a retransmission and follow the old NAT
+  binding to the dead backend). Direct connections to the same backend have
+  another original destination and are never touched. Not a dump of the conntrack table: under churn it holds thousands
   of TIME_WAIT entries, and parsing them delayed the aborts by 0.1-0.6 s.
 - passive_failures(): three `list set` calls (~0.4 ms): refused, established
   and syn_timeouts per backend, cumulative while the table lives (a backend
@@ -952,7 +954,10 @@ class NftablesDatapath(Datapath):
         tuple (one batch of CT_GET): DNATed to one of `backends` = ours. Not a
         dump of the conntrack table: under connection churn it holds thousands
         of TIME_WAIT entries of closed sockets, and parsing them took 0.1-0.6 s
-        of a failover."""
+        of a failover. Also deleted: the entries of connects to `backends`
+        that never got an answer and whose socket is gone (kernel-filtered
+        dump), so no new connect reusing a source port follows one to a dead
+        backend."""
         targets = {(b.address, b.port) for b in backends
                    if b.family == 4 and isinstance(b.address, ipaddress.IPv4Address)}
         if not targets:
@@ -972,8 +977,6 @@ class NftablesDatapath(Datapath):
                     live.append((fs.sock, (str(src), fs.sock.sport, str(dst), port)))
         except OSError as e:
             raise DatapathError(f"sock_diag dump failed: {e}") from e
-        if not live:
-            return 0
         try:
             found = _netlink.entries_by_tuple([t for _, t in live])
         except OSError as e:
@@ -983,12 +986,23 @@ class NftablesDatapath(Datapath):
             if e is not None and e.status & _netlink.IPS_DST_NAT and (e.reply_src, e.reply_sport) in targets:
                 socks.append(sock)
                 ours.append(e)
-        if not socks:
-            return 0
+        res = _netlink.DestroyResult()
+        if socks:
+            try:
+                res = _netlink.destroy_sockets(socks)
+            except OSError as e:
+                raise DatapathError(f"sock_diag SOCK_DESTROY failed: {e}") from e
+        # Entries of connects to these backends that never got an answer and
+        # whose socket is gone (a client that gave up on a black hole): they
+        # stay in SYN_SENT for 120 s, and conntrack takes the SYN of a new
+        # connect that reuses the source port for a retransmission of the old
+        # one, NATed to the dead backend. Few: a kernel-filtered dump.
         try:
-            res = _netlink.destroy_sockets(socks)
+            known = set(ours)
+            ours += [e for e in _netlink.dnat_entries(str(_LOOPBACK), port, unanswered=True)
+                     if (e.reply_src, e.reply_sport) in targets and e not in known]
         except OSError as e:
-            raise DatapathError(f"sock_diag SOCK_DESTROY failed: {e}") from e
+            log.warning("conntrack dump of unanswered connects failed: %s", e)
         # After the sockets: an established one's RST still needs its entry for NAT.
         try:
             deleted = _netlink.delete_entries(ours)
