@@ -198,14 +198,14 @@ def summarize(runs: list[Run], targets: list[str], modes: list[str]) -> list[dic
         base = [r for r in runs if r.mode == mode and r.target == "direct"]
         base_rps = statistics.median(r.rps for r in base) if base else None
         base_p99 = statistics.median(r.p99_ms for r in base if r.p99_ms is not None) if base else None
+        # Paired: each round's rate against direct's in the same round (the
+        # runs are seconds apart), so drift between rounds cancels out.
+        direct_in = {r.round: r.rps for r in base}
         for t in targets:
             rs = [r for r in runs if r.mode == mode and r.target == t]
             if not rs:
                 continue
             rps = statistics.median(r.rps for r in rs)
-            # Paired: each round's rate against direct's in the same round (the
-            # runs are seconds apart), so drift between rounds cancels out.
-            direct_in = {r.round: r.rps for r in base}
             paired = [r.rps / direct_in[r.round] for r in rs if direct_in.get(r.round)]
             p99s = [r.p99_ms for r in rs if r.p99_ms is not None]
             p99 = statistics.median(p99s) if p99s else None

@@ -74,12 +74,13 @@
  * SYN_SENT: everything the failover needs from the kernel happens there.
  * Layout 3 followed every steered socket to CLOSE and kept an LRU index of
  * them (insert at connect, delete at close): 0.963x of direct in the
- * one-connection-per-request benchmark, against 0.980x for this layout
- * (bench/run.py --targets direct,ebpf --modes close --rounds 9).
+ * one-connection-per-request benchmark, against 0.971-0.980x for this layout
+ * (python -m bench.run --targets direct,ebpf --modes close, 9 rounds).
  *   TCP_CONNECT_CB       (in tcp_connect(), SYN about to leave): OR in STATE_CB |
- *                        RTO_CB for this socket.
- *   ACTIVE_ESTABLISHED_CB  established++ (the handshake completed), and the two
- *                        callbacks switched off again: nothing more to see.
+ *                        RTO_CB for this socket; the ones it turned on are kept in
+ *                        pk_peers (cb_added).
+ *   ACTIVE_ESTABLISHED_CB  established++ (the handshake completed), and the
+ *                        callbacks it turned on switched off again: nothing more to see.
  *   RTO_CB in SYN_SENT   syn_timeouts++ and the backend marked suspect (every firing:
  *                        1 s after the SYN of a black-holed connect, then every
  *                        second while tcp_syn_linear_timeouts lasts, then doubling).
@@ -89,8 +90,12 @@
  *                        ESTABLISHED). A SYN_SENT socket closed by its owner, aborted
  *                        by SOCK_DESTROY, failed by ICMP or timed out has segs_in == 0
  *                        and is not counted.
- * The cb flags are ORed into (and cleared from) the socket's current ones: another
- * sock_ops program's flags are kept.
+ * The cb flags are ORed into the socket's current ones, and only the ones this
+ * program added are cleared again: a flag another sock_ops program set before
+ * ours ran at TCP_CONNECT_CB is kept (tested). The flags are one word per
+ * socket shared by all sock_ops programs, so one that sets STATE or RTO only
+ * after ours did (later in the chain at connect, or at ESTABLISHED before ours)
+ * loses it at ESTABLISHED: such a program would have to set it again there.
  *
  * In-kernel exclusion of suspect backends (since layout 3). The daemon learns of a
  * refusal by polling pk_passive (100 ms); a client retries within microseconds.
@@ -190,7 +195,7 @@ struct pk_peer {
 	__u32 backend_addr[4];  /* ditto: v4-mapped for a dual-stack socket */
 	__u16 orig_port;        /* network byte order */
 	__u16 backend_port;
-	__u32 pad;
+	__u32 cb_added;         /* sockops: the callback flags it turned on (was padding: layout 2-3) */
 	struct pk_backend be;   /* the backend as keyed in pk_counters / pk_passive */
 };
 
@@ -577,8 +582,13 @@ int sockops(struct bpf_sock_ops *skops)
 	struct pk_peer *p;
 
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-		if (pk_steered(skops))
-			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | PK_CB_FLAGS);
+		__u32 cur = skops->bpf_sock_ops_cb_flags;
+
+		p = pk_steered(skops);
+		if (!p)
+			return 1;
+		p->cb_added = PK_CB_FLAGS & ~cur;
+		bpf_sock_ops_cb_flags_set(skops, cur | PK_CB_FLAGS);
 		return 1;
 	}
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_RTO_CB &&
@@ -596,7 +606,7 @@ int sockops(struct bpf_sock_ops *skops)
 		return 1;
 
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~PK_CB_FLAGS);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~p->cb_added);
 		o = pk_outcome_for(&p->be);
 		if (o)
 			o->established += 1;  /* per-CPU: no atomic needed */

@@ -492,8 +492,8 @@ class Daemon:
 
     async def _passive_loop(self) -> None:
         """Poll the kernel's per-backend outcome counters of steered connects
-        (eBPF sock_ops) and confirm each new failure with an immediate TCP
-        connect: a refused backend is out within milliseconds, a black-holed
+        (eBPF: sock_ops; nftables: the rules `handshake` and `filter_output`)
+        and confirm each new failure with an immediate TCP connect: a refused backend is out within milliseconds, a black-holed
         one as soon as its first SYN is retransmitted (~1 s)."""
         assert self.datapath is not None
         while True:

@@ -608,3 +608,68 @@ def test_passive_counters_and_marks_coexist(tb, ebpf):
     assert dp.apply([be(b0), be(b1), be(tb.backends[2])]) is True
     assert set(dp.suspect_backends()) == {be(b0)}
     assert dp.passive_failures()[be(b0)].refused == 1
+
+
+# --- another sock_ops program on the same cgroup -----------------------------------------
+
+OTHER_SOCKOPS = r"""
+BPF_ARRAY(closes, u64, 1);
+
+/* Wants the STATE callback of every connection to the backends' port, for
+ * the connection's whole life (as a monitoring program would): sets it at
+ * TCP_CONNECT_CB, counts the transitions to CLOSE. */
+int other(struct bpf_sock_ops *skops)
+{
+	int zero = 0;
+	u64 *n;
+
+	if (bpf_ntohl(skops->remote_port) != BACKEND_PORT)
+		return 1;
+	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		return 1;
+	}
+	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == BPF_TCP_CLOSE) {
+		n = closes.lookup(&zero);
+		if (n)
+			__sync_fetch_and_add(n, 1);
+	}
+	return 1;
+}
+"""
+
+
+def test_callbacks_another_sock_ops_program_set_are_kept(tb, ebpf):
+    """sock_ops flags are per socket and shared by every sock_ops program of
+    the cgroup tree. Ours turns STATE|RTO on at connect and off once the
+    handshake is done, but only the flags it turned on: a program attached
+    before ours that wants STATE for the whole connection still gets the
+    socket's CLOSE."""
+    from bcc import BPF  # the test process may carry the compiler
+
+    from prism_kernel.datapath.cgroup import find_cgroup2_root
+
+    b0 = tb.backends[0]
+    other = BPF(text=OTHER_SOCKOPS.encode(), cflags=[f"-DBACKEND_PORT={b0.http_port}"])
+    fn = other.load_func(b"other", BPF.SOCK_OPS)
+    root = os.open(find_cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+    link = bpf.link_create(fn.fd, root, bpf.BPF_CGROUP_SOCK_OPS)  # before ours: runs first
+    try:
+        dp = ebpf()
+        dp.install([be(b0)])
+        n = 5
+        for _ in range(n):
+            with connect() as s:
+                assert http_ok(s)
+        closes = other[b"closes"]
+
+        def count() -> int:
+            return sum(v.value for v in closes.values())
+
+        assert wait_for(lambda: count() >= n, 3.0) is not None, count()
+        assert dp.passive_failures()[be(b0)].established == n
+    finally:
+        bpf.link_detach(link)
+        os.close(link)
+        os.close(root)
+        other.cleanup()

@@ -116,6 +116,14 @@ class _Marshal(Marshal):
         self.msg_map = dict(msg_map or {})
 
 
+def unmapped(addr: Address) -> Address:
+    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d, as a dual-stack socket
+    shows an IPv4 peer) as the IPv4 address; any other address as is."""
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def _words(addr: Address) -> tuple[int, int, int, int]:
     if addr.version == 4:
         return (int(addr), 0, 0, 0)
@@ -241,10 +249,17 @@ INET_DIAG_REQ_SK_BPF_STORAGES = 2
 INET_DIAG_SK_BPF_STORAGES = 20
 
 
+# pyroute2 compiles a class's nla_map once and marks the class with a flag
+# (nlmsg_base.__compiled_nla, name-mangled) that subclasses inherit: a
+# subclass of a message class used before would run on its parent's compiled
+# map. Each subclass below resets the flag, so its own map is compiled.
+
+
 class _storage_dump_req(inet_diag_req):
     """inet_diag_req_v2 plus INET_DIAG_REQ_SK_BPF_STORAGES (pyroute2 0.9
     defines no request attributes)."""
 
+    _nlmsg_base__compiled_nla = False
     nla_map = ((INET_DIAG_REQ_SK_BPF_STORAGES, "INET_DIAG_REQ_SK_BPF_STORAGES", "map_fds|nested"),)
 
     class map_fds(nla):
@@ -255,6 +270,7 @@ class _storage_diag_msg(inet_diag_msg):
     """inet_diag_msg whose INET_DIAG_SK_BPF_STORAGES is decoded (pyroute2
     0.9 leaves it as hex): one SK_DIAG_BPF_STORAGE per map, {map id, value}."""
 
+    _nlmsg_base__compiled_nla = False
     nla_map = tuple(
         (i, name, "sk_bpf_storages" if i == INET_DIAG_SK_BPF_STORAGES else kind)
         for i, (name, kind) in enumerate(inet_diag_msg.nla_map)
@@ -403,18 +419,12 @@ def dnat_entries(daddr: str, dport: int, unanswered: bool = False) -> list[CtEnt
     flt = NFCTAttrTuple(family=socket.AF_INET, daddr=daddr, proto=socket.IPPROTO_TCP, dport=dport)
     flt.attrs()  # computes flt.flags
     mask = IPS_DST_NAT | (IPS_SEEN_REPLY if unanswered else 0)
-    msg = nfct_msg.create_from(tuple_orig=flt,
-                               cta_filter={"attrs": [["CTA_FILTER_ORIG_FLAGS", flt.flags]]},
-                               status=IPS_DST_NAT, status_mask=mask)
-    msg["nfgen_family"] = socket.AF_INET
-    msg["version"] = 0
-    msg["res_id"] = 0
-    msg["header"]["type"] = _CT_MSG | IPCTNL_MSG_CT_GET
-    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
     out: list[CtEntry] = []
     marshal = _Marshal({_CT_MSG | IPCTNL_MSG_CT_NEW: nfct_msg, _CT_MSG | IPCTNL_MSG_CT_GET: nfct_msg})
     with _Netlink(NETLINK_NETFILTER) as nl:
-        msg["header"]["sequence_number"] = nl.next_seq()
+        msg = _ct_msg(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, nl.next_seq(), tuple_orig=flt,
+                      cta_filter={"attrs": [["CTA_FILTER_ORIG_FLAGS", flt.flags]]},
+                      status=IPS_DST_NAT, status_mask=mask)
         for m in nl.dump(msg, marshal):
             if not isinstance(m, nfct_msg):
                 continue
@@ -429,6 +439,25 @@ def dnat_entries(daddr: str, dport: int, unanswered: bool = False) -> list[CtEnt
             if e is not None:
                 out.append(e)
     return out
+
+
+def _ct_msg(kind: int, flags: int, seq: int, **attrs) -> nfct_msg:
+    """A ctnetlink request (IPv4) of `kind` (IPCTNL_MSG_CT_*) with the given
+    attributes (nfct_msg.create_from keywords), encoded."""
+    m = nfct_msg.create_from(**attrs)
+    m["nfgen_family"] = socket.AF_INET
+    m["version"] = 0
+    m["res_id"] = 0
+    m["header"]["type"] = _CT_MSG | kind
+    m["header"]["flags"] = flags
+    m["header"]["sequence_number"] = seq
+    m.encode()
+    return m
+
+
+def _tcp_tuple(src: str, sport: int, dst: str, dport: int) -> NFCTAttrTuple:
+    return NFCTAttrTuple(family=socket.AF_INET, saddr=src, daddr=dst, proto=socket.IPPROTO_TCP,
+                         sport=sport, dport=dport)
 
 
 def _entry(m: nlmsg) -> CtEntry | None:
@@ -466,19 +495,10 @@ def entries_by_tuple(tuples: Sequence[tuple[str, int, str, int]]) -> list[CtEntr
     with _Netlink(NETLINK_NETFILTER) as nl:
         by_seq: dict[int, int] = {}
         msgs = []
-        for i, (src, sport, dst, dport) in enumerate(tuples):
-            m = nfct_msg.create_from(tuple_orig=NFCTAttrTuple(
-                family=socket.AF_INET, saddr=src, daddr=dst, proto=socket.IPPROTO_TCP,
-                sport=sport, dport=dport))
-            m["nfgen_family"] = socket.AF_INET
-            m["version"] = 0
-            m["res_id"] = 0
-            m["header"]["type"] = _CT_MSG | IPCTNL_MSG_CT_GET
-            m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+        for i, t in enumerate(tuples):
             seq = nl.next_seq()
-            m["header"]["sequence_number"] = seq
-            m.encode()
-            msgs.append(m)
+            msgs.append(_ct_msg(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_ACK, seq,
+                                tuple_orig=_tcp_tuple(*t)))
             by_seq[seq] = i
         out: list[CtEntry | None] = [None] * len(tuples)
         for seq, (err, answers) in nl.request(msgs, marshal).items():
@@ -496,20 +516,11 @@ def delete_entries(entries: Iterable[CtEntry]) -> int:
     with _Netlink(NETLINK_NETFILTER) as nl:
         msgs = []
         for e in entries:
-            kw = {"tuple_orig": NFCTAttrTuple(
-                family=socket.AF_INET, saddr=str(e.orig_src), daddr=str(e.orig_dst),
-                proto=socket.IPPROTO_TCP, sport=e.orig_sport, dport=e.orig_dport)}
+            kw: dict = {"tuple_orig": _tcp_tuple(str(e.orig_src), e.orig_sport, str(e.orig_dst),
+                                                 e.orig_dport)}
             if e.id is not None:
                 kw["id"] = e.id
-            m = nfct_msg.create_from(**kw)
-            m["nfgen_family"] = socket.AF_INET
-            m["version"] = 0
-            m["res_id"] = 0
-            m["header"]["type"] = _CT_MSG | IPCTNL_MSG_CT_DELETE
-            m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
-            m["header"]["sequence_number"] = nl.next_seq()
-            m.encode()
-            msgs.append(m)
+            msgs.append(_ct_msg(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, nl.next_seq(), **kw))
         return sum(1 for err in nl.request_acks(msgs).values() if err == 0)
 
 

@@ -724,34 +724,37 @@ class EbpfDatapath(Datapath):
             _close_quietly(afd)
             _close_quietly(sfd)
 
-    def _carry_peers(self, attached_ids: dict[str, int]) -> None:
+    def _carry_peers(self, attached_ids: dict[str, int]) -> str | None:
         """Before a layout upgrade loads the new program: when the attached
         program's pk_peers has the format this code uses (layouts 2 to 4),
         pin that very map into the new maps dir, so the loader reuses it.
         The sockets steered before the upgrade then keep their reverse
         translation, and close_connections() still finds them: a watch
         connection that predates the upgrade is not left hanging on a dead
-        backend later. Layout 1's pk_peers (no backend key) is not carried."""
+        backend later. Layout 1's pk_peers (no backend key) is not carried.
+        Returns the path pinned (to be unpinned if the load fails), else None."""
         mid = attached_ids.get("pk_peers")
         target = self.paths.map("pk_peers")
         if mid is None or os.path.exists(target):
-            return
+            return None
         try:
             fd = bpf.map_fd_by_id(mid)
         except OSError:
-            return
+            return None
         try:
             mi = bpf.map_info(fd)
             if (mi.type, mi.key_size, mi.value_size) != (bpf.BPF_MAP_TYPE_SK_STORAGE, 4, _PEER.size):
                 log.info("layout upgrade: the attached pk_peers (value %d bytes) is not carried "
                          "over; sockets steered before the upgrade answer getpeername() with "
                          "the backend's address", mi.value_size)
-                return
+                return None
             os.makedirs(self.paths.maps, mode=0o700, exist_ok=True)
             bpf.obj_pin(fd, target)
             log.info("layout upgrade: pk_peers (map %d) carried over with its sockets", mid)
+            return target
         except OSError as e:
             log.warning("layout upgrade: could not carry pk_peers over: %s", e)
+            return None
         finally:
             os.close(fd)
 
@@ -828,9 +831,16 @@ class EbpfDatapath(Datapath):
 
         had_links = bool(self._links)
         old_set = self._read_attached_set(self._links) if had_links else None
-        if had_links:
-            self._carry_peers(attached_ids)
-        new_progs = self._load()
+        carried = self._carry_peers(attached_ids) if had_links else None
+        try:
+            new_progs = self._load()
+        except BaseException:
+            if carried is not None:  # a failed upgrade leaves no new pin behind
+                try:
+                    os.unlink(carried)
+                except OSError:
+                    pass
+            raise
         try:
             if self._maps is not None:
                 self._maps.close()
@@ -1026,7 +1036,7 @@ class EbpfDatapath(Datapath):
         for family, port in sorted(dumps):
             try:
                 found = _netlink.tcp_sockets(family, port, fd, map_id)
-            except OSError as e:
+            except (OSError, AttributeError, TypeError, ValueError) as e:  # netlink, or its decoding
                 raise DatapathError(f"sock_diag dump of steered sockets failed: {e}") from e
             for ss in found:
                 be_raw = _PEER.unpack(ss.value[:_PEER.size])[4]
@@ -1034,10 +1044,7 @@ class EbpfDatapath(Datapath):
                     b = decode_backend(be_raw) if wanted is None else wanted[be_raw]
                 except (KeyError, DatapathError):
                     continue  # another backend's socket
-                peer = ss.sock.dst
-                if peer.version == 6 and b.family == 4 and peer.ipv4_mapped is not None:
-                    peer = peer.ipv4_mapped
-                if peer != b.address or ss.sock.dport != b.port:
+                if _netlink.unmapped(ss.sock.dst) != b.address or ss.sock.dport != b.port:
                     continue  # connected elsewhere since (the value outlives a reconnect)
                 out.append(ss.sock)
         return out

@@ -50,8 +50,11 @@ built from the template nft/ruleset.json; nft/README.md shows the resulting
   unanswered connects to it whose socket is gone (a new SYN reusing that
   source port would be taken for a retransmission and follow the old NAT
   binding to the dead backend). Direct connections to the same backend have
-  another original destination and are never touched. Not a dump of the conntrack table: under churn it holds thousands
-  of TIME_WAIT entries, and parsing them delayed the aborts by 0.1-0.6 s.
+  another original destination and are never touched. The sockets are not
+  found through a dump of the conntrack table: under churn it holds
+  thousands of TIME_WAIT entries, and parsing them delayed the aborts by
+  0.1-0.6 s (the one dump left, of never-answered entries, runs after the
+  aborts).
 - passive_failures(): three `list set` calls (~0.4 ms): refused, established
   and syn_timeouts per backend, cumulative while the table lives (a backend
   keeps its counts after leaving the set; a table replacement starts at
@@ -951,13 +954,16 @@ class NftablesDatapath(Datapath):
         127.0.0.1:PORT (a sock_diag dump filtered by port in the kernel; both
         families, since a dual-stack socket reaches it as ::ffff:127.0.0.1
         and its packets are IPv4), then each one's conntrack entry by exact
-        tuple (one batch of CT_GET): DNATed to one of `backends` = ours. Not a
-        dump of the conntrack table: under connection churn it holds thousands
-        of TIME_WAIT entries of closed sockets, and parsing them took 0.1-0.6 s
-        of a failover. Also deleted: the entries of connects to `backends`
-        that never got an answer and whose socket is gone (kernel-filtered
-        dump), so no new connect reusing a source port follows one to a dead
-        backend."""
+        tuple (one batch of CT_GET): DNATed to one of `backends` = ours. The
+        sockets are found without a dump of the conntrack table: under
+        connection churn it holds thousands of TIME_WAIT entries of closed
+        sockets, and parsing them took 0.1-0.6 s of a failover. After the
+        aborts, the entries of connects to `backends` that never got an answer
+        and whose socket is gone are deleted too (a dump the kernel filters to
+        DNATed, never-answered entries: few; on kernels before 5.15, which
+        ignore the status filter, every DNATed entry comes back and is
+        filtered here), so that no new connect reusing a source port follows
+        one to a dead backend."""
         targets = {(b.address, b.port) for b in backends
                    if b.family == 4 and isinstance(b.address, ipaddress.IPv4Address)}
         if not targets:
@@ -969,13 +975,11 @@ class NftablesDatapath(Datapath):
         try:
             for family in (socket.AF_INET, socket.AF_INET6):
                 for fs in _netlink.tcp_sockets(family, port):
-                    src, dst = fs.sock.src, fs.sock.dst
-                    if dst.version == 6:
-                        src, dst = src.ipv4_mapped, dst.ipv4_mapped  # None unless v4-mapped
-                    if dst != _LOOPBACK or src is None:
+                    src, dst = _netlink.unmapped(fs.sock.src), _netlink.unmapped(fs.sock.dst)
+                    if dst != _LOOPBACK or src.version != 4:
                         continue
                     live.append((fs.sock, (str(src), fs.sock.sport, str(dst), port)))
-        except OSError as e:
+        except (OSError, AttributeError, TypeError, ValueError) as e:  # netlink, or its decoding
             raise DatapathError(f"sock_diag dump failed: {e}") from e
         try:
             found = _netlink.entries_by_tuple([t for _, t in live])
@@ -998,9 +1002,10 @@ class NftablesDatapath(Datapath):
         # connect that reuses the source port for a retransmission of the old
         # one, NATed to the dead backend. Few: a kernel-filtered dump.
         try:
-            known = set(ours)
+            known = {(e.orig_src, e.orig_sport) for e in ours}
             ours += [e for e in _netlink.dnat_entries(str(_LOOPBACK), port, unanswered=True)
-                     if (e.reply_src, e.reply_sport) in targets and e not in known]
+                     if (e.reply_src, e.reply_sport) in targets
+                     and (e.orig_src, e.orig_sport) not in known]
         except OSError as e:
             log.warning("conntrack dump of unanswered connects failed: %s", e)
         # After the sockets: an established one's RST still needs its entry for NAT.
