@@ -511,6 +511,35 @@ def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layo
     assert back.read_state().details["program_current"] is True
 
 
+@pytest.mark.parametrize("layout", [LAYOUT, LAYOUT + 1], ids=["same-layout", "new-layout"])
+@pytest.mark.parametrize("breakage", ["compile", "verifier"])
+def test_a_failed_upgrade_changes_nothing(testbed, dp_factory, tmp_path, layout, breakage):
+    """A new program that does not compile, or that the verifier rejects
+    (after its maps were created and pinned): install() raises, and the old
+    program keeps steering with its maps; no new pin or directory is left."""
+    old = dp_factory()
+    old.install([testbed.backend("b1")])
+    before = old.read_state().details
+    pins_before = sorted(os.walk(f"/sys/fs/bpf/{INSTANCE}"))
+    src = tmp_path / "prism_sock.c"
+    text = default_source().read_text()
+    if breakage == "compile":
+        text += "\n#error a broken release\n"
+    else:  # an out-of-bounds read in connect4: compiles, rejected at load
+        text = text.replace("\tif (ctx->user_ip4 != PK_LOOPBACK4)\n\t\treturn 1;",
+                            "\tif (ctx->user_ip4 != PK_LOOPBACK4)\n\t\treturn *(volatile int *)"
+                            "((char *)ctx + 4096);", 1)
+        assert "4096" in text
+    src.write_text(text)
+    new = dp_factory(source=src, layout=layout)
+    with pytest.raises(DatapathError):
+        new.install([])
+    assert sorted(os.walk(f"/sys/fs/bpf/{INSTANCE}")) == pins_before
+    after = dp_factory().read_state().details
+    assert after["prog_ids"] == before["prog_ids"] and after["map_ids"] == before["map_ids"]
+    assert ask()[0] == "b1"
+
+
 def test_upgrade_waits_for_a_set_when_the_old_maps_are_unreadable(testbed, dp_factory, tmp_path,
                                                                   monkeypatch):
     old = dp_factory()

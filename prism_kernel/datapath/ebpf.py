@@ -831,11 +831,17 @@ class EbpfDatapath(Datapath):
 
         had_links = bool(self._links)
         old_set = self._read_attached_set(self._links) if had_links else None
+        new_dir = not os.path.isdir(self.paths.maps)
         carried = self._carry_peers(attached_ids) if had_links else None
         try:
             new_progs = self._load()
         except BaseException:
-            if carried is not None:  # a failed upgrade leaves no new pin behind
+            # A failed install or upgrade leaves no new pin behind: the maps
+            # dir this attempt created (the loader may have pinned maps before
+            # a program failed to load), else the pk_peers pin it added.
+            if new_dir:
+                _remove_pins(self.paths.maps)
+            elif carried is not None:
                 try:
                     os.unlink(carried)
                 except OSError:
