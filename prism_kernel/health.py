@@ -203,6 +203,18 @@ class BackendHealth:
                 # backend counted as in the best tier).
                 changes.append(Change("tier", self.backend, f"latency {self.latency * 1000:.2f}ms", None, self.tier))
             return
+        if self.state == "down":
+            # Out of the set: the votes and the band exist so that the set
+            # does not flap, and this backend changes no set. Its tier
+            # follows its latency, so that it rejoins in the tier its latency
+            # has now, not one a slow first answer after a restart gave it
+            # (which then took TIER_CONFIRM more probes to undo).
+            candidate = raw_tier(self.latency)
+            self._tier_direction, self._tier_votes = 0, 0
+            if candidate != self.tier:
+                changes.append(Change("tier", self.backend, f"latency {self.latency * 1000:.2f}ms", self.tier, candidate))
+                self.tier = candidate
+            return
         candidate = next_tier(self.latency, self.tier)
         if candidate == self.tier:
             self._tier_direction, self._tier_votes = 0, 0

@@ -263,3 +263,24 @@ def test_confirmed_dead_while_down_as_unready_is_a_dead_change():
     ch = h.mark_down("readyz timeout, confirmed: tls handshake timeout", 50)
     assert len(ch) == 1 and ch[0].dead and h.down_kind == "dead"
     assert h.mark_down("again", 51) == []
+
+
+def test_a_returning_backend_rejoins_in_the_tier_of_its_current_latency():
+    """Seen in CI: a restarted server answered its first probes in ~1.9 ms
+    (tier 1), then 0.7 ms. While it is down its tier follows its latency
+    without votes, so it comes up in tier 0, not held in tier 1 for three
+    more probes while the others are in tier 0."""
+    h = BackendHealth(B)
+    run(h, [ProbeResult(True, 0.0005)] * 5)
+    assert h.tier == 0
+    run(h, [FAIL, FAIL], fall=2)
+    assert h.state == "down"
+    h.samples = []  # a restarted server: only new samples (the window is 5)
+    changes = run(h, [ProbeResult(True, 0.0019)] * 3 + [ProbeResult(True, 0.0007)] * 3, rise=6)
+    assert h.state == "up"
+    assert h.latency == 0.0007 and h.tier == 0
+    tiers = [(c.old, c.new) for c in changes if c.kind == "tier"]
+    assert tiers == [(0, 1), (1, 0)]  # followed while down, no votes needed
+    # once up, the band and the votes apply again: one slow sample moves nothing
+    assert [c for c in run(h, [ProbeResult(True, 0.005)]) if c.kind == "tier"] == []
+    assert h.tier == 0
