@@ -630,5 +630,9 @@ int sockops(struct bpf_sock_ops *skops)
 		if (o)
 			o->refused += 1;
 	}
+	/* Never established: switch off what TCP_CONNECT_CB switched on, or a
+	 * socket that connects again (elsewhere) would keep it for life. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~p->cb_added);
+	p->cb_added = 0;
 	return 1;
 }

@@ -143,6 +143,8 @@ class BackendHealth:
                         changes.append(Change("held", self.backend, "held out: flapping", None, self.held_until))
                     self.reason = "held out: flapping"
                     return changes
+                if self.state == "down":
+                    self._rejoin_tier(changes)
                 changes.append(Change("up", self.backend, result.reason, self.state, "up"))
                 self.recovered_at = now if self.state == "down" else None
                 self.state, self.since = "up", now
@@ -190,30 +192,40 @@ class BackendHealth:
         kind = kind or failure_kind(reason)
         change = Change("down", self.backend, reason, self.state, "down", dead=kind == "dead")
         self.state, self.since, self.recovered_at = "down", now, None
+        # Its latency when it comes back is measured afresh (a restarted or
+        # moved server); until then `latency` shows the last value.
+        self.samples = []
         self.reason = reason
         self.down_kind = kind
         return change
 
+    def _rejoin_tier(self, changes: list[Change]) -> None:
+        """A backend coming back takes the tier of the latency it has now
+        (its samples since it went down), without votes: the band and the
+        votes keep a backend in the set from flapping between tiers, and this
+        one was in no set. Before, it kept the tier it had, or got one from a
+        slow first answer after a restart, and stayed out of the best tier
+        for TIER_CONFIRM more probes (seen: 1.9 ms, then 0.7 ms)."""
+        self._tier_direction, self._tier_votes = 0, 0
+        if self.latency is None or (self.tier is None and len(self.samples) < TIER_CONFIRM):
+            return  # no tier yet: selection counts it in the best tier, as at start
+        tier = raw_tier(self.latency)
+        if tier != self.tier:
+            changes.append(Change("tier", self.backend, f"latency {self.latency * 1000:.2f}ms", self.tier, tier))
+            self.tier = tier
+
     def _update_tier(self, changes: list[Change]) -> None:
         assert self.latency is not None
+        if self.state == "down":
+            # Out of the set, the tier decides nothing: it is set afresh when
+            # the backend comes back (_rejoin_tier), not voted on meanwhile.
+            return
         if self.tier is None:
             if len(self.samples) >= TIER_CONFIRM:
                 self.tier = raw_tier(self.latency)
                 # A change: selection must now use the tier (until here the
                 # backend counted as in the best tier).
                 changes.append(Change("tier", self.backend, f"latency {self.latency * 1000:.2f}ms", None, self.tier))
-            return
-        if self.state == "down":
-            # Out of the set: the votes and the band exist so that the set
-            # does not flap, and this backend changes no set. Its tier
-            # follows its latency, so that it rejoins in the tier its latency
-            # has now, not one a slow first answer after a restart gave it
-            # (which then took TIER_CONFIRM more probes to undo).
-            candidate = raw_tier(self.latency)
-            self._tier_direction, self._tier_votes = 0, 0
-            if candidate != self.tier:
-                changes.append(Change("tier", self.backend, f"latency {self.latency * 1000:.2f}ms", self.tier, candidate))
-                self.tier = candidate
             return
         candidate = next_tier(self.latency, self.tier)
         if candidate == self.tier:

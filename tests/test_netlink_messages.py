@@ -3,6 +3,7 @@ pyroute2's, on bytes built here: no socket, no kernel, no root."""
 
 from __future__ import annotations
 
+import importlib
 import socket
 import struct
 
@@ -34,8 +35,11 @@ def test_storage_attribute_is_decoded_even_after_pyroute2_used_its_own_class():
     # pyroute2 marks a class compiled when it is first used; that mark is
     # inherited, and a subclass would then decode attribute 20 as plain hex.
     inet_diag_msg().compile_nla_table()
+    # Fresh classes, defined after the parent was compiled (in a test run,
+    # ours may have been used already, which would hide the inherited mark).
+    nl = importlib.reload(_netlink)
     value = bytes(range(60))
-    marshal = _netlink._Marshal({SOCK_DIAG_BY_FAMILY: _netlink._storage_diag_msg})
+    marshal = nl._Marshal({SOCK_DIAG_BY_FAMILY: nl._storage_diag_msg})
     (msg,) = list(marshal.parse(_diag_msg_with_storage(map_id=99, value=value)))
     assert msg["idiag_cookie"] == 42 and msg["idiag_dport"] == 6443
     stgs = msg.get_attr("INET_DIAG_SK_BPF_STORAGES")
@@ -68,3 +72,16 @@ def test_storage_dump_request_carries_the_map_fd():
     inner_len, inner_kind, fd = struct.unpack_from("=HHI", raw, 76)
     assert (inner_len, inner_kind, fd) == (8, 1, 17)
     assert length == 12 and len(raw) == 84
+
+
+def test_a_ctnetlink_request_is_encoded_once():
+    """What is sent is exactly one message: its length field covers all of
+    msg.data (a second encode() would append a copy)."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_GET
+
+    m = _netlink._ct_msg(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_ACK, 5,
+                         tuple_orig=_netlink._tcp_tuple("127.0.0.1", 40000, "127.0.0.1", 7445))
+    raw = bytes(m.data)
+    length, kind, flags, seq = struct.unpack_from("=IHHI", raw, 0)
+    assert length == len(raw) and seq == 5 and flags == NLM_F_REQUEST | NLM_F_ACK

@@ -219,8 +219,8 @@ class _Netlink:
         return {seq: err for seq, (err, _) in self.request(msgs).items()}
 
     def dump(self, msg: nlmsg, marshal: Marshal) -> Iterator[nlmsg]:
-        """Send one NLM_F_DUMP request; yield the messages of the answer."""
-        msg.encode()
+        """Send one NLM_F_DUMP request (encoded by the caller: encoding twice
+        appends a second copy to msg.data); yield the messages of the answer."""
         self.sock.send(msg.data)
         seq = msg["header"]["sequence_number"]
         while True:
@@ -322,6 +322,7 @@ def tcp_sockets(family: int, dport: int, map_fd: int | None = None,
     out: list[FoundSock] = []
     with _Netlink(NETLINK_SOCK_DIAG) as nl:
         req["header"]["sequence_number"] = nl.next_seq()
+        req.encode()
         for m in nl.dump(req, _Marshal({SOCK_DIAG_BY_FAMILY: _storage_diag_msg})):
             value = None
             if map_fd is not None:

@@ -983,7 +983,7 @@ class NftablesDatapath(Datapath):
             raise DatapathError(f"sock_diag dump failed: {e}") from e
         try:
             found = _netlink.entries_by_tuple([t for _, t in live])
-        except OSError as e:
+        except (OSError, AttributeError, TypeError, ValueError) as e:  # netlink, or its decoding
             raise DatapathError(f"conntrack lookup failed: {e}") from e
         socks, ours = [], []
         for (sock, _), e in zip(live, found):
@@ -1006,12 +1006,12 @@ class NftablesDatapath(Datapath):
             ours += [e for e in _netlink.dnat_entries(str(_LOOPBACK), port, unanswered=True)
                      if (e.reply_src, e.reply_sport) in targets
                      and (e.orig_src, e.orig_sport) not in known]
-        except OSError as e:
+        except (OSError, AttributeError, TypeError, ValueError) as e:
             log.warning("conntrack dump of unanswered connects failed: %s", e)
         # After the sockets: an established one's RST still needs its entry for NAT.
         try:
             deleted = _netlink.delete_entries(ours)
-        except OSError as e:
+        except (OSError, AttributeError, TypeError, ValueError) as e:
             log.warning("deleting %d conntrack entries failed: %s", len(ours), e)
             deleted = 0
         other = {e: n for e, n in res.errors().items() if e != errno.ENOENT}
