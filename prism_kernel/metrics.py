@@ -409,7 +409,7 @@ class _StateCollector(Collector):
               "(read from the kernel at scrape time; restarts from 0 when the backend re-enters the "
               "set or the data path is re-created).", labels=["endpoint"]),
             c("prism_kernel_passive_failures", "Failed connects to the backend seen by the kernel "
-              "(data paths that observe them: eBPF sock_ops): kind refused (SYN answered by RST) or "
+              "(eBPF: sock_ops; nftables: conntrack rules): kind refused (SYN answered by RST) or "
               "syn_timeout (SYN retransmission timer fired, a black hole).", labels=["endpoint", "kind"]),
             c("prism_kernel_passive_established", "Connects to the backend the kernel saw complete "
               "the handshake (where observed).", labels=["endpoint"]),

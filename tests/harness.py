@@ -126,6 +126,45 @@ def client_context(ca_file: str) -> ssl.SSLContext:
     return ctx
 
 
+def tcp_connect(host: str, port: int, timeout: float = 3.0, family: int = socket.AF_INET,
+                reuse_addr: bool = False) -> socket.socket:
+    """A connected plain TCP socket (AF_INET6: dual-stack, so that
+    [::ffff:127.0.0.1] works too); closed again when connect() fails."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    if reuse_addr:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def http_ok(s: socket.socket) -> bool:
+    """One plain-HTTP request for /readyz on an open connection; True on 200."""
+    s.settimeout(3)
+    s.sendall(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.startswith(b"HTTP/1.1 200")
+
+
+def plain_backend(srv, family: int = 4):
+    """The data-path backend of a fake API server: its plain-HTTP port."""
+    from prism_kernel.model import Backend
+
+    addr = (srv.address4 or srv.address) if family == 4 else srv.address6
+    return Backend.of(addr, srv.http_port)
+
+
 def https_get(ctx: ssl.SSLContext, path: str = "/whoami", host: str = "127.0.0.1", port: int = TEST_PORT,
               timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
     """One request on a new connection, as client-go's first request is."""

@@ -43,7 +43,14 @@ from prism_kernel.datapath.ebpf import (  # noqa: E402
 )
 from prism_kernel.errors import DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
-from tests.harness import Hammer, old_release, run_old_release  # noqa: E402
+from tests.harness import (  # noqa: E402
+    Hammer,
+    http_ok,
+    old_release,
+    plain_backend,
+    run_old_release,
+    tcp_connect,
+)
 from tests.testbed import Testbed  # noqa: E402
 
 PORT = 37455
@@ -79,14 +86,8 @@ def tb():
 def _backends_healthy(request):
     """Each test starts and ends with every server running and reachable."""
     yield
-    if "tb" not in request.fixturenames:
-        return
-    t = request.getfixturevalue("tb")
-    for srv in t.servers:
-        if srv.blackholed:
-            srv.blackhole(False)
-        if not srv.running:
-            srv.start()
+    if "tb" in request.fixturenames:
+        request.getfixturevalue("tb").heal()
 
 
 def _cleanup() -> None:
@@ -116,13 +117,11 @@ def ebpf(tb):
         _cleanup()
 
 
-def be(srv) -> Backend:
-    """The data-path backend of a server: its plain-HTTP port."""
-    return Backend.of(srv.address4 or srv.address, srv.http_port)
+be = plain_backend
 
 
 def be6(srv) -> Backend:
-    return Backend.of(srv.address6, srv.http_port)
+    return plain_backend(srv, 6)
 
 
 # --- clients ----------------------------------------------------------------------
@@ -130,29 +129,7 @@ def be6(srv) -> Backend:
 
 def connect(host: str = "127.0.0.1", port: int = PORT, timeout: float = 3.0,
             family: int = socket.AF_INET) -> socket.socket:
-    s = socket.socket(family, socket.SOCK_STREAM)
-    if family == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.settimeout(timeout)
-    try:
-        s.connect((host, port))
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def http_ok(s: socket.socket) -> bool:
-    """One request on an open connection; True when it answers 200."""
-    s.settimeout(3)
-    s.sendall(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.startswith(b"HTTP/1.1 200")
+    return tcp_connect(host, port, timeout, family)
 
 
 def served_by(tb, s: socket.socket):

@@ -34,7 +34,7 @@ from prism_kernel.datapath.base import DatapathSettings, PassiveCounts  # noqa: 
 from prism_kernel.datapath.nftables import NftablesDatapath, table_name, template  # noqa: E402
 from prism_kernel.errors import DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
-from tests.harness import Hammer, old_release, run_old_release  # noqa: E402
+from tests.harness import Hammer, old_release, plain_backend, run_old_release, tcp_connect  # noqa: E402
 from tests.testbed import Testbed  # noqa: E402
 
 PORT = 27455
@@ -71,9 +71,7 @@ def _servers_running(request):
     """Each test ends with every server running again."""
     yield
     if "tb" in request.fixturenames:
-        for srv in request.getfixturevalue("tb").servers:
-            if not srv.running:
-                srv.start()
+        request.getfixturevalue("tb").heal()
 
 
 def table_exists() -> bool:
@@ -94,27 +92,17 @@ def dp(tb):
         assert not table_exists()
 
 
-def be(srv) -> Backend:
-    """The data-path backend of a server: its plain-HTTP port."""
-    return Backend.of(srv.address4 or srv.address, srv.http_port)
+be = plain_backend
 
 
 # --- clients ----------------------------------------------------------------------
 
 
 def connect(host: str = "127.0.0.1", port: int = PORT, timeout: float = 2.0) -> socket.socket:
-    s = socket.socket()
     # The client closes first, so its port stays in TIME_WAIT for 60 s. With
     # SO_REUSEADDR on both sides that does not block a server binding the
     # same port later (other tests' fixed ports lie in the ephemeral range).
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.settimeout(timeout)
-    try:
-        s.connect((host, port))
-    except BaseException:
-        s.close()
-        raise
-    return s
+    return tcp_connect(host, port, timeout, reuse_addr=True)
 
 
 def attempt() -> str:

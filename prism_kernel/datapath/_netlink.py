@@ -302,20 +302,8 @@ def tcp_sockets(family: int, dport: int, map_fd: int | None = None,
     id is `map_id`): only the sockets that have an entry in it, with that
     entry. One dump; the kernel filters by port, so a node's other
     connections are not even sent."""
-    req = _storage_dump_req()
-    req["header"]["type"] = SOCK_DIAG_BY_FAMILY
-    req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
-    req["header"]["pid"] = 0
-    req["sdiag_family"] = family
-    req["sdiag_protocol"] = socket.IPPROTO_TCP
-    req["idiag_ext"] = 0
-    req["idiag_states"] = SS_CONN
-    req["idiag_sport"] = 0
-    req["idiag_dport"] = dport
-    req["idiag_src"] = (0, 0, 0, 0)
-    req["idiag_dst"] = (0, 0, 0, 0)
-    req["idiag_if"] = 0
-    req["idiag_cookie"] = INET_DIAG_NOCOOKIE
+    req = _diag_req(_storage_dump_req(), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family,
+                    SS_CONN, dport=dport)
     if map_fd is not None:
         req["attrs"] = [("INET_DIAG_REQ_SK_BPF_STORAGES",
                          {"attrs": [("SK_DIAG_BPF_STORAGE_REQ_MAP_FD", map_fd)]})]
@@ -340,22 +328,30 @@ def tcp_sockets(family: int, dport: int, map_fd: int | None = None,
     return out
 
 
-def _destroy_msg(sid: SockId, seq: int) -> inet_diag_req:
-    req = inet_diag_req()
-    req["header"]["type"] = SOCK_DESTROY
-    req["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
-    req["header"]["sequence_number"] = seq
+def _diag_req(req: inet_diag_req, kind: int, flags: int, family: int, states: int, sport: int = 0,
+              dport: int = 0, src: Address | None = None, dst: Address | None = None,
+              cookie: int | None = None) -> inet_diag_req:
+    """Fill an inet_diag_req_v2 for TCP (not encoded: the caller may add attributes)."""
+    req["header"]["type"] = kind
+    req["header"]["flags"] = flags
     req["header"]["pid"] = 0
-    req["sdiag_family"] = sid.family
+    req["sdiag_family"] = family
     req["sdiag_protocol"] = socket.IPPROTO_TCP
     req["idiag_ext"] = 0
-    req["idiag_states"] = SS_ALL
-    req["idiag_sport"] = sid.sport
-    req["idiag_dport"] = sid.dport
-    req["idiag_src"] = _words(sid.src)
-    req["idiag_dst"] = _words(sid.dst)
+    req["idiag_states"] = states
+    req["idiag_sport"] = sport
+    req["idiag_dport"] = dport
+    req["idiag_src"] = _words(src) if src is not None else (0, 0, 0, 0)
+    req["idiag_dst"] = _words(dst) if dst is not None else (0, 0, 0, 0)
     req["idiag_if"] = 0
-    req["idiag_cookie"] = INET_DIAG_NOCOOKIE if sid.cookie is None else sid.cookie
+    req["idiag_cookie"] = INET_DIAG_NOCOOKIE if cookie is None else cookie
+    return req
+
+
+def _destroy_msg(sid: SockId, seq: int) -> inet_diag_req:
+    req = _diag_req(inet_diag_req(), SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, sid.family, SS_ALL,
+                    sid.sport, sid.dport, sid.src, sid.dst, sid.cookie)
+    req["header"]["sequence_number"] = seq
     req.encode()
     return req
 

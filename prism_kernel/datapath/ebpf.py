@@ -997,28 +997,26 @@ class EbpfDatapath(Datapath):
                     continue
         return out
 
-    def suspect_backends(self) -> dict[Backend, float]:
-        """Backends the kernel currently avoids (pk_suspect, read only):
-        backend -> seconds until the mark expires. {} when not installed."""
+    def _read_pinned(self, name: str, read: Any) -> dict:
+        """read(maps) when installed ({} when not), a failed read as DatapathError."""
         maps = self._ensure_maps()
         if maps is None:
             return {}
         try:
-            return self._read_suspect(maps)
+            return read(maps)
         except OSError as e:
-            raise DatapathError(f"reading pk_suspect failed: {e}") from e
+            raise DatapathError(f"reading {name} failed: {e}") from e
+
+    def suspect_backends(self) -> dict[Backend, float]:
+        """Backends the kernel currently avoids (pk_suspect, read only):
+        backend -> seconds until the mark expires. {} when not installed."""
+        return self._read_pinned("pk_suspect", self._read_suspect)
 
     def passive_failures(self) -> dict[Backend, PassiveCounts]:
         """Cumulative outcomes of steered connects per backend (the sockops
         program's pk_passive): one BPF_MAP_LOOKUP_BATCH syscall. {} when not
         installed."""
-        maps = self._ensure_maps()
-        if maps is None:
-            return {}
-        try:
-            return self._read_passive(maps)
-        except OSError as e:
-            raise DatapathError(f"reading pk_passive failed: {e}") from e
+        return self._read_pinned("pk_passive", self._read_passive)
 
     def steered_sockets(self, backends: Sequence[Backend] | None = None) -> list[Any]:
         """The live steered sockets (SYN_SENT to LAST_ACK) as _netlink.SockId,

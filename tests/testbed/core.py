@@ -894,6 +894,19 @@ class Testbed:
     def servers(self) -> list[FakeApiServer]:
         return self.backends + self.locals
 
+    def heal(self) -> None:
+        """Every server running, reachable and ready again, whatever fault a
+        test left switched on (tests call it when they end, pass or fail)."""
+        for srv in self.servers:
+            if srv.blackholed:
+                srv.blackhole(False)
+            if srv.running and srv.frozen:
+                srv.thaw()
+            if not srv.running:
+                srv.start()
+            elif srv._draining:
+                srv.drain(False)
+
     def backend(self, name: str) -> FakeApiServer:
         for s in self.servers:
             if s.name == name:
