@@ -144,17 +144,20 @@ def tcp_connect(host: str, port: int, timeout: float = 3.0, family: int = socket
     return s
 
 
+def _get(s: socket.socket, path: str, host: str) -> bytes:
+    """One `Connection: close` request on an open (plain or TLS) socket; the
+    whole answer, read until the server closes."""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def http_ok(s: socket.socket) -> bool:
     """One plain-HTTP request for /readyz on an open connection; True on 200."""
     s.settimeout(3)
-    s.sendall(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.startswith(b"HTTP/1.1 200")
+    return _get(s, "/readyz", "t").startswith(b"HTTP/1.1 200")
 
 
 def plain_backend(srv, family: int = 4):
@@ -170,13 +173,7 @@ def https_get(ctx: ssl.SSLContext, path: str = "/whoami", host: str = "127.0.0.1
     """One request on a new connection, as client-go's first request is."""
     with socket.create_connection((host, port), timeout=timeout) as raw:
         with ctx.wrap_socket(raw, server_hostname=host) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = _get(s, path, host)
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     status = int(lines[0].split()[1])
