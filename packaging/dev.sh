@@ -12,7 +12,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
 DEB_PACKAGES=(
   python3 python3-venv python3-pip
-  python3-bpfcc bpftool linux-headers-amd64   # eBPF data path (bcc compiles at run time)
+  libbpf1 bpftool                             # eBPF data path: loads the precompiled object
+  clang libbpf-dev                            # ... builds it (bpf/build.sh), at setup only
+  python3-bpfcc linux-headers-amd64           # the bcc fallback loader (ebpf.loader: bcc), tested too
   nftables python3-nftables                   # nftables data path
   iproute2 procps                             # test hosts in network namespaces
   openssl
@@ -45,10 +47,13 @@ install_debian_packages() {
   fi
 }
 
-# bcc needs kernel headers at /lib/modules/$(uname -r)/{build,source}. A kernel
-# with no headers package of its own (like this VM's) works with any installed
-# Debian headers, because cgroup sock_addr and sock_ops programs only use the
-# stable uapi. Never overwrite real headers.
+# Only for the bcc fallback loader (the default path loads the precompiled
+# object with libbpf and needs no headers): bcc needs kernel headers at
+# /lib/modules/$(uname -r)/{build,source}. A kernel with no headers package of
+# its own (like this VM's) works with any installed Debian headers, because
+# cgroup sock_addr and sock_ops programs only use the stable uapi. A
+# development-machine shortcut, not something for a production node. Never
+# overwrite real headers.
 link_kernel_headers() {
   local mod="/lib/modules/$(uname -r)"
   [ -e "$mod/build/Makefile" ] && [ -e "$mod/source" ] && return 0
@@ -59,7 +64,7 @@ link_kernel_headers() {
   mkdir -p "$mod"
   ln -sfn "$arch" "$mod/build"
   ln -sfn "$common" "$mod/source"
-  echo "dev.sh: linked $mod/build -> $arch"
+  echo "dev.sh: linked $mod/build -> $arch (for the bcc fallback loader only)"
 }
 
 make_venv() {
@@ -74,7 +79,16 @@ make_venv() {
   fi
 }
 
-setup() { install_debian_packages "${DEB_PACKAGES[@]}"; link_kernel_headers; make_venv; }
+# The BPF object is built when the package is installed, never when the
+# daemon starts; rebuilt when its source changed.
+build_bpf_object() {
+  local obj="$REPO/bpf/prism_sock.bpf.o"
+  if [ ! -e "$obj" ] || [ "$REPO/bpf/prism_sock.bpf.c" -nt "$obj" ] || [ "$REPO/bpf/build.sh" -nt "$obj" ]; then
+    bash "$REPO/bpf/build.sh" "$obj"
+  fi
+}
+
+setup() { install_debian_packages "${DEB_PACKAGES[@]}"; link_kernel_headers; build_bpf_object; make_venv; }
 
 cmd="${1:-setup}"; shift || true
 case "$cmd" in

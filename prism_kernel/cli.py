@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kubeconfig", metavar="FILE",
                      help="kubeconfig for discovery (default /etc/kubernetes/kubelet.conf)")
     run.add_argument("--datapath", metavar="auto|ebpf|nftables", help="kernel data path (default auto)")
+    run.add_argument("--ebpf-loader", metavar="auto|libbpf|bcc",
+                     help="how the eBPF programs are loaded (default auto: the precompiled object with libbpf)")
     run.add_argument("--probe", dest="probe_mode", metavar="tcp|tls|readyz", help="probe mode (default readyz)")
     run.add_argument("--probe-interval", metavar="S", help="seconds between probes, or 500ms (default 1s)")
     run.add_argument("--probe-timeout", metavar="S", help="seconds a probe may take (default 500ms)")
@@ -95,6 +97,7 @@ def config_from_args(args: argparse.Namespace):
         "endpoints": args.endpoints,
         "port": args.port,
         "datapath": args.datapath,
+        "ebpf": {"loader": args.ebpf_loader},
         "cleanup_on_exit": args.cleanup_on_exit,
         "instance": args.instance,
         "log_format": args.log_format,

@@ -160,6 +160,18 @@ class NftablesConfig(BaseModel):
     )
 
 
+class EbpfConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    loader: Literal["auto", "libbpf", "bcc"] = Field(
+        "auto",
+        description="How the eBPF programs are loaded. libbpf: the precompiled object shipped with the "
+        "package (no compiler, kernel headers or bcc on the node). bcc: compile the source at run time "
+        "(needs python3-bpfcc and kernel headers). auto: libbpf, and bcc when there is no object or "
+        "libbpf's load fails. An attached program loaded either way is adopted, not reloaded.",
+    )
+
+
 class MetricsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -239,6 +251,7 @@ class Config(BaseModel):
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     nftables: NftablesConfig = Field(default_factory=NftablesConfig)
+    ebpf: EbpfConfig = Field(default_factory=EbpfConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     resolve_interval: Duration = Field(30.0, gt=0, le=86400, description="Seconds between DNS re-resolutions of named endpoints.")
@@ -308,6 +321,7 @@ FLAG_NAMES = {
     ("endpoints",): "--endpoint",
     ("port",): "--port",
     ("datapath",): "--datapath",
+    ("ebpf", "loader"): "--ebpf-loader",
     ("probe", "mode"): "--probe",
     ("probe", "interval"): "--probe-interval",
     ("probe", "timeout"): "--probe-timeout",

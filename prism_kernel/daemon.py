@@ -83,6 +83,7 @@ class Daemon:
             listen_port=config.port,
             instance=config.instance,
             nft_stable_tcp_timestamps=config.nftables.stable_tcp_timestamps,
+            ebpf_loader=config.ebpf.loader,
         )
         self.ssl_context = make_ssl_context(config.probe)
         self.targets: dict[Backend, _Target] = {}
@@ -661,8 +662,9 @@ class Daemon:
         new_settings = DatapathSettings(
             listen_port=new.port, instance=new.instance,
             nft_stable_tcp_timestamps=new.nftables.stable_tcp_timestamps,
+            ebpf_loader=new.ebpf.loader,
         )
-        if {"port", "datapath", "nftables"} & set(changed):
+        if {"port", "datapath", "nftables", "ebpf"} & set(changed):
             try:
                 dp_cls, why = choose(new.datapath, new_settings)
                 current = self.selection.backends if self.selection else ()

@@ -9,29 +9,27 @@ One line per check, each with a verdict and what to do:
   fail  one of the reasons no data path can run here
 
 The checks (ids in `-o json`):
-  kernel              release; eBPF needs >= 5.14 (SO_NETNS_COOKIE)
-  bpf.sock_addr       cgroup sock_addr programs (connect4/6)        } loaded here for
-  bpf.getpeername     getpeername4/6 hooks (5.8)                    } an instant, never
-  bpf.netns_cookie    bpf_get_netns_cookie() in sock_addr (5.7)     } attached, freed
-  bpf.sock_ops        sock_ops programs (failed-connect signals)    } at once
-  bpf.cgroup_link     bpf_link for cgroups (5.7): LINK_CREATE against /dev/null
-                      must fail with EBADF (not a cgroup), not EINVAL
+  kernel              release (for the record: features are probed, not inferred)
+  bpf.*, sock_diag.*  each kernel feature the eBPF data path uses, probed
+                      (datapath/bpf_features.py: libbpf's probes, a link create
+                      against /dev/null, sock_diag requests that match nothing)
   cgroup              the real cgroup v2 root (datapath/cgroup.py)
   bpffs               /sys/fs/bpf mounted
-  headers             /lib/modules/$(uname -r)/build and source, for bcc
-  bcc                 bcc importable by the loader's Python
+  ebpf.loader         which loader would load the programs (libbpf with the
+                      precompiled object, or the bcc fallback) and why
   nftables.module     python3-nftables / libnftables
   capabilities        CapEff: CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF, CAP_PERFMON
   port                listeners on 127.0.0.1:PORT / [::1]:PORT (Talos KubePrism)
   metrics_port        127.0.0.1:7450 (metrics.DEFAULT_METRICS_PORT) free or the daemon's
   sysctls             net.ipv4.conf.all.route_localnet, net.ipv4.tcp_timestamps
-  datapath.ebpf       EbpfDatapath.check_available (compile + load in a child)
+  datapath.ebpf       EbpfDatapath.check_available, then check_load (the real
+                      programs loaded in a child with private maps, then freed)
   datapath.nftables   NftablesDatapath.check_available (kernel dry run)
   auto                what `--datapath auto` chooses and why (datapath.choose)
 
 Nothing here changes kernel state: the BPF probes load tiny programs that are
 freed when their fd closes (never attached, never pinned); the eBPF check
-compiles and loads in a child that exits; the nftables check is a dry run
+loads in a child that exits; the nftables check is a dry run
 that the kernel validates and never commits (it may autoload nf_tables
 modules, as any nft command does); sysctls, mounts and listeners are only read.
 
@@ -72,15 +70,6 @@ CAP_PERFMON = 38
 CAP_BPF = 39
 CAPS = {"CAP_SYS_ADMIN": CAP_SYS_ADMIN, "CAP_NET_ADMIN": CAP_NET_ADMIN,
         "CAP_BPF": CAP_BPF, "CAP_PERFMON": CAP_PERFMON}
-
-# Oldest kernel of each eBPF feature the data path uses.
-MIN_KERNEL_EBPF = (5, 14)  # SO_NETNS_COOKIE (the host netns cookie the programs compare with)
-
-# bpf(2): BPF_PROG_LOAD and the types the probes load.
-BPF_PROG_LOAD = 5
-BPF_PROG_TYPE_SOCK_OPS = 13
-BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
-BPF_FUNC_get_netns_cookie = 122
 
 # Never suggested as an alternative port: what Talos uses on a node (KubePrism
 # 7445, apid 50000, trustd 50001, API server 6443, kubelet 10250, etcd
@@ -131,34 +120,6 @@ def kernel_version(release: str | None = None) -> tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
-def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
-
-
-_MOV_R0_1 = _insn(0xB7, dst=0, imm=1)   # r0 = 1 (allow)
-_EXIT = _insn(0x95)                      # exit
-_CALL = 0x85
-
-
-def _prog_load(prog_type: int, insns: bytes, expected_attach_type: int = 0) -> int:
-    """Load a tiny program; returns its fd (the caller closes it: the program
-    is then freed). Raises OSError with the kernel's errno."""
-    from prism_kernel.datapath import _bpfsys as bpf
-
-    code = ctypes.create_string_buffer(insns, len(insns))
-    license_ = ctypes.create_string_buffer(b"GPL")
-    a = bpf._attr()
-    # prog_type u32, insn_cnt u32, insns u64, license u64, log_level u32,
-    # log_size u32, log_buf u64, kern_version u32, prog_flags u32,
-    # prog_name char[16], prog_ifindex u32, expected_attach_type u32
-    struct.pack_into("=IIQQIIQII", a, 0, prog_type, len(insns) // 8, ctypes.addressof(code),
-                     ctypes.addressof(license_), 0, 0, 0, 0, 0)
-    name = b"pk_doctor"
-    a[48:48 + len(name)] = name
-    struct.pack_into("=I", a, 68, expected_attach_type)
-    return bpf._bpf(BPF_PROG_LOAD, a)
-
-
 def _one_line(text: str, limit: int = 400) -> str:
     """A reason that may span lines (a verifier log) as one line: its first
     line and its last telling line (the verifier's verdict)."""
@@ -186,95 +147,28 @@ def _close(fd: int | None) -> None:
 
 def check_kernel() -> Check:
     release = os.uname().release
-    v = kernel_version(release)
-    if v[:2] >= MIN_KERNEL_EBPF:
-        return Check("kernel", OK, f"Linux {release}: new enough for the eBPF data path "
-                     f"(needs >= {MIN_KERNEL_EBPF[0]}.{MIN_KERNEL_EBPF[1]})",
-                     details={"release": release})
-    return Check("kernel", WARN,
-                 f"Linux {release} is older than {MIN_KERNEL_EBPF[0]}.{MIN_KERNEL_EBPF[1]}: "
-                 "the eBPF data path needs SO_NETNS_COOKIE (5.14), getpeername hooks (5.8), "
-                 "bpf_link for cgroups (5.7)",
-                 "upgrade the kernel for eBPF; until then `auto` uses nftables",
-                 needed_by=("ebpf",), details={"release": release})
-
-
-def _bpf_probe(cid: str, what: str, since: str, prog_type: int, insns: bytes,
-               attach: int = 0, purpose: str = "") -> Check:
-    fd = None
-    try:
-        fd = _prog_load(prog_type, insns, attach)
-        return Check(cid, OK, f"{what}: supported", details={"since": since})
-    except OSError as e:
-        if e.errno in (errno.EPERM, errno.EACCES):
-            # Unknown rather than missing: the capabilities check names the cause.
-            return Check(cid, WARN, f"{what}: cannot probe without privileges ({e.strerror})",
-                         "run doctor as root (see capabilities)",
-                         details={"since": since, "errno": e.errno})
-        if e.errno == errno.ENOSYS:
-            return Check(cid, WARN, f"{what}: no bpf(2) syscall in this kernel (CONFIG_BPF_SYSCALL)",
-                         "use a kernel with BPF; `auto` uses nftables meanwhile",
-                         needed_by=("ebpf",), details={"since": since, "errno": e.errno})
-        return Check(cid, WARN, f"{what}: not supported by this kernel ({e.strerror}; since Linux {since})",
-                     f"needs Linux >= {since}{purpose}; `auto` uses nftables meanwhile",
-                     needed_by=("ebpf",), details={"since": since, "errno": e.errno})
-    finally:
-        _close(fd)
+    return Check("kernel", OK, f"Linux {release} (the eBPF features are probed below; "
+                 "docs/kernel-support.md lists them with their mainline release)",
+                 details={"release": release, "version": list(kernel_version(release))})
 
 
 def check_bpf_features() -> list[Check]:
-    from prism_kernel.datapath import _bpfsys as bpf
+    from prism_kernel.datapath import bpf_features
 
-    prog = _MOV_R0_1 + _EXIT
-    checks = [
-        _bpf_probe("bpf.sock_addr", "cgroup sock_addr programs (connect4/connect6)", "4.17",
-                   BPF_PROG_TYPE_CGROUP_SOCK_ADDR, prog, bpf.BPF_CGROUP_INET4_CONNECT),
-        _bpf_probe("bpf.getpeername", "getpeername4/6 hooks", "5.8",
-                   BPF_PROG_TYPE_CGROUP_SOCK_ADDR, prog, bpf.BPF_CGROUP_INET4_GETPEERNAME),
-        _bpf_probe("bpf.netns_cookie", "bpf_get_netns_cookie() in sock_addr programs", "5.7",
-                   BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                   _insn(_CALL, imm=BPF_FUNC_get_netns_cookie) + prog, bpf.BPF_CGROUP_INET4_CONNECT),
-        _bpf_probe("bpf.sock_ops", "sock_ops programs (refused and black-holed connects seen in the kernel)",
-                   "4.13", BPF_PROG_TYPE_SOCK_OPS, prog),
-    ]
-    checks.append(_check_cgroup_link(prog))
+    checks = []
+    for f in bpf_features.probe_all():
+        details = {"since": f.since}
+        if f.ok:
+            checks.append(Check(f.id, OK, f"{f.what}: supported", details=details))
+        elif f.ok is None:
+            # Unknown rather than missing: the capabilities check names the cause.
+            checks.append(Check(f.id, WARN, f"{f.what}: {f.detail}", "run doctor as root (see capabilities)",
+                                needed_by=("ebpf",), details=details))
+        else:
+            checks.append(Check(f.id, WARN, f"{f.what}: {f.detail} (mainline Linux {f.since})",
+                                f"a kernel with it (Linux >= {f.since}, or a backport); `auto` uses "
+                                "nftables meanwhile", needed_by=("ebpf",), details=details))
     return checks
-
-
-def _check_cgroup_link(prog: bytes) -> Check:
-    """bpf_link for cgroups: BPF_LINK_CREATE with a valid sock_addr program and
-    /dev/null as the target. A kernel that knows cgroup links looks the target
-    up as a cgroup and answers EBADF; one that does not answers EINVAL.
-    /dev/null can never be a cgroup, so nothing is ever attached."""
-    from prism_kernel.datapath import _bpfsys as bpf
-
-    what = "bpf_link for cgroups (atomic program swap on upgrade, pinned links)"
-    pfd = tfd = None
-    try:
-        try:
-            pfd = _prog_load(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, prog, bpf.BPF_CGROUP_INET4_CONNECT)
-        except OSError as e:
-            return Check("bpf.cgroup_link", WARN, f"{what}: not probed (no sock_addr program: {e.strerror})",
-                         "see bpf.sock_addr")
-        tfd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            lfd = bpf.link_create(pfd, tfd, bpf.BPF_CGROUP_INET4_CONNECT)
-        except OSError as e:
-            if e.errno == errno.EBADF:
-                return Check("bpf.cgroup_link", OK, f"{what}: supported", details={"since": "5.7"})
-            return Check("bpf.cgroup_link", WARN, f"{what}: not supported ({e.strerror}; since Linux 5.7)",
-                         "needs Linux >= 5.7; `auto` uses nftables meanwhile", needed_by=("ebpf",),
-                         details={"since": "5.7", "errno": e.errno})
-        # Cannot happen (/dev/null is no cgroup); never leave it attached.
-        try:
-            bpf.link_detach(lfd)
-        finally:
-            _close(lfd)
-        return Check("bpf.cgroup_link", WARN, f"{what}: unexpected answer from the kernel",
-                     needed_by=("ebpf",))
-    finally:
-        _close(pfd)
-        _close(tfd)
 
 
 def check_cgroup() -> Check:
@@ -339,43 +233,23 @@ def check_bpffs() -> Check:
                  details={"mount_point": BPFFS})
 
 
-def check_headers() -> Check:
-    release = os.uname().release
-    mod = Path(f"/lib/modules/{release}")
-    build, source = mod / "build", mod / "source"
-    found = {"build": os.path.realpath(build) if build.exists() else None,
-             "source": os.path.realpath(source) if source.exists() else None}
-    if (build / "include").is_dir():
-        note = f"{build} -> {found['build']}"
-        if not source.exists():
-            note += f" ({source} missing: bcc uses build alone when it holds the full tree)"
-        return Check("headers", OK, f"kernel headers for bcc: {note}", details=found)
-    return Check("headers", WARN, f"no kernel headers at {build}: bcc cannot compile the eBPF programs",
-                 f"install linux-headers-{release}; a kernel without a headers package of its own works "
-                 "with any Debian linux-headers-amd64 (the programs use only the stable uapi): "
-                 "packaging/dev.sh setup links build/source to them, the container image does it "
-                 "at start (packaging/container-entrypoint.sh)",
-                 needed_by=("ebpf",), details=found)
+def check_loader(loader: str = "auto") -> Check:
+    from prism_kernel.datapath.ebpf import bcc_usable, default_object, loader_plan
+    from prism_kernel.errors import DatapathUnavailable
 
-
-def check_bcc() -> Check:
-    from prism_kernel.datapath.ebpf import _loader_python
-
-    py = _loader_python()
+    details: dict[str, Any] = {"requested": loader, "object": str(default_object()),
+                               "bcc": bcc_usable() or "usable"}
     try:
-        proc = subprocess.run([py, "-c", "import bcc, sys; sys.stdout.write(bcc.__file__)"],
-                              capture_output=True, text=True, timeout=60, cwd="/")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        proc, err = None, str(e)
-    else:
-        err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-    if proc is not None and proc.returncode == 0:
-        return Check("bcc", OK, f"bcc importable by the loader ({py}: {proc.stdout.strip()})",
-                     details={"python": py, "module": proc.stdout.strip()})
-    return Check("bcc", WARN, f"bcc not importable by {py}: {err}",
-                 "apt-get install python3-bpfcc (Debian's bcc; the PyPI package 'bcc' is unrelated) "
-                 "and use a venv made with --system-site-packages",
-                 needed_by=("ebpf",), details={"python": py})
+        plan = loader_plan(loader)
+    except DatapathUnavailable as e:
+        return Check("ebpf.loader", WARN, f"no eBPF loader can run here: {e.reason}",
+                     "install the package with its precompiled object (packaging/dev.sh setup builds "
+                     "bpf/prism_sock.bpf.o) and Debian's libbpf1; or, for the bcc fallback, "
+                     "python3-bpfcc and kernel headers", needed_by=("ebpf",), details=details)
+    details["plan"] = [{"loader": n, "why": w} for n, w in plan]
+    first, why = plan[0]
+    rest = "; then " + ", ".join(f"{n} ({w})" for n, w in plan[1:]) if plan[1:] else ""
+    return Check("ebpf.loader", OK, f"{first}: {why}{rest}", details=details)
 
 
 def check_nftables_module() -> Check:
@@ -604,17 +478,24 @@ def check_datapath(name: str, port: int, instance: str) -> Check:
 
     settings = DatapathSettings(listen_port=port, instance=instance)
     cid = f"datapath.{name}"
+    loaded: dict[str, Any] = {}
     try:
-        datapath_class(name).check_available(settings)
+        cls = datapath_class(name)
+        cls.check_available(settings)
+        if name == "ebpf":
+            loaded = cls.check_load(settings)
     except DatapathUnavailable as e:
         return Check(cid, WARN, f"{name} data path unavailable: {_one_line(e.reason)}",
                      "see the checks above", needed_by=(name,), details={"reason": e.reason})
     except (PrismError, OSError) as e:
         return Check(cid, WARN, f"{name} data path check failed: {_one_line(str(e))}", needed_by=(name,),
                      details={"reason": str(e)})
-    what = {"ebpf": "compiled and loaded the programs in a child (nothing attached or pinned)",
+    what = {"ebpf": f"loaded the programs with {loaded.get('loader')} in a child, nothing attached "
+                    f"or pinned ({loaded.get('why')}; {loaded.get('load_s')} s, peak RSS "
+                    f"{loaded.get('maxrss_kb', 0) // 1024} MB)",
             "nftables": "the kernel accepted the ruleset in a dry run (nothing committed)"}[name]
-    return Check(cid, OK, f"{name} data path available: {what}")
+    details = {k: v for k, v in loaded.items() if k in ("loader", "why", "load_s", "maxrss_kb", "failed_before")}
+    return Check(cid, OK, f"{name} data path available: {what}", details=details)
 
 
 def check_auto(port: int, instance: str) -> Check:
@@ -646,7 +527,7 @@ def check_auto(port: int, instance: str) -> Check:
 def gather(port: int, instance: str) -> dict[str, Any]:
     checks: list[Check] = [check_kernel()]
     checks += check_bpf_features()
-    checks += [check_cgroup(), check_bpffs(), check_headers(), check_bcc(), check_nftables_module(),
+    checks += [check_cgroup(), check_bpffs(), check_loader(), check_nftables_module(),
                check_capabilities(), check_port(port, instance), check_metrics_port(instance), check_sysctls(),
                check_datapath("ebpf", port, instance), check_datapath("nftables", port, instance)]
     auto = check_auto(port, instance)

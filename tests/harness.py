@@ -392,6 +392,22 @@ def old_release(commit: str, dest: Path, *paths: str) -> Path:
     return dest
 
 
+def build_program(dest: Path, source_text: str, build: bool = True) -> dict[str, Path]:
+    """A BPF program other than the release's: its source (what the bcc loader
+    compiles) and its object built by bpf/build.sh (what the libbpf loader
+    loads), as EbpfDatapath(source=..., obj=...) takes them. With build=False
+    (a source that does not compile) the object is a file libbpf cannot open."""
+    src, obj = dest / "prism_sock.bpf.c", dest / "prism_sock.bpf.o"
+    src.write_text(source_text)
+    if build:
+        r = subprocess.run(["bash", str(REPO / "bpf" / "build.sh"), str(obj), str(src)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    else:
+        obj.write_bytes(b"not an ELF object\n")
+    return {"source": src, "obj": obj}
+
+
 def run_old_release(tree: Path, script: str, *args: str) -> subprocess.CompletedProcess:
     """Run `script` with the earlier release's package first on the path."""
     r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,

@@ -1,6 +1,7 @@
 """The eBPF data path against the real kernel: netns test hosts, real sockets.
 
-Needs root, bcc and kernel headers (skipped otherwise). Everything it creates
+Needs root; the upgrade tests also bcc and clang (the fallback loader, and
+changed programs built the way bpf/build.sh builds the real one). Everything it creates
 is named so that it cannot collide with other work on the machine: netns and
 veths `pke*`, BPF instances `pk-ebpf-dev-test*` under /sys/fs/bpf, listen port
 37445, addresses 198.19.16.0/20 and 2001:2:0:1000::/56 only. A session first
@@ -35,7 +36,7 @@ from prism_kernel.datapath.base import DatapathSettings  # noqa: E402
 from prism_kernel.datapath.ebpf import LAYOUT, EbpfDatapath, default_source  # noqa: E402
 from prism_kernel.errors import DatapathError, DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
-from tests.harness import Hammer  # noqa: E402
+from tests.harness import Hammer, build_program  # noqa: E402
 
 PORT = 37445            # the listen port (never 7445 / 17445 / 27445: other work runs here)
 BACKEND_PORT = 37446
@@ -212,8 +213,8 @@ def dp_factory():
     made: list[EbpfDatapath] = []
     instances: set[str] = set()
 
-    def make(instance: str = INSTANCE, **kw) -> EbpfDatapath:
-        settings = DatapathSettings(listen_port=PORT, instance=instance)
+    def make(instance: str = INSTANCE, loader: str = "auto", **kw) -> EbpfDatapath:
+        settings = DatapathSettings(listen_port=PORT, instance=instance, ebpf_loader=loader)
         dp = EbpfDatapath(settings, **kw)
         made.append(dp)
         instances.add(instance)
@@ -471,14 +472,17 @@ def test_kill9_and_adopt_without_a_failed_connect(testbed, dp_factory):
         holder.stderr.close()
 
 
-def _changed_source(tmp_path: Path) -> Path:
-    src = tmp_path / "prism_sock.c"
-    src.write_text(default_source().read_text() + "\n/* upgraded: a different program hash */\n")
-    return src
+def _changed_program(tmp_path: Path) -> dict[str, Path]:
+    """A program that differs from the release's (another hash), as the
+    source bcc compiles and the object libbpf loads."""
+    text = default_source().read_text()
+    assert "#define PK_PICK_TRIES 3\n" in text
+    return build_program(tmp_path, text.replace("#define PK_PICK_TRIES 3\n", "#define PK_PICK_TRIES 4\n"))
 
 
+@pytest.mark.parametrize("loader", ["libbpf", "bcc"])
 @pytest.mark.parametrize("layout", [LAYOUT, LAYOUT + 1], ids=["same-layout", "new-layout"])
-def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layout):
+def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layout, loader):
     old = dp_factory()
     backends = [testbed.backend("b1"), testbed.backend("b2", 6), testbed.backend("b2")]
     old.install(backends)
@@ -487,8 +491,9 @@ def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layo
     old.close()
     with ClientLoop() as loop:
         loop.wait_for(30)
-        new = dp_factory(source=_changed_source(tmp_path), layout=layout)
+        new = dp_factory(loader=loader, layout=layout, **_changed_program(tmp_path))
         assert new.install([]) is True  # upgraded in place, set carried over
+        assert new.last_load["loader"] == loader
         loop.wait_for(30)
     assert loop.failures == [], loop.failures[:5]
     st = new.read_state()
@@ -508,6 +513,7 @@ def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layo
     # and the original program comes back the same way (a downgrade is an upgrade)
     back = dp_factory()
     assert back.install([]) is True
+    assert back.last_load["loader"] == "libbpf"
     assert back.read_state().details["program_current"] is True
 
 
@@ -521,7 +527,6 @@ def test_a_failed_upgrade_changes_nothing(testbed, dp_factory, tmp_path, layout,
     old.install([testbed.backend("b1")])
     before = old.read_state().details
     pins_before = sorted(os.walk(f"/sys/fs/bpf/{INSTANCE}"))
-    src = tmp_path / "prism_sock.c"
     text = default_source().read_text()
     if breakage == "compile":
         text += "\n#error a broken release\n"
@@ -530,9 +535,9 @@ def test_a_failed_upgrade_changes_nothing(testbed, dp_factory, tmp_path, layout,
                             "\tif (ctx->user_ip4 != PK_LOOPBACK4)\n\t\treturn *(volatile int *)"
                             "((char *)ctx + 4096);", 1)
         assert "4096" in text
-    src.write_text(text)
-    new = dp_factory(source=src, layout=layout)
-    with pytest.raises(DatapathError):
+    # auto: libbpf's load fails (no object, or the verifier's no), then bcc's
+    new = dp_factory(layout=layout, **build_program(tmp_path, text, build=breakage != "compile"))
+    with pytest.raises(DatapathError, match="libbpf.*bcc"):
         new.install([])
     assert sorted(os.walk(f"/sys/fs/bpf/{INSTANCE}")) == pins_before
     after = dp_factory().read_state().details
@@ -545,7 +550,7 @@ def test_upgrade_waits_for_a_set_when_the_old_maps_are_unreadable(testbed, dp_fa
     old = dp_factory()
     old.install([testbed.backend("b1")])
     old_ids = old.read_state().details["prog_ids"]
-    new = dp_factory(source=_changed_source(tmp_path), layout=LAYOUT + 1)
+    new = dp_factory(layout=LAYOUT + 1, **_changed_program(tmp_path))
     monkeypatch.setattr(EbpfDatapath, "_read_attached_set", lambda self, links: None)
     assert new.install([]) is True
     # nothing swapped yet: the old program still steers to its set

@@ -1,40 +1,57 @@
 """The short-lived loader process of the eBPF data path.
 
 Run as `python -m prism_kernel.datapath._bpf_loader` with a JSON request on
-stdin; answers one JSON object on stdout. It is the only place that imports
-bcc: compiling costs ~130-150 MB of RSS, which goes away when this process
-exits, so the long-lived daemon stays small.
+stdin; answers one JSON object on stdout (diagnostics, such as a verifier log,
+go to stderr). Loading runs here and not in the daemon so that a loader that
+misbehaves (a crash in a C library, bcc's ~150 MB compile) costs this process
+only, and the long-lived daemon stays small: it only ever uses bpf(2) on
+pinned objects.
+
+Loaders (`loader` in the request):
+  libbpf  the precompiled object (bpf/build.sh) through Debian's libbpf1 and
+          ctypes: no compiler, no kernel headers, no bcc on the node.
+  bcc     compile bpf/prism_sock.bpf.c (-DPK_BCC) with bcc at run time: the
+          fallback for a source checkout without the object. Needs bcc and
+          kernel headers.
 
 Modes:
-  load   compile bpf/prism_sock.c with its maps pinned in `map_dir` (bcc
-         BPF_TABLE_PINNED: a pinned map of that path is reused, a missing one
-         is created and pinned), load the five programs and pin them in
-         `stage_dir`. Attaches nothing: the daemon populates the maps and then
-         creates or updates the cgroup links (ebpf.py), so steering never
-         starts from an empty map.
-  check  compile and load with private maps, pin nothing, attach nothing; the
-         programs vanish when this process exits. `check_available` uses it.
+  load   load the five programs with their maps pinned in `map_dir` (a pinned
+         map of that path is reused, a missing one created and pinned) and
+         pin the programs in `stage_dir`. Attaches nothing: the daemon fills
+         the maps and then creates or updates the cgroup links (ebpf.py), so
+         steering never starts from an empty map.
+  check  load with private maps, pin nothing, attach nothing; the programs
+         vanish when this process exits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
-import resource
+import struct
 import sys
 import time
 
 CGROUP_SOCK_ADDR = 18  # enum bpf_prog_type
 SOCK_OPS = 13
 
-PROGRAMS = (
-    # name, program type, expected attach type (enum bpf_attach_type; None: none needed)
-    ("connect4", CGROUP_SOCK_ADDR, 10),      # BPF_CGROUP_INET4_CONNECT
-    ("connect6", CGROUP_SOCK_ADDR, 11),      # BPF_CGROUP_INET6_CONNECT
-    ("getpeername4", CGROUP_SOCK_ADDR, 29),  # BPF_CGROUP_INET4_GETPEERNAME
-    ("getpeername6", CGROUP_SOCK_ADDR, 30),  # BPF_CGROUP_INET6_GETPEERNAME
-    ("sockops", SOCK_OPS, None),             # attached as BPF_CGROUP_SOCK_OPS (3)
-)
+# hook (the daemon's name, the pin name) -> (function in the C source,
+# program type, expected attach type for bcc; libbpf takes both from SEC()).
+PROGRAMS = {
+    "connect4": ("connect4", CGROUP_SOCK_ADDR, 10),          # BPF_CGROUP_INET4_CONNECT
+    "connect6": ("connect6", CGROUP_SOCK_ADDR, 11),          # BPF_CGROUP_INET6_CONNECT
+    "getpeername4": ("getpeername4", CGROUP_SOCK_ADDR, 29),  # BPF_CGROUP_INET4_GETPEERNAME
+    "getpeername6": ("getpeername6", CGROUP_SOCK_ADDR, 30),  # BPF_CGROUP_INET6_GETPEERNAME
+    "sockops": ("pk_sockops", SOCK_OPS, None),               # attached as BPF_CGROUP_SOCK_OPS
+}
+
+
+class LoadError(Exception):
+    def __init__(self, stage: str, error: str):
+        super().__init__(f"{stage}: {error}")
+        self.stage = stage
+        self.error = error
 
 
 def _c_string(s: str) -> str:
@@ -43,63 +60,165 @@ def _c_string(s: str) -> str:
     return f'"{s}"'
 
 
-def run(req: dict) -> dict:
+# --- libbpf ------------------------------------------------------------------
+
+
+def _libbpf() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError as e:
+        raise LoadError("import", f"cannot load libbpf.so.1 (Debian: libbpf1): {e}") from None
+    p = ctypes.c_void_p
+    sigs = {
+        "bpf_object__open_file": (p, [ctypes.c_char_p, p]),
+        "bpf_object__next_map": (p, [p, p]),
+        "bpf_map__name": (ctypes.c_char_p, [p]),
+        "bpf_map__is_internal": (ctypes.c_bool, [p]),
+        "bpf_map__set_pin_path": (ctypes.c_int, [p, ctypes.c_char_p]),
+        "bpf_map__set_initial_value": (ctypes.c_int, [p, p, ctypes.c_size_t]),
+        "bpf_object__find_map_by_name": (p, [p, ctypes.c_char_p]),
+        "bpf_object__load": (ctypes.c_int, [p]),
+        "bpf_object__find_program_by_name": (p, [p, ctypes.c_char_p]),
+        "bpf_program__fd": (ctypes.c_int, [p]),
+        "bpf_object__close": (None, [p]),
+        "libbpf_major_version": (ctypes.c_uint32, []),
+        "libbpf_minor_version": (ctypes.c_uint32, []),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def _libbpf_error(rc: int) -> str:
+    # libbpf 1.x returns -errno (and sets errno); a NULL pointer sets errno.
+    err = -rc if rc < 0 else ctypes.get_errno()
+    return f"{os.strerror(err)} (errno {err})"
+
+
+def load_libbpf(req: dict) -> tuple[dict[str, int], dict]:
+    lib = _libbpf()
+    version = f"{lib.libbpf_major_version()}.{lib.libbpf_minor_version()}"
+    path = req["object"]
+    obj = lib.bpf_object__open_file(os.fsencode(path), None)
+    if not obj:
+        raise LoadError("open", f"libbpf cannot open {path}: {_libbpf_error(0)}")
+    # The object stays open (its programs and maps alive) until this process
+    # exits; the daemon holds the programs through their pins by then.
+    if req.get("suspect_ns") is not None:
+        rodata = lib.bpf_object__find_map_by_name(obj, b".rodata")
+        if not rodata:
+            raise LoadError("open", f"{path} has no .rodata (pk_params): not this release's object?")
+        params = ctypes.create_string_buffer(struct.pack("=Q", int(req["suspect_ns"])), 8)
+        rc = lib.bpf_map__set_initial_value(rodata, ctypes.addressof(params), 8)
+        if rc:
+            raise LoadError("open", f"setting pk_params failed: {_libbpf_error(rc)}")
+    if req.get("mode", "load") == "load":
+        map_dir = req["map_dir"]
+        os.makedirs(map_dir, mode=0o700, exist_ok=True)
+        m = lib.bpf_object__next_map(obj, None)
+        while m:
+            if not lib.bpf_map__is_internal(m):
+                name = lib.bpf_map__name(m).decode()
+                rc = lib.bpf_map__set_pin_path(m, os.fsencode(os.path.join(map_dir, name)))
+                if rc:
+                    raise LoadError("open", f"pin path of map {name}: {_libbpf_error(rc)}")
+            m = lib.bpf_object__next_map(obj, m)
+    rc = lib.bpf_object__load(obj)
+    if rc:
+        # libbpf printed the reason (and a rejected program's verifier log) on stderr.
+        raise LoadError("load", f"libbpf {version} could not load {path}: {_libbpf_error(rc)}")
+    fds: dict[str, int] = {}
+    for hook, (func, _, _) in PROGRAMS.items():
+        prog = lib.bpf_object__find_program_by_name(obj, func.encode())
+        fd = lib.bpf_program__fd(prog) if prog else -1
+        if fd < 0:
+            raise LoadError("load", f"{path} has no program {func}")
+        fds[hook] = fd
+    return fds, {"libbpf_version": version}
+
+
+# --- bcc ---------------------------------------------------------------------
+
+
+def load_bcc(req: dict) -> tuple[dict[str, int], dict]:
     t0 = time.monotonic()
     try:
         from bcc import BPF  # noqa: PLC0415 - only ever imported here
     except ImportError as e:
-        return {"ok": False, "stage": "import", "error": f"cannot import bcc: {e}"}
+        raise LoadError("import", f"cannot import bcc (Debian: python3-bpfcc): {e}") from None
     t_import = time.monotonic() - t0
-
     with open(req["source"]) as f:
         text = f.read()
-    cflags = [f"-DPK_LAYOUT={int(req['layout'])}"]
-    if req.get("suspect_ns") is not None:  # ebpf.SUSPECT_WINDOW_S; the C default otherwise
+    cflags = ["-DPK_BCC", f"-DPK_LAYOUT={int(req['layout'])}"]
+    if req.get("suspect_ns") is not None:
         cflags.append(f"-DPK_SUSPECT_NS={int(req['suspect_ns'])}ULL")
-    mode = req.get("mode", "load")
-    if mode == "load":
+    if req.get("mode", "load") == "load":
         map_dir = req["map_dir"]
         os.makedirs(map_dir, mode=0o700, exist_ok=True)
         cflags.append(f"-DPK_MAP_DIR={_c_string(map_dir)}")
-
     t1 = time.monotonic()
     try:
         bpf = BPF(text=text, cflags=cflags)
     except Exception as e:  # bcc raises plain Exception on compile errors
-        return {"ok": False, "stage": "compile", "error": str(e)}
+        raise LoadError("compile", str(e)) from None
     t_compile = time.monotonic() - t1
-
-    t2 = time.monotonic()
     fds: dict[str, int] = {}
-    try:
-        for name, prog_type, attach_type in PROGRAMS:
+    for hook, (func, prog_type, attach_type) in PROGRAMS.items():
+        try:
             if attach_type is None:
-                fn = bpf.load_func(name, prog_type)
+                fn = bpf.load_func(func, prog_type)
             else:
-                fn = bpf.load_func(name, prog_type, attach_type=attach_type)
-            fds[name] = fn.fd
-    except Exception as e:
-        return {"ok": False, "stage": "load", "error": str(e)}
-    t_load = time.monotonic() - t2
+                fn = bpf.load_func(func, prog_type, attach_type=attach_type)
+        except Exception as e:
+            raise LoadError("load", str(e)) from None
+        fds[hook] = fn.fd
+    _KEEP.append(bpf)  # its fds live as long as it does
+    return fds, {"import_s": round(t_import, 3), "compile_s": round(t_compile, 3)}
 
+
+_KEEP: list = []  # loaded objects, alive until the process exits
+
+LOADERS = {"libbpf": load_libbpf, "bcc": load_bcc}
+
+
+def run(req: dict) -> dict:
+    loader = req.get("loader", "libbpf")
+    if loader not in LOADERS:
+        return {"ok": False, "stage": "request", "error": f"unknown loader {loader!r}"}
     from prism_kernel.datapath import _bpfsys  # noqa: PLC0415
 
-    progs: dict[str, int] = {}
-    for name, fd in fds.items():
-        progs[name] = _bpfsys.prog_info(fd).id
-    if mode == "load":
+    _bpfsys.raise_memlock()
+    t0 = time.monotonic()
+    try:
+        fds, info = LOADERS[loader](req)
+    except LoadError as e:
+        return {"ok": False, "loader": loader, "stage": e.stage, "error": e.error}
+    t_load = time.monotonic() - t0
+    progs = {hook: _bpfsys.prog_info(fd).id for hook, fd in fds.items()}
+    if req.get("mode", "load") == "load":
         stage_dir = req["stage_dir"]
         os.makedirs(stage_dir, mode=0o700, exist_ok=True)
-        for name, fd in fds.items():
-            _bpfsys.obj_pin(fd, os.path.join(stage_dir, name))
+        for hook, fd in fds.items():
+            _bpfsys.obj_pin(fd, os.path.join(stage_dir, hook))
     return {
         "ok": True,
+        "loader": loader,
         "progs": progs,
-        "import_s": round(t_import, 3),
-        "compile_s": round(t_compile, 3),
         "load_s": round(t_load, 3),
-        "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "maxrss_kb": _peak_rss_kb(),
+        **info,
     }
+
+
+def _peak_rss_kb() -> int:
+    """VmHWM: this process image's peak (ru_maxrss would carry the parent's
+    peak over the exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def main() -> int:

@@ -376,3 +376,15 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n = max(n, int(hi or lo) + 1)
     return n
+
+def raise_memlock() -> None:
+    """RLIMIT_MEMLOCK to unlimited. Kernels before 5.11 charge BPF maps and
+    programs to it (often 64 KiB: not even our maps fit); later ones charge
+    the memory cgroup and ignore it, so raising it is harmless there."""
+    import resource  # noqa: PLC0415
+
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):
+        pass  # no CAP_SYS_RESOURCE: the kernel's answer (EPERM) will say so
+

@@ -115,6 +115,18 @@ class _Marshal(Marshal):
         super().__init__()
         self.msg_map = dict(msg_map or {})
 
+    def parse_one_message(self, key, flags, sequence_number, data, offset, length):
+        if key == self.error_type:
+            # Only the errno: pyroute2 would also decode the echoed request as
+            # msg_map's class for its type, and a dump request has the type of
+            # its replies (SOCK_DIAG_BY_FAMILY) while NETLINK_CAP_ACK echoes
+            # only its header: that decode fails (struct.error), so a dump
+            # the kernel refused never raised its OSError.
+            msg = nlmsgerr(data, offset=offset)
+            msg.decode()
+            return msg
+        return super().parse_one_message(key, flags, sequence_number, data, offset, length)
+
 
 def unmapped(addr: Address) -> Address:
     """An IPv4-mapped IPv6 address (::ffff:a.b.c.d, as a dual-stack socket
@@ -244,7 +256,7 @@ class _Netlink:
 
 # include/uapi/linux/inet_diag.h and sock_diag.h: the request attribute that
 # asks for the values of BPF_MAP_TYPE_SK_STORAGE maps (by fd) with each socket,
-# and the reply attribute carrying them (Linux >= 5.2, CAP_BPF or CAP_SYS_ADMIN).
+# and the reply attribute carrying them (Linux >= 5.7, CAP_BPF or CAP_SYS_ADMIN).
 INET_DIAG_REQ_SK_BPF_STORAGES = 2
 INET_DIAG_SK_BPF_STORAGES = 20
 

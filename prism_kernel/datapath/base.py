@@ -27,6 +27,9 @@ class DatapathSettings:
     # timestamp clock per host); without it, SNAT makes backends drop
     # reconnecting SYNs in TIME_WAIT (nft/README.md).
     nft_stable_tcp_timestamps: bool = True
+    # eBPF only: libbpf (the precompiled object), bcc (compile at run time),
+    # or auto (libbpf, else bcc); see ebpf.loader_plan.
+    ebpf_loader: str = "auto"
 
 
 @dataclass

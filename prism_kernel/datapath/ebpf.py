@@ -4,21 +4,24 @@ connect() to a healthy API server, in the host network namespace only; the
 getpeername hooks make a steered socket report the address it connected to;
 a sock_ops program follows the steered sockets through their handshake
 (fast failover, below).
-The programs are in bpf/prism_sock.c (its header comment describes them).
+The programs are in bpf/prism_sock.bpf.c (its header comment describes them).
 
 Process split
 -------------
-bcc's compiler costs ~130-150 MB of RSS, so it never runs in the long-lived
-daemon: `install()` starts `python -m prism_kernel.datapath._bpf_loader`, which
-compiles, loads, pins the maps (BPF_TABLE_PINNED) and the programs (a staging
-dir) and exits. This module then talks to the kernel only through bpf(2) via
-ctypes (_bpfsys): it opens pinned objects by path, writes the maps, and
-creates / updates the cgroup links itself. It never imports bcc.
+Loading never runs in the long-lived daemon: `install()` starts
+`python -m prism_kernel.datapath._bpf_loader`, which loads the programs with
+their maps pinned and pins the programs in a staging dir, then exits. Its
+loader is libbpf with the precompiled object (bpf/build.sh, at install time:
+no compiler, headers or bcc on the node), or bcc compiling the same source at
+run time (the fallback; `ebpf.loader`, see `loader_plan`). This module then
+talks to the kernel only through bpf(2) via ctypes (_bpfsys): it opens pinned
+objects by path, writes the maps, and creates / updates the cgroup links
+itself.
 
 Pinned state (bpffs, mounted at /sys/fs/bpf when missing)
 ---------------------------------------------------------
     /sys/fs/bpf/<instance>/
-        meta                  ARRAY[1] {sha256 of program, map layout}: what is attached
+        meta                  ARRAY[1] {sha256 of program, map layout, loader}: what is attached
         maps-v<LAYOUT>/       pk_config pk_active pk_slots pk_counters pk_stats pk_peers
                               pk_passive pk_suspect pk_suspect_until
         links/                getpeername4 getpeername6 sockops connect4 connect6 (bpf_link)
@@ -45,7 +48,7 @@ it is established), + pk_suspect_until, pk_stats loses the two pk_socks
 counters.
 
 One writer (the daemon). `_write_set()` follows the order documented in
-bpf/prism_sock.c, the order Cilium's and Calico's service syncers use:
+bpf/prism_sock.bpf.c, the order Cilium's and Calico's service syncers use:
   0. zeroed counter entries for new backends;
   1. backend slots of the new set into the inactive buffer (!buf);
   2. pk_active <- {gen+1, count4, count6, !buf}: the single commit point (a
@@ -191,6 +194,10 @@ SUSPECT_NS = int(SUSPECT_WINDOW_S * 1_000_000_000)
 BPFFS = "/sys/fs/bpf"
 SO_NETNS_COOKIE = 71
 LOADER_TIMEOUT_S = 120.0
+OBJECT_NAME = "prism_sock.bpf.o"   # built by bpf/build.sh
+SOURCE_NAME = "prism_sock.bpf.c"
+LOADERS = ("libbpf", "bcc")
+LOADER_CODES = {"libbpf": 1, "bcc": 2}
 
 # Attach order: reverse translation and socket tracking before steering.
 # Detach in reverse.
@@ -209,11 +216,11 @@ STAT_NAMES = ("steered", "no_backend", "retry", "peer_xlate",  # PK_STAT_* order
 
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-# Encodings of the C structs (bpf/prism_sock.c), native byte order.
+# Encodings of the C structs (bpf/prism_sock.bpf.c), native byte order.
 _CONFIG = struct.Struct("=QII")      # host_netns_cookie, listen_port, flags
 _ACTIVE = struct.Struct("=QIIII")    # gen, count4, count6, buf, pad
 _BACKEND_SIZE = 20                   # addr[16] (network order), port (network order), family, pad
-_META = struct.Struct("=32sI28x")    # sha256, layout
+_META = struct.Struct("=32sII24x")   # sha256, layout, loader (LOADER_CODES; 0 before it was kept)
 _PEER = struct.Struct("=16s16s2s2s4x20s")  # pk_peer: orig addr, backend addr, ports, backend key
 _OUTCOME = struct.Struct("=QQQ")     # pk_outcome: refused, syn_timeouts, established (per CPU)
 _DEADLINE = struct.Struct("=Q")      # pk_suspect value: bpf_ktime_get_ns() (CLOCK_MONOTONIC)
@@ -244,18 +251,86 @@ def decode_backend(raw: bytes) -> Backend:
     raise DatapathError(f"corrupt backend entry in kernel map (family {family})")
 
 
-def default_source() -> Path:
+def _bpf_file(name: str) -> Path:
+    """`name` in $PRISM_KERNEL_BPF_DIR, else in the source tree's bpf/."""
     env = os.environ.get("PRISM_KERNEL_BPF_DIR")
     if env:
-        return Path(env) / "prism_sock.c"
+        return Path(env) / name
     here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "bpf" / "prism_sock.c", here.parent / "bpf" / "prism_sock.c"):
+    for cand in (here.parents[2] / "bpf" / name, here.parent / "bpf" / name):
         if cand.exists():
             return cand
-    return here.parents[2] / "bpf" / "prism_sock.c"
+    return here.parents[2] / "bpf" / name
 
 
-def _loader_python() -> str:
+def default_source() -> Path:
+    return _bpf_file(SOURCE_NAME)
+
+
+def default_object() -> Path:
+    return _bpf_file(OBJECT_NAME)
+
+
+def libbpf_usable() -> str | None:
+    """None when Debian's libbpf1 can be loaded, else why not."""
+    import ctypes  # noqa: PLC0415
+
+    try:
+        ctypes.CDLL("libbpf.so.1")
+    except OSError as e:
+        return f"libbpf.so.1 cannot be loaded (Debian: libbpf1): {e}"
+    return None
+
+
+def bcc_usable() -> str | None:
+    """None when the bcc loader can run here (bcc importable by the loader's
+    Python, kernel headers for its compiler), else why not."""
+    python = _loader_python(bcc=True)
+    if not os.path.exists(python):
+        return "bcc (Debian python3-bpfcc) is not importable here and there is no /usr/bin/python3"
+    if python == sys.executable and importlib.util.find_spec("bcc") is None:
+        return "bcc (Debian python3-bpfcc) is not importable"
+    build = Path(f"/lib/modules/{os.uname().release}/build")
+    if not (build / "include").is_dir():
+        return (f"kernel headers missing: bcc needs {build} (and .../source); install "
+                "linux-headers and link build/source there (see dev.sh)")
+    return None
+
+
+def loader_plan(requested: str, obj: Path | None = None) -> list[tuple[str, str]]:
+    """The loaders to try, in order, each with why: `libbpf` and `bcc` are
+    only themselves; `auto` is libbpf with the precompiled object, and bcc
+    when there is no object (a source checkout that was never built) or when
+    libbpf's load fails (a kernel whose verifier rejects the object, tried in
+    this order by install()). Empty when none can run here; the reasons are
+    then in the DatapathUnavailable that check_available raises."""
+    obj = obj or default_object()
+    libbpf_why = libbpf_usable() or (None if obj.exists() else
+                                     f"no precompiled object at {obj} (bpf/build.sh builds it)")
+    if requested == "libbpf":
+        if libbpf_why:
+            raise DatapathUnavailable("ebpf", f"ebpf.loader libbpf: {libbpf_why}")
+        return [("libbpf", f"precompiled object {obj}")]
+    bcc_why = bcc_usable()
+    if requested == "bcc":
+        if bcc_why:
+            raise DatapathUnavailable("ebpf", f"ebpf.loader bcc: {bcc_why}")
+        return [("bcc", "ebpf.loader bcc")]
+    plan: list[tuple[str, str]] = []
+    if libbpf_why is None:
+        plan.append(("libbpf", f"precompiled object {obj}"))
+    if bcc_why is None:
+        plan.append(("bcc", "fallback if libbpf's load fails" if plan else f"fallback: {libbpf_why}"))
+    if not plan:
+        raise DatapathUnavailable("ebpf", f"no eBPF loader: libbpf: {libbpf_why}; bcc: {bcc_why}")
+    return plan
+
+
+def _loader_python(bcc: bool) -> str:
+    """The libbpf loader runs with this interpreter; bcc's with one that can
+    import bcc (Debian's, when this venv cannot)."""
+    if not bcc:
+        return sys.executable
     override = os.environ.get("PRISM_KERNEL_BCC_PYTHON")
     if override:
         return override
@@ -265,9 +340,16 @@ def _loader_python() -> str:
 
 
 def host_netns_cookie() -> int:
-    """The netns cookie of this process's network namespace (SO_NETNS_COOKIE)."""
+    """The netns cookie of this process's network namespace (SO_NETNS_COOKIE,
+    Linux 5.14), or 0 where the kernel cannot tell it: the programs then
+    steer in the initial network namespace (bpf_get_netns_cookie(NULL))."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        try:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError as e:
+            if e.errno != errno.ENOPROTOOPT:
+                raise
+            return 0
     return struct.unpack("=Q", raw)[0]
 
 
@@ -377,21 +459,21 @@ def _remove_pins(path: str) -> list[str]:
 class EbpfDatapath(Datapath):
     name: ClassVar[str] = "ebpf"
 
-    _check_cache: ClassVar[dict[str, str | None]] = {}
-
     def __init__(self, settings: DatapathSettings, *, source: str | Path | None = None,
-                 layout: int = LAYOUT):
-        """`source` and `layout` exist for tests of the upgrade path (a changed
-        program, a changed map layout); the daemon uses the defaults."""
+                 obj: str | Path | None = None, layout: int = LAYOUT):
+        """`source`, `obj` and `layout` exist for tests of the upgrade path (a
+        changed program, a changed map layout); the daemon uses the defaults."""
         super().__init__(settings)
         _validate_instance(settings.instance)
         self.source = Path(source) if source is not None else default_source()
+        self.obj = Path(obj) if obj is not None else default_object()
         self.layout = layout
         self.paths = _Paths(settings.instance, layout)
         self._maps: _Maps | None = None
         self._links: dict[str, int] = {}
         self._cgroup_root: str | None = None
         self._pending: dict[str, int] | None = None  # staged prog fds of a deferred upgrade
+        self._pending_loader = ""
         self._ncpus = bpf.possible_cpus()
         self._outcomes = struct.Struct(f"={3 * self._ncpus}Q")  # pk_passive value, all CPUs
         self.last_load: dict[str, Any] = {}
@@ -400,8 +482,10 @@ class EbpfDatapath(Datapath):
 
     @classmethod
     def check_available(cls, settings: DatapathSettings) -> None:
-        """Cheap checks first, then a compile + load (no pin, no attach) in the
-        loader child: nothing is left in the kernel whatever the outcome."""
+        """Capabilities, the cgroup root, the kernel's features (probed) and a
+        loader that can run here. In-process and cheap (no program of ours is
+        loaded: install() would be the second load at every start); a verifier
+        that rejects the object shows at install(), or in check_load()."""
         def unavailable(reason: str) -> DatapathUnavailable:
             return DatapathUnavailable(cls.name, reason)
 
@@ -420,47 +504,58 @@ class EbpfDatapath(Datapath):
         if not (cap & cap_sys_admin or (cap & cap_bpf and cap & cap_net_admin)):
             raise unavailable("missing capability: needs CAP_SYS_ADMIN, or CAP_BPF and "
                               "CAP_NET_ADMIN, to load and attach cgroup BPF programs")
-        if not os.path.exists(_loader_python()):
-            raise unavailable("bcc (Debian python3-bpfcc) is not importable here and there is "
-                              "no /usr/bin/python3 to run the loader with")
-        release = os.uname().release
-        build = Path(f"/lib/modules/{release}/build")
-        if not (build / "include").is_dir():
-            raise unavailable(
-                f"kernel headers missing: bcc needs {build} (and .../source); install "
-                "linux-headers and link build/source there (see dev.sh), or use "
-                "--datapath nftables")
         try:
-            find_cgroup2_root()
+            root = find_cgroup2_root()
         except DatapathError as e:
             raise unavailable(str(e)) from None
         if not os.path.isdir(BPFFS) and not os.path.isdir(os.path.dirname(BPFFS)):
             raise unavailable(f"no {BPFFS} to mount bpffs on")
-        try:
-            host_netns_cookie()
-        except OSError as e:
-            raise unavailable(f"SO_NETNS_COOKIE unsupported (kernel < 5.14?): {e}") from None
-        source = default_source()
-        if not source.exists():
-            raise unavailable(f"BPF source {source} not found (set PRISM_KERNEL_BPF_DIR)")
-        key = hashlib.sha256(source.read_bytes()).hexdigest()
-        if key not in cls._check_cache:
-            res = _run_loader({"mode": "check", "source": str(source), "layout": LAYOUT,
-                               "suspect_ns": SUSPECT_NS},
-                              raise_on_error=False)
-            cls._check_cache[key] = None if res.get("ok") else (
-                f"compile/load check failed at {res.get('stage')}: {res.get('error')}")
-        if cls._check_cache[key]:
-            raise unavailable(cls._check_cache[key])
+        # What the kernel can do, probed (never a version number: distributions
+        # backport); each probe loads a tiny program or sends a request that
+        # changes nothing.
+        from prism_kernel.datapath import bpf_features  # noqa: PLC0415
+
+        missing = bpf_features.missing(root)
+        if missing:
+            raise unavailable("; ".join(missing))
+        loader_plan(settings.ebpf_loader)  # raises when no loader can run here
+
+    @classmethod
+    def check_load(cls, settings: DatapathSettings) -> dict:
+        """Load the programs as install() would, with private maps, in the
+        loader child, and let them go (nothing pinned, nothing attached):
+        whether this kernel's verifier accepts them. `doctor` runs it."""
+        failures = []
+        for loader, why in loader_plan(settings.ebpf_loader):
+            req = {"loader": loader, "mode": "check", "layout": LAYOUT, "suspect_ns": SUSPECT_NS,
+                   "object": str(default_object()), "source": str(default_source())}
+            res = _run_loader(req, raise_on_error=False)
+            if res.get("ok"):
+                res["why"] = why
+                res["failed_before"] = failures
+                return res
+            failures.append(f"{loader} ({res.get('stage')}): {res.get('error')}")
+        raise DatapathUnavailable(cls.name, "no loader could load the programs: " + " | ".join(failures))
 
     # --- kernel objects -----------------------------------------------------
 
-    def _program_hash(self) -> bytes:
+    def _program_hash(self, loader: str) -> bytes:
+        """What a load by `loader` would attach: its input (the object or the
+        source) with the parameters. The meta map keeps the attached one's."""
         h = hashlib.sha256()
-        h.update(b"prism-kernel ebpf\0")
+        h.update(b"prism-kernel ebpf\0" + loader.encode() + b"\0")
         h.update(struct.pack("=IIQ", self.layout, MAX_BACKENDS, SUSPECT_NS))
-        h.update(self.source.read_bytes())
+        try:
+            h.update((self.obj if loader == "libbpf" else self.source).read_bytes())
+        except OSError:
+            return b"\0" * 32  # nothing to load: matches no attached program
         return h.digest()
+
+    def _current_hashes(self) -> dict[bytes, str]:
+        """Hash -> loader, for each loader whose program would be current:
+        an attached program of any of them is adopted, not reloaded."""
+        loaders = LOADERS if self.settings.ebpf_loader == "auto" else (self.settings.ebpf_loader,)
+        return {self._program_hash(name): name for name in loaders}
 
     def _root(self) -> str:
         if self._cgroup_root is None:
@@ -534,7 +629,7 @@ class EbpfDatapath(Datapath):
             raise DatapathError(f"eBPF hooks no longer attached: {', '.join(sorted(missing))} "
                                 f"(detached behind the daemon's back); reinstall needed")
 
-    def _read_meta(self) -> tuple[bytes, int] | None:
+    def _read_meta(self) -> tuple[bytes, int, int] | None:
         try:
             fd = bpf.obj_get(self.paths.meta)
         except OSError:
@@ -545,10 +640,9 @@ class EbpfDatapath(Datapath):
             os.close(fd)
         if raw is None:
             return None
-        digest, layout = _META.unpack(raw)
-        return digest, layout
+        return _META.unpack(raw)
 
-    def _write_meta(self, digest: bytes) -> None:
+    def _write_meta(self, digest: bytes, loader: str) -> None:
         try:
             fd = bpf.obj_get(self.paths.meta)
         except OSError:
@@ -559,7 +653,7 @@ class EbpfDatapath(Datapath):
                 os.close(fd)
                 raise
         try:
-            bpf.map_update(fd, _KEY0, _META.pack(digest, self.layout))
+            bpf.map_update(fd, _KEY0, _META.pack(digest, self.layout, LOADER_CODES.get(loader, 0)))
         finally:
             os.close(fd)
 
@@ -655,26 +749,39 @@ class EbpfDatapath(Datapath):
     # --- loading and attaching ------------------------------------------------
 
     def _load(self) -> dict[str, int]:
-        """Compile + load in the child; returns fds of the staged programs
-        (pins removed again: the fds keep the programs alive)."""
+        """Load in the child, with the loaders of loader_plan() in order;
+        returns fds of the staged programs (pins removed again: the fds keep
+        the programs alive). self.last_load says which loader and why."""
         stage = self.paths.stage()
-        _remove_pins(stage)
-        try:
-            res = _run_loader({"mode": "load", "source": str(self.source), "layout": self.layout,
-                               "suspect_ns": SUSPECT_NS, "map_dir": self.paths.maps,
-                               "stage_dir": stage})
-            self.last_load = res
-            fds: dict[str, int] = {}
-            try:
-                for hook, _ in HOOKS:
-                    fds[hook] = bpf.obj_get(os.path.join(stage, hook))
-            except OSError as e:
-                for fd in fds.values():
-                    os.close(fd)
-                raise DatapathError(f"loader left no program {hook} in {stage}: {e}") from e
-            return fds
-        finally:
+        failures: list[str] = []
+        for loader, why in loader_plan(self.settings.ebpf_loader, self.obj):
             _remove_pins(stage)
+            req = {"loader": loader, "mode": "load", "layout": self.layout,
+                   "suspect_ns": SUSPECT_NS, "map_dir": self.paths.maps, "stage_dir": stage}
+            req["object" if loader == "libbpf" else "source"] = str(
+                self.obj if loader == "libbpf" else self.source)
+            try:
+                res = _run_loader(req, raise_on_error=False)
+                if not res.get("ok"):
+                    failures.append(f"{loader} ({res.get('stage')}): {res.get('error')}")
+                    log.warning("eBPF loader %s failed at %s: %s", loader, res.get("stage"),
+                                _last_lines(str(res.get("error")), 3))
+                    continue
+                res["why"] = why + (f" (after: {'; '.join(f[:200] for f in failures)})"
+                                    if failures else "")
+                self.last_load = res
+                fds: dict[str, int] = {}
+                try:
+                    for hook, _ in HOOKS:
+                        fds[hook] = bpf.obj_get(os.path.join(stage, hook))
+                except OSError as e:
+                    for fd in fds.values():
+                        os.close(fd)
+                    raise DatapathError(f"loader left no program {hook} in {stage}: {e}") from e
+                return fds
+            finally:
+                _remove_pins(stage)
+        raise DatapathError("eBPF loader failed: " + " | ".join(failures))
 
     def _attached_prog_maps(self, links: dict[str, int]) -> dict[str, int]:
         """name -> map id of the maps the attached connect program uses."""
@@ -815,18 +922,23 @@ class EbpfDatapath(Datapath):
         for name in os.listdir(self.paths.base):  # stage dirs of a killed install
             if name.startswith("stage-"):
                 _remove_pins(os.path.join(self.paths.base, name))
-        digest = self._program_hash()
+        current = self._current_hashes()
+        bpf.raise_memlock()  # kernels before 5.11 charge BPF maps to it
 
         self.close()
         self._links = self._open_links(drop_defunct=True)
         meta = self._read_meta()
         maps = self._ensure_maps()
         attached_ids = self._attached_prog_maps(self._links)
-        if (len(self._links) == len(HOOKS) and meta == (digest, self.layout) and maps is not None
+        if (len(self._links) == len(HOOKS) and meta is not None and meta[0] in current
+                and meta[1] == self.layout and maps is not None
                 and attached_ids.get("pk_active") == maps.ids["pk_active"]):
             if self._write_config(maps):
                 log.info("adopted; config updated (listen port %d)", self.settings.listen_port)
-            log.info("adopted the attached eBPF data path in %s", self.paths.base)
+            self.last_load = {"loader": current[meta[0]], "why": "adopted: the attached program "
+                              "is current, nothing loaded"}
+            log.info("adopted the attached eBPF data path in %s (loaded by %s)", self.paths.base,
+                     current[meta[0]])
             return True
 
         had_links = bool(self._links)
@@ -865,19 +977,21 @@ class EbpfDatapath(Datapath):
                                 "and no initial set was given: the swap waits for the first "
                                 "apply()")
                     self._pending = new_progs
+                    self._pending_loader = self.last_load["loader"]
                     new_progs = {}
                     return True
                 c4, c6 = self._split(carry)
                 self._write_set(maps, c4, c6)
             self._swap_programs(new_progs)
-            self._write_meta(digest)
+            loader = self.last_load["loader"]
+            self._write_meta(self._program_hash(loader), loader)
             self._drop_other_layouts()
         finally:
             for fd in new_progs.values():
                 _close_quietly(fd)
-        log.info("%s eBPF data path in %s (programs %s)",
+        log.info("%s eBPF data path in %s (loader %s: %s; programs %s)",
                  "upgraded" if had_links else "installed", self.paths.base,
-                 self.last_load.get("progs"))
+                 self.last_load.get("loader"), self.last_load.get("why"), self.last_load.get("progs"))
         return had_links
 
     def apply(self, backends: Sequence[Backend]) -> bool:
@@ -897,7 +1011,7 @@ class EbpfDatapath(Datapath):
                 if not self._links:
                     self._links = self._open_links()
                 self._swap_programs(progs)
-                self._write_meta(self._program_hash())
+                self._write_meta(self._program_hash(self._pending_loader), self._pending_loader)
                 self._drop_other_layouts()
             finally:
                 for fd in progs.values():
@@ -933,7 +1047,11 @@ class EbpfDatapath(Datapath):
                     os.close(fd)
         meta = self._read_meta()
         details["program_hash"] = meta[0].hex() if meta else None
-        details["program_current"] = bool(meta and meta[0] == self._program_hash())
+        details["program_current"] = bool(meta and meta[0] in self._current_hashes())
+        codes = {v: k for k, v in LOADER_CODES.items()}
+        details["loader"] = codes.get(meta[2], "unknown (an older release)") if meta else None
+        if self.last_load:
+            details["last_load"] = {k: v for k, v in self.last_load.items() if k != "ok"}
         maps = self._ensure_maps()
         if maps is None:
             return KernelState(self.name, installed=False, details=details)
@@ -1123,13 +1241,18 @@ class EbpfDatapath(Datapath):
         return lines
 
 
+def _last_lines(text: str, n: int) -> str:
+    return " / ".join(text.strip().splitlines()[-n:])
+
+
 def _run_loader(req: dict, raise_on_error: bool = True) -> dict:
     pkg_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([_loader_python(), "-m", "prism_kernel.datapath._bpf_loader"],
+        proc = subprocess.run([_loader_python(req.get("loader") == "bcc"), "-m",
+                               "prism_kernel.datapath._bpf_loader"],
                               input=json.dumps(req), capture_output=True, text=True,
                               timeout=LOADER_TIMEOUT_S, env=env, cwd="/")
     except subprocess.TimeoutExpired:

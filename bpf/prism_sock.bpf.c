@@ -2,8 +2,16 @@
 /*
  * prism-kernel: connect-time steering of 127.0.0.1:PORT / [::1]:PORT to a
  * healthy Kubernetes API server (cgroup sock_addr programs at the cgroup v2
- * root), compiled at run time by bcc in a short-lived loader process
- * (prism_kernel/datapath/_bpf_loader.py).
+ * root).
+ *
+ * Built once, at install time, into an ELF object with BTF (clang -target bpf
+ * -O2 -g; bpf/build.sh) and loaded with libbpf by a short-lived loader process
+ * (prism_kernel/datapath/_bpf_loader.py). The programs read only uapi context
+ * fields (struct bpf_sock_addr, struct bpf_sock_ops): no CO-RE relocations and
+ * no kernel headers, so one object serves every kernel from 5.10 on. The same
+ * source also compiles with bcc (-DPK_BCC), the fallback loader for a source
+ * checkout without the object; the two flavours differ only in the block of
+ * map declarations and accessors below.
  *
  * Programs (one per hook):
  *   connect4      BPF_CGROUP_INET4_CONNECT      127.0.0.1:PORT      -> IPv4 backend
@@ -21,9 +29,11 @@
  * With an empty backend set, or before the loader wrote the config, a connect
  * is left untouched (return 1): this program never fails a connect.
  *
- * Maps (all declared here; pinned under PK_MAP_DIR = /sys/fs/bpf/<instance>/maps-v<PK_LAYOUT>):
+ * Maps (all declared here; the loader pins them in /sys/fs/bpf/<instance>/maps-v<PK_LAYOUT>):
  *   pk_config    ARRAY[1]        {host netns cookie, listen port}: written by the
  *                                daemon at install, read on every matching connect.
+ *                                Cookie 0: the initial network namespace (a kernel
+ *                                before 5.14 cannot tell the daemon its own cookie).
  *   pk_active    HASH[1]         key 0 -> {generation, count4, count6, buf}: the
  *                                selector. THE commit point of an update.
  *   pk_slots     HASH            key PK_SLOT_KEY(family, buf, index) -> backend.
@@ -72,10 +82,6 @@
  * a few points; only a socket connect4/connect6 steered (it has a pk_peers entry
  * and is still connected to that backend) is acted on, and only while it is in
  * SYN_SENT: everything the failover needs from the kernel happens there.
- * Layout 3 followed every steered socket to CLOSE and kept an LRU index of
- * them (insert at connect, delete at close): 0.963x of direct in the
- * one-connection-per-request benchmark, against 0.971-0.980x for this layout
- * (python -m bench.run --targets direct,ebpf --modes close, 9 rounds).
  *   TCP_CONNECT_CB       (in tcp_connect(), SYN about to leave): OR in STATE_CB |
  *                        RTO_CB for this socket; the ones it turned on are kept in
  *                        pk_peers (cb_added).
@@ -124,9 +130,12 @@
  * Direct connections have no pk_peers entry: they never mark a backend.
  */
 
+#ifdef PK_BCC
 #include <uapi/linux/bpf.h>
-#include <linux/in.h>
-#include <linux/socket.h>
+#else
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#endif
 
 #ifndef PK_LAYOUT
 #define PK_LAYOUT 4
@@ -135,9 +144,7 @@
 #define PK_PICK_TRIES 3
 #define PK_MAX_PASSIVE 1024  /* pk_passive: backends with outcome counters */
 #define PK_CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG)
-#ifndef PK_SUSPECT_NS
-#define PK_SUSPECT_NS 2000000000ULL  /* a refused / SYN-timed-out backend is avoided this long */
-#endif
+#define PK_IPPROTO_TCP 6
 
 #define PK_FAMILY4 4
 #define PK_FAMILY6 6
@@ -170,7 +177,7 @@ enum {
 #define PK_V4MAPPED pk_htonl(0x0000ffff)   /* ::ffff:0:0/96, third word */
 
 struct pk_config {
-	__u64 host_netns_cookie;
+	__u64 host_netns_cookie;  /* 0: the initial network namespace */
 	__u32 listen_port;  /* host byte order; 0 = steering off */
 	__u32 flags;        /* reserved */
 };
@@ -205,7 +212,60 @@ struct pk_outcome {
 	__u64 established;
 };
 
-/* --- maps ---------------------------------------------------------------- */
+/* --- maps and their accessors: the only part that differs between the two
+ * loaders. Each map is used only through the pk_<map>_<op>() functions, so
+ * that the program logic below is the same text for both. ---------------- */
+
+#ifndef PK_BCC
+
+/* libbpf: BTF-defined maps; the loader sets each map's pin path (reuse a
+ * pinned map of that path, else create and pin it). */
+#define PK_MAP(_type, _key, _value, _max, _flags) struct { \
+		__uint(type, _type); \
+		__type(key, _key); \
+		__type(value, _value); \
+		__uint(max_entries, _max); \
+		__uint(map_flags, _flags); \
+	}
+
+PK_MAP(BPF_MAP_TYPE_ARRAY, __u32, struct pk_config, 1, 0) pk_config SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_HASH, __u32, struct pk_active, 1, BPF_F_NO_PREALLOC) pk_active SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_HASH, __u32, struct pk_backend, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC) pk_slots SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_PERCPU_HASH, struct pk_backend, __u64, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC) pk_counters SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_PERCPU_ARRAY, __u32, __u64, PK_STAT_MAX, 0) pk_stats SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_SK_STORAGE, int, struct pk_peer, 0, BPF_F_NO_PREALLOC) pk_peers SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_PERCPU_HASH, struct pk_backend, struct pk_outcome, PK_MAX_PASSIVE, BPF_F_NO_PREALLOC) pk_passive SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_LRU_HASH, struct pk_backend, __u64, PK_MAX_PASSIVE, 0) pk_suspect SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_ARRAY, __u32, __u64, 1, 0) pk_suspect_until SEC(".maps");
+
+/* Run-time parameters: .rodata, set by the loader before the load (the
+ * verifier then sees them as constants). */
+const volatile struct {
+	__u64 suspect_ns;  /* a refused / SYN-timed-out backend is avoided this long */
+} pk_params = { .suspect_ns = 2000000000ULL };
+#define PK_SUSPECT_NS (pk_params.suspect_ns)
+
+#define PK_PROG(_sec) SEC(_sec)
+/* Only helpers that are not GPL-only are called. */
+char _license[] SEC("license") = "Apache-2.0";
+
+static __always_inline void *pk_config_get(__u32 *k) { return bpf_map_lookup_elem(&pk_config, k); }
+static __always_inline void *pk_active_get(__u32 *k) { return bpf_map_lookup_elem(&pk_active, k); }
+static __always_inline void *pk_slots_get(__u32 *k) { return bpf_map_lookup_elem(&pk_slots, k); }
+static __always_inline void *pk_counters_get(struct pk_backend *k) { return bpf_map_lookup_elem(&pk_counters, k); }
+static __always_inline void *pk_stats_get(__u32 *k) { return bpf_map_lookup_elem(&pk_stats, k); }
+static __always_inline void *pk_passive_get(struct pk_backend *k) { return bpf_map_lookup_elem(&pk_passive, k); }
+static __always_inline long pk_passive_add(struct pk_backend *k, struct pk_outcome *v) { return bpf_map_update_elem(&pk_passive, k, v, BPF_NOEXIST); }
+static __always_inline void *pk_suspect_get(struct pk_backend *k) { return bpf_map_lookup_elem(&pk_suspect, k); }
+static __always_inline long pk_suspect_set(struct pk_backend *k, __u64 *v) { return bpf_map_update_elem(&pk_suspect, k, v, BPF_ANY); }
+static __always_inline void *pk_suspect_until_get(__u32 *k) { return bpf_map_lookup_elem(&pk_suspect_until, k); }
+static __always_inline void *pk_peers_get(struct bpf_sock *sk, __u64 flags) { return bpf_sk_storage_get(&pk_peers, sk, 0, flags); }
+
+#else /* PK_BCC: bcc's map macros; pinned at PK_MAP_DIR unless it is a check */
+
+#ifndef PK_SUSPECT_NS
+#define PK_SUSPECT_NS 2000000000ULL
+#endif
 
 #ifdef PK_MAP_DIR
 #define PK_MAP(_type, _key, _leaf, _name, _max, _flags) \
@@ -238,11 +298,28 @@ PK_MAP("percpu_hash", struct pk_backend, struct pk_outcome, pk_passive, PK_MAX_P
 PK_MAP("lru_hash", struct pk_backend, __u64, pk_suspect, PK_MAX_PASSIVE, 0);
 PK_MAP("array", __u32, __u64, pk_suspect_until, 1, 0);
 
+#define PK_PROG(_sec)
+
+/* bcc rewrites map.op() calls, but not inside macros: one function each. */
+static __always_inline void *pk_config_get(__u32 *k) { return pk_config.lookup(k); }
+static __always_inline void *pk_active_get(__u32 *k) { return pk_active.lookup(k); }
+static __always_inline void *pk_slots_get(__u32 *k) { return pk_slots.lookup(k); }
+static __always_inline void *pk_counters_get(struct pk_backend *k) { return pk_counters.lookup(k); }
+static __always_inline void *pk_stats_get(__u32 *k) { return pk_stats.lookup(k); }
+static __always_inline void *pk_passive_get(struct pk_backend *k) { return pk_passive.lookup(k); }
+static __always_inline long pk_passive_add(struct pk_backend *k, struct pk_outcome *v) { return pk_passive.insert(k, v); }
+static __always_inline void *pk_suspect_get(struct pk_backend *k) { return pk_suspect.lookup(k); }
+static __always_inline long pk_suspect_set(struct pk_backend *k, __u64 *v) { return pk_suspect.update(k, v); }
+static __always_inline void *pk_suspect_until_get(__u32 *k) { return pk_suspect_until.lookup(k); }
+static __always_inline void *pk_peers_get(struct bpf_sock *sk, __u64 flags) { return pk_peers.sk_storage_get(sk, 0, flags); }
+
+#endif /* PK_BCC */
+
 /* --- helpers ------------------------------------------------------------- */
 
 static __always_inline void pk_stat_inc(__u32 which)
 {
-	__u64 *v = pk_stats.lookup(&which);
+	__u64 *v = pk_stats_get(&which);
 
 	if (v)
 		*v += 1;  /* per-CPU: no atomic needed */
@@ -250,7 +327,7 @@ static __always_inline void pk_stat_inc(__u32 which)
 
 static __always_inline void pk_count_backend(struct pk_backend *be)
 {
-	__u64 *v = pk_counters.lookup(be);
+	__u64 *v = pk_counters_get(be);
 
 	if (v)
 		*v += 1;
@@ -265,14 +342,17 @@ static __always_inline struct pk_config *pk_config_for(struct bpf_sock_addr *ctx
 	__u32 zero = 0;
 	struct pk_config *cfg;
 
-	if (ctx->protocol != IPPROTO_TCP)
+	if (ctx->protocol != PK_IPPROTO_TCP)
 		return NULL;
-	cfg = pk_config.lookup(&zero);
+	cfg = pk_config_get(&zero);
 	if (!cfg || !cfg->listen_port)
 		return NULL;
 	if (ctx->user_port != (__u32)pk_htons((__u16)cfg->listen_port))
 		return NULL;
-	if (bpf_get_netns_cookie(ctx) != cfg->host_netns_cookie)
+	/* Cookie 0: compare with the initial netns (bpf_get_netns_cookie(NULL)),
+	 * as Cilium does, for a daemon that could not read its own (< 5.14). */
+	if (bpf_get_netns_cookie(ctx) !=
+	    (cfg->host_netns_cookie ? cfg->host_netns_cookie : bpf_get_netns_cookie(NULL)))
 		return NULL;
 	return cfg;
 }
@@ -281,7 +361,7 @@ static __always_inline struct pk_config *pk_config_for(struct bpf_sock_addr *ctx
  * in SYN_SENT less than PK_SUSPECT_NS ago. */
 static __always_inline int pk_is_suspect(struct pk_backend *be, __u64 now)
 {
-	__u64 *until = pk_suspect.lookup(be);
+	__u64 *until = pk_suspect_get(be);
 
 	return until && *until > now;
 }
@@ -292,7 +372,7 @@ static __always_inline int pk_is_suspect(struct pk_backend *be, __u64 now)
 static __always_inline int pk_any_suspect(__u64 *now)
 {
 	__u32 zero = 0;
-	__u64 *until = pk_suspect_until.lookup(&zero);
+	__u64 *until = pk_suspect_until_get(&zero);
 
 	if (!until || *until == 0)
 		return 0;
@@ -311,7 +391,7 @@ static __always_inline int pk_pick_once(__u8 family, struct pk_backend *out, int
 	struct pk_backend cand;
 	__u64 now;
 
-	act = pk_active.lookup(&zero);
+	act = pk_active_get(&zero);
 	if (!act)
 		return -1;
 	count = family == PK_FAMILY4 ? act->count4 : act->count6;
@@ -320,7 +400,7 @@ static __always_inline int pk_pick_once(__u8 family, struct pk_backend *out, int
 		return -1;
 	idx = bpf_get_prandom_u32() % count;
 	key = PK_SLOT_KEY(family, buf, idx);
-	be = pk_slots.lookup(&key);
+	be = pk_slots_get(&key);
 	if (!be) {
 		*raced = 1;  /* slot removed by an update after we read the selector */
 		return -1;
@@ -342,7 +422,7 @@ static __always_inline int pk_pick_once(__u8 family, struct pk_backend *out, int
 		if (idx >= count)
 			idx -= count;
 		key = PK_SLOT_KEY(family, buf, idx);
-		be = pk_slots.lookup(&key);
+		be = pk_slots_get(&key);
 		if (!be) {
 			*raced = 1;
 			return -1;
@@ -381,13 +461,14 @@ static __always_inline void pk_remember_peer(struct bpf_sock_addr *ctx, struct p
 
 	if (!sk)
 		return;
-	st = pk_peers.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	st = pk_peers_get(sk, BPF_SK_STORAGE_GET_F_CREATE);
 	if (st)
 		__builtin_memcpy(st, p, sizeof(*st));
 }
 
 /* --- programs ------------------------------------------------------------ */
 
+PK_PROG("cgroup/connect4")
 int connect4(struct bpf_sock_addr *ctx)
 {
 	struct pk_backend be = {};
@@ -416,6 +497,7 @@ int connect4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+PK_PROG("cgroup/connect6")
 int connect6(struct bpf_sock_addr *ctx)
 {
 	struct pk_backend be = {};
@@ -468,6 +550,7 @@ int connect6(struct bpf_sock_addr *ctx)
 /* getpeername(): answer with the address the socket connected to, as a proxy
  * would. Only when the kernel's peer is still the backend this socket was
  * steered to (a socket that connected again elsewhere keeps its real peer). */
+PK_PROG("cgroup/getpeername4")
 int getpeername4(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
@@ -475,7 +558,7 @@ int getpeername4(struct bpf_sock_addr *ctx)
 
 	if (!sk)
 		return 1;
-	p = pk_peers.sk_storage_get(sk, 0, 0);
+	p = pk_peers_get(sk, 0);
 	if (!p)
 		return 1;
 	if (ctx->user_ip4 != p->backend_addr[0] || ctx->user_port != (__u32)p->backend_port)
@@ -486,6 +569,7 @@ int getpeername4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+PK_PROG("cgroup/getpeername6")
 int getpeername6(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
@@ -493,7 +577,7 @@ int getpeername6(struct bpf_sock_addr *ctx)
 
 	if (!sk)
 		return 1;
-	p = pk_peers.sk_storage_get(sk, 0, 0);
+	p = pk_peers_get(sk, 0);
 	if (!p)
 		return 1;
 	if (ctx->user_ip6[0] != p->backend_addr[0] || ctx->user_ip6[1] != p->backend_addr[1] ||
@@ -520,7 +604,7 @@ static __always_inline struct pk_peer *pk_steered(struct bpf_sock_ops *skops)
 
 	if (!sk)
 		return NULL;
-	p = pk_peers.sk_storage_get(sk, 0, 0);
+	p = pk_peers_get(sk, 0);
 	if (!p)
 		return NULL;
 	if ((__u16)pk_ntohl(skops->remote_port) != pk_ntohs(p->be.port))
@@ -539,7 +623,12 @@ static __always_inline struct pk_peer *pk_steered(struct bpf_sock_ops *skops)
 static __always_inline struct pk_outcome *pk_outcome_for(struct pk_backend *be)
 {
 	struct pk_outcome zero = {};
-	struct pk_outcome *o = pk_passive.lookup_or_try_init(be, &zero);
+	struct pk_outcome *o = pk_passive_get(be);
+
+	if (!o) {
+		pk_passive_add(be, &zero);  /* EEXIST: another CPU added it; ENOSPC: full */
+		o = pk_passive_get(be);
+	}
 
 	if (!o)
 		pk_stat_inc(PK_STAT_PASSIVE_FULL);
@@ -557,25 +646,26 @@ static __always_inline void pk_mark_suspect(struct pk_backend *be)
 {
 	__u32 zero = 0;
 	__u64 until = bpf_ktime_get_ns() + PK_SUSPECT_NS;
-	__u64 *latest = pk_suspect_until.lookup(&zero);
+	__u64 *latest = pk_suspect_until_get(&zero);
 	__u64 *cur;
 
 	if (latest)
 		*latest = until;
-	cur = pk_suspect.lookup(be);
+	cur = pk_suspect_get(be);
 	if (cur) {
 		*cur = until;
 		pk_stat_inc(PK_STAT_SUSPECT_MARK);
 		return;
 	}
-	if (pk_suspect.update(be, &until) == 0) {  /* BPF_ANY: another CPU may have added it */
+	if (pk_suspect_set(be, &until) == 0) {  /* BPF_ANY: another CPU may have added it */
 		pk_stat_inc(PK_STAT_SUSPECT_MARK);
 		return;
 	}
 	pk_stat_inc(PK_STAT_SUSPECT_FAILED);
 }
 
-int sockops(struct bpf_sock_ops *skops)
+PK_PROG("sockops")
+int pk_sockops(struct bpf_sock_ops *skops)
 {
 	__u32 op = skops->op;
 	struct pk_outcome *o;

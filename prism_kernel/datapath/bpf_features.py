@@ -1,0 +1,219 @@
+"""What this kernel can do for the eBPF data path, probed rather than read off
+a version number (distributions backport features; RHEL 8's 4.18 has many of
+5.x's). `EbpfDatapath.check_available` and `doctor` share these probes.
+
+Every probe leaves nothing behind: libbpf's probes load a tiny program or
+create a map and close it at once; the cgroup-link probe targets /dev/null
+(never a cgroup, so nothing attaches); the sock_diag probes name a socket or
+a map that does not exist. The minimum kernel of each feature is in
+docs/kernel-support.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+from dataclasses import dataclass
+
+from prism_kernel.datapath import _bpfsys as bpf
+
+# enum bpf_prog_type / bpf_map_type / bpf_func_id (include/uapi/linux/bpf.h)
+PROG_SOCK_OPS = 13
+PROG_CGROUP_SOCK_ADDR = 18
+MAP_LRU_HASH = 9
+MAP_SK_STORAGE = 24
+FUNC_SOCK_OPS_CB_FLAGS_SET = 59
+FUNC_SK_STORAGE_GET = 107
+FUNC_GET_NETNS_COOKIE = 122
+
+
+@dataclass(frozen=True)
+class Feature:
+    id: str
+    what: str
+    since: str          # mainline Linux release that brought it
+    ok: bool | None     # None: could not be probed (no privileges, no libbpf)
+    detail: str = ""
+
+
+def _libbpf() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError:
+        return None
+    lib.libbpf_probe_bpf_prog_type.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.libbpf_probe_bpf_map_type.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.libbpf_probe_bpf_helper.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    return lib
+
+
+def _answer(rc: int) -> tuple[bool | None, str]:
+    # libbpf probes: 1 supported, 0 not, -errno when the probe itself failed.
+    if rc == 1:
+        return True, ""
+    if rc == 0:
+        return False, "not supported"
+    if -rc in (errno.EPERM, errno.EACCES):
+        return None, f"cannot probe without privileges ({os.strerror(-rc)})"
+    return None, f"probe failed: {os.strerror(-rc)}"
+
+
+def _libbpf_probes(lib: ctypes.CDLL) -> list[Feature]:
+    out = []
+    for fid, what, since, rc in (
+        ("bpf.sock_addr", "cgroup sock_addr programs (connect4/6, getpeername4/6)", "4.17",
+         lib.libbpf_probe_bpf_prog_type(PROG_CGROUP_SOCK_ADDR, None)),
+        ("bpf.sock_ops", "sock_ops programs (refused and black-holed connects seen in the kernel)",
+         "4.13", lib.libbpf_probe_bpf_prog_type(PROG_SOCK_OPS, None)),
+        ("bpf.sk_storage", "socket storage maps (the mark of a steered socket)", "5.2",
+         lib.libbpf_probe_bpf_map_type(MAP_SK_STORAGE, None)),
+        ("bpf.lru_hash", "LRU hash maps (suspect marks)", "4.10",
+         lib.libbpf_probe_bpf_map_type(MAP_LRU_HASH, None)),
+        ("bpf.sk_storage_sock_addr", "bpf_sk_storage_get() in sock_addr programs", "5.8",
+         lib.libbpf_probe_bpf_helper(PROG_CGROUP_SOCK_ADDR, FUNC_SK_STORAGE_GET, None)),
+        ("bpf.netns_cookie", "bpf_get_netns_cookie() in sock_addr programs", "5.7",
+         lib.libbpf_probe_bpf_helper(PROG_CGROUP_SOCK_ADDR, FUNC_GET_NETNS_COOKIE, None)),
+        ("bpf.sock_ops_cb_flags", "bpf_sock_ops_cb_flags_set() (state and RTO callbacks)", "4.16",
+         lib.libbpf_probe_bpf_helper(PROG_SOCK_OPS, FUNC_SOCK_OPS_CB_FLAGS_SET, None)),
+    ):
+        ok, detail = _answer(rc)
+        out.append(Feature(fid, what, since, ok, detail))
+    return out
+
+
+_MOV_R0_1 = bytes((0xB7, 0, 0, 0, 1, 0, 0, 0))  # r0 = 1
+_EXIT = bytes((0x95, 0, 0, 0, 0, 0, 0, 0))
+
+
+def _prog_load(prog_type: int, expected_attach_type: int) -> int:
+    """`return 1` as a program of that type; returns its fd."""
+    import struct  # noqa: PLC0415
+
+    insns = _MOV_R0_1 + _EXIT
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    a = bpf._attr()
+    # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
+    # kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type
+    struct.pack_into("=IIQQIIQII", a, 0, prog_type, 2, ctypes.addressof(code),
+                     ctypes.addressof(license_), 0, 0, 0, 0, 0)
+    a[48:48 + 8] = b"pk_probe"
+    struct.pack_into("=I", a, 68, expected_attach_type)
+    return bpf._bpf(5, a)  # BPF_PROG_LOAD
+
+
+def _attach_type_probe(fid: str, what: str, since: str, attach_type: int) -> Feature:
+    """A sock_addr program with this expected attach type loads only on a
+    kernel that has the hook."""
+    try:
+        fd = _prog_load(PROG_CGROUP_SOCK_ADDR, attach_type)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES):
+            return Feature(fid, what, since, None, f"cannot probe without privileges ({e.strerror})")
+        return Feature(fid, what, since, False, f"not supported ({e.strerror})")
+    os.close(fd)
+    return Feature(fid, what, since, True)
+
+
+def _cgroup_link() -> Feature:
+    """BPF_LINK_CREATE with a valid sock_addr program and /dev/null as the
+    target: a kernel with cgroup links looks the target up as a cgroup and
+    answers EBADF; one without answers EINVAL. Nothing can attach."""
+    fid, what, since = "bpf.cgroup_link", "bpf_link for cgroups (pinned links, atomic program swap)", "5.7"
+    pfd = tfd = None
+    try:
+        try:
+            pfd = _prog_load(PROG_CGROUP_SOCK_ADDR, bpf.BPF_CGROUP_INET4_CONNECT)
+        except OSError as e:
+            return Feature(fid, what, since, None, f"not probed: no sock_addr program ({e.strerror})")
+        tfd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            lfd = bpf.link_create(pfd, tfd, bpf.BPF_CGROUP_INET4_CONNECT)
+        except OSError as e:
+            if e.errno == errno.EBADF:
+                return Feature(fid, what, since, True)
+            return Feature(fid, what, since, False, f"not supported ({e.strerror})")
+        try:  # cannot happen (/dev/null is no cgroup); never leave it attached
+            bpf.link_detach(lfd)
+        finally:
+            os.close(lfd)
+        return Feature(fid, what, since, False, "unexpected answer from the kernel")
+    finally:
+        for fd in (pfd, tfd):
+            if fd is not None:
+                os.close(fd)
+
+
+def _sock_diag() -> list[Feature]:
+    """SOCK_DESTROY of a socket that does not exist answers ENOENT where the
+    kernel can destroy sockets (CONFIG_INET_DIAG_DESTROY), EOPNOTSUPP where
+    not. A dump that asks for the socket storage of a map fd that is no map
+    fails (EINVAL/EBADF) where the kernel reads that attribute, and succeeds
+    where it ignores it."""
+    import ipaddress  # noqa: PLC0415
+
+    from prism_kernel.datapath.base import import_netlink  # noqa: PLC0415
+
+    out = []
+    try:
+        nl = import_netlink()
+    except Exception as e:  # noqa: BLE001 - pyroute2 missing: reported, not fatal here
+        return [Feature("sock_diag.destroy", "sock_diag SOCK_DESTROY", "4.5", None, str(e))]
+    lo = ipaddress.ip_address("127.0.0.1")
+    fid, what, since = "sock_diag.destroy", "sock_diag SOCK_DESTROY (abort a dead backend's connections)", "4.5"
+    try:
+        res = nl.destroy_sockets([nl.SockId(lo, 1, lo, 1, cookie=(1 << 64) - 2)])
+        err = res.failed[0][1] if res.failed else 0
+        if err in (errno.ENOENT, 0):
+            out.append(Feature(fid, what, since, True))
+        elif err in (errno.EPERM, errno.EACCES):
+            out.append(Feature(fid, what, since, None, f"cannot probe without privileges ({os.strerror(err)})"))
+        else:
+            out.append(Feature(fid, what, since, False,
+                               f"not supported ({os.strerror(err)}; CONFIG_INET_DIAG_DESTROY)"))
+    except OSError as e:
+        out.append(Feature(fid, what, since, False, f"sock_diag unavailable ({e.strerror})"))
+    fid, what, since = ("sock_diag.sk_storage", "socket storage in sock_diag dumps "
+                        "(finding a dead backend's connections)", "5.7")
+    tfd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        nl.tcp_sockets(socket.AF_INET, 1, map_fd=tfd, map_id=0)
+        out.append(Feature(fid, what, since, False, "the kernel ignores INET_DIAG_REQ_SK_BPF_STORAGES"))
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES):
+            out.append(Feature(fid, what, since, None, f"cannot probe without privileges ({e.strerror})"))
+        else:
+            out.append(Feature(fid, what, since, True))
+    finally:
+        os.close(tfd)
+    return out
+
+
+def probe_all() -> list[Feature]:
+    lib = _libbpf()
+    if lib is None:
+        features = [Feature("libbpf", "libbpf.so.1 (Debian: libbpf1) for the feature probes", "-",
+                            None, "cannot be loaded")]
+    else:
+        features = _libbpf_probes(lib)
+    features.append(_attach_type_probe("bpf.getpeername", "getpeername4/6 hooks", "5.8",
+                                       bpf.BPF_CGROUP_INET4_GETPEERNAME))
+    features.append(_cgroup_link())
+    features.extend(_sock_diag())
+    return features
+
+
+def missing(root: str | None = None) -> list[str]:
+    """One line per feature the data path needs and this kernel lacks (or
+    that could not be probed), plus programs at the cgroup root that leave no
+    room for ours. Empty: the eBPF data path can run."""
+    lines = [f"{f.what}: {f.detail} (Linux >= {f.since})" for f in probe_all() if f.ok is not True]
+    if root is not None:
+        from prism_kernel.datapath import cgroup  # noqa: PLC0415
+
+        exclusive = getattr(cgroup, "exclusive_attachments", None)
+        if exclusive is not None:
+            lines.extend(exclusive(root))
+    return lines
