@@ -59,8 +59,10 @@ NET_OFFSET = 80
 INSTANCE = "pk-sus-dev-ebpf"
 REPO = Path(__file__).resolve().parents[1]
 # Earlier releases the upgrade test installs first: layout 2 (sockops,
-# pk_passive, no pk_suspect) and layout 3 (pk_suspect, pk_socks).
-OLD_RELEASES = {2: "e28568a", 3: "f5a36d3"}
+# pk_passive, no pk_suspect), layout 3 (pk_suspect, pk_socks) and layout 4 as
+# the last release built by bcc at run time (this one loads the precompiled
+# object with libbpf, reusing the maps bcc pinned).
+OLD_RELEASES = {2: "e28568a", 3: "f5a36d3", 4: "32af8ae"}
 
 
 def _unavailable() -> str | None:
@@ -546,6 +548,7 @@ def test_upgrade_from_older_layout(tb, ebpf, tmp_path, old_layout):
         assert load.ok > n_before > 0
         st = dp.read_state()
         assert st.installed and st.details["layout"] == LAYOUT and st.details["program_current"]
+        assert st.details["loader"] == "libbpf"
         assert sorted(st.backends) == sorted(be(s) for s in servers)
         assert st.details["link_ids"] == old["link_ids"]  # the same links, new programs
         assert set(st.details["prog_ids"].values()).isdisjoint(old["prog_ids"].values())

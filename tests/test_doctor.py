@@ -25,8 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 PORT = 17457  # outside the ephemeral range: no client socket of another test can hold it
 INSTANCE = "pk-doctor"
 CHECK_IDS = (
-    "kernel", "bpf.sock_addr", "bpf.getpeername", "bpf.netns_cookie", "bpf.sock_ops", "bpf.cgroup_link",
-    "cgroup", "bpffs", "headers", "bcc", "nftables.module", "capabilities", "port", "metrics_port",
+    "kernel", "bpf.sock_addr", "bpf.sock_ops", "bpf.sk_storage", "bpf.lru_hash", "bpf.sk_storage_sock_addr",
+    "bpf.netns_cookie", "bpf.sock_ops_cb_flags", "bpf.getpeername", "bpf.cgroup_link",
+    "sock_diag.destroy", "sock_diag.sk_storage",
+    "cgroup", "bpffs", "ebpf.loader", "nftables.module", "capabilities", "port", "metrics_port",
     "sysctls", "datapath.ebpf", "datapath.nftables", "auto",
 )
 
@@ -80,9 +82,13 @@ def test_doctor_json_parses_and_matches():
         assert isinstance(c["summary"], str) and c["summary"] and "\n" not in c["summary"]
         if c["verdict"] != "ok":
             assert c["action"], f"{c['id']} is {c['verdict']} but says nothing to do"
-    for cid in ("bpf.sock_addr", "bpf.getpeername", "bpf.netns_cookie", "bpf.cgroup_link",
-                "cgroup", "capabilities", "datapath.ebpf", "datapath.nftables", "auto"):
-        assert by_id[cid]["verdict"] == "ok", by_id[cid]
+    for cid in CHECK_IDS:
+        if cid.startswith(("bpf.", "sock_diag.")) or cid in (
+                "cgroup", "capabilities", "ebpf.loader", "datapath.ebpf", "datapath.nftables", "auto"):
+            assert by_id[cid]["verdict"] == "ok", by_id[cid]
+    # the default path: the precompiled object with libbpf, really loaded in a child
+    assert by_id["ebpf.loader"]["details"]["plan"][0]["loader"] == "libbpf"
+    assert by_id["datapath.ebpf"]["details"]["loader"] == "libbpf"
     assert by_id["cgroup"]["details"]["initial_cgroup_namespace"] is True
     assert by_id["capabilities"]["details"]["CAP_SYS_ADMIN"] is True
     assert set(by_id["sysctls"]["details"]) == {"net.ipv4.conf.all.route_localnet", "net.ipv4.tcp_timestamps"}

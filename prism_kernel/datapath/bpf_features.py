@@ -205,15 +205,7 @@ def probe_all() -> list[Feature]:
     return features
 
 
-def missing(root: str | None = None) -> list[str]:
+def missing() -> list[str]:
     """One line per feature the data path needs and this kernel lacks (or
-    that could not be probed), plus programs at the cgroup root that leave no
-    room for ours. Empty: the eBPF data path can run."""
-    lines = [f"{f.what}: {f.detail} (Linux >= {f.since})" for f in probe_all() if f.ok is not True]
-    if root is not None:
-        from prism_kernel.datapath import cgroup  # noqa: PLC0415
-
-        exclusive = getattr(cgroup, "exclusive_attachments", None)
-        if exclusive is not None:
-            lines.extend(exclusive(root))
-    return lines
+    that could not be probed). Empty: the kernel can run the eBPF data path."""
+    return [f"{f.what}: {f.detail} (Linux >= {f.since})" for f in probe_all() if f.ok is not True]

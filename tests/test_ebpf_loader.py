@@ -1,0 +1,136 @@
+"""How the eBPF programs get into the kernel: the precompiled object with
+libbpf on a node that has no kernel headers, no compiler and no bcc; the bcc
+fallback when libbpf cannot load; a restart that adopts without loading."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from prism_kernel.datapath import ebpf
+from prism_kernel.datapath.base import DatapathSettings
+from prism_kernel.datapath.ebpf import EbpfDatapath
+from prism_kernel.errors import DatapathError
+from tests.harness import TEST_INSTANCE, TEST_PORT, Daemon, build_program, plain_backend, tcp_connect
+
+pytestmark = pytest.mark.kernel
+
+# What a production node (Talos, Bottlerocket, COS) does not have, hidden in a
+# private mount namespace: kernel headers, the compiler and its libraries,
+# every C header, bcc's Python module and its library.
+HIDDEN = ("/lib/modules", "/usr/src", "/usr/include", "/usr/lib/llvm-14",
+          "/usr/lib/python3/dist-packages/bcc")
+
+
+def _hidden_node(argv: list[str]) -> list[str]:
+    """argv run in a new mount namespace with HIDDEN under empty tmpfs (and
+    /dev/null over libbcc); it refuses to start when anything is still visible."""
+    mounts = [f"mount -t tmpfs -o ro,size=4k pk-hidden {shlex.quote(p)}" for p in HIDDEN if os.path.isdir(p)]
+    libdir = "/usr/lib/x86_64-linux-gnu"
+    mounts += [f"mount --bind /dev/null {shlex.quote(os.path.join(libdir, f))}"
+               for f in sorted(os.listdir(libdir)) if f.startswith("libbcc")]
+    mounts = " && ".join(mounts)
+    checks = ("! /usr/bin/python3 -c 'from bcc import BPF' 2>/dev/null"
+              " && ! command -v clang >/dev/null && [ ! -e /usr/include/linux/bpf.h ]"
+              ' && [ ! -e "/lib/modules/$(uname -r)" ]')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'{mounts} && {checks} && exec "$@"', "sh", *argv]
+
+
+def test_a_node_without_headers_compiler_or_bcc_runs_the_ebpf_path(testbed):
+    """`prism-kernel run --datapath ebpf` where neither kernel headers, nor
+    clang, nor bcc exist: the precompiled object is loaded with libbpf and
+    127.0.0.1:PORT is steered."""
+    be = testbed.backends[0]
+    d = Daemon([f"{be.address}:{be.port}"], "ebpf", testbed.ca_file, testbed.tmpdir, start=False)
+    d.argv = _hidden_node(d.argv)
+    with d:
+        d.start()
+        d.wait_ready()
+        start = next(e for e in d.events() if e.get("event") == "start")
+        assert start["datapath"] == "ebpf", start
+        d.wait_active({f"{be.address}:{be.port}"})
+        st = d.status()
+        assert st["kernel"]["ebpf"]["details"]["loader"] == "libbpf", st["kernel"]
+        with tcp_connect("127.0.0.1", TEST_PORT) as s:
+            assert s.getpeername() == ("127.0.0.1", TEST_PORT)  # steered, and translated back
+    # and without the mount namespace the same state is visible: it was real
+    assert d.proc.returncode == 0
+
+
+@pytest.fixture
+def dp():
+    made: list[EbpfDatapath] = []
+
+    def make(**kw) -> EbpfDatapath:
+        loader = kw.pop("loader", "auto")
+        d = EbpfDatapath(DatapathSettings(listen_port=TEST_PORT, instance=TEST_INSTANCE,
+                                          ebpf_loader=loader), **kw)
+        made.append(d)
+        return d
+
+    try:
+        yield make
+    finally:
+        for d in made:
+            d.close()
+        EbpfDatapath.cleanup(DatapathSettings(listen_port=TEST_PORT, instance=TEST_INSTANCE))
+
+
+def _steered_to(backend) -> None:
+    with tcp_connect("127.0.0.1", TEST_PORT) as s:
+        s.sendall(b"GET /whoami HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_auto_falls_back_to_bcc_when_libbpf_cannot_load(testbed, dp, tmp_path):
+    """An object libbpf cannot load (here: not an ELF file; on a real node, a
+    verifier that rejects it): `auto` compiles the same source with bcc, says
+    so, and the meta map records the loader."""
+    broken = build_program(tmp_path, ebpf.default_source().read_text(), build=False)
+    d = dp(obj=broken["obj"])
+    be = plain_backend(testbed.backends[0])
+    d.install([be])
+    assert d.last_load["loader"] == "bcc"
+    assert "libbpf" in d.last_load["why"], d.last_load["why"]
+    assert d.read_state().details["loader"] == "bcc"
+    _steered_to(be)
+    # an explicit libbpf loader does not fall back
+    with pytest.raises(DatapathError, match="libbpf"):
+        dp(obj=broken["obj"], loader="libbpf").install([be])
+
+
+def test_a_restart_adopts_without_loading(testbed, dp, monkeypatch):
+    """The attached program is current: a new EbpfDatapath (a restarted
+    daemon) adopts it and starts no loader at all, whichever loader put it
+    there."""
+    be = plain_backend(testbed.backends[0])
+    first = dp()
+    first.install([be])
+    ids = first.read_state().details["prog_ids"]
+
+    def no_loader(req, raise_on_error=True):
+        raise AssertionError(f"a loader was started: {req}")
+
+    monkeypatch.setattr(ebpf, "_run_loader", no_loader)
+    again = dp()
+    assert again.install([be]) is True
+    assert again.last_load["why"].startswith("adopted")
+    assert again.read_state().details["prog_ids"] == ids
+    _steered_to(be)
+
+
+def test_the_object_has_btf_and_no_kernel_dependency():
+    """The shipped object: BPF ELF with BTF-defined maps (sk_storage needs BTF
+    for its key and value) and nothing that needs a kernel's headers (no
+    CO-RE relocations: .BTF.ext holds line info only)."""
+    obj = ebpf.default_object()
+    assert obj.exists(), "bpf/build.sh did not run (packaging/dev.sh setup builds the object)"
+    r = subprocess.run(["bpftool", "btf", "dump", "file", str(obj)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    for name in ("pk_peers", "pk_config", "pk_active", "pk_params"):
+        assert f"'{name}'" in r.stdout, name
+    assert "'.maps'" in r.stdout
