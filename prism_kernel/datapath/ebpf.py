@@ -515,7 +515,7 @@ class EbpfDatapath(Datapath):
         # changes nothing.
         from prism_kernel.datapath import bpf_features  # noqa: PLC0415
 
-        missing = bpf_features.missing(root)
+        missing = bpf_features.missing()
         if missing:
             raise unavailable("; ".join(missing))
         loader_plan(settings.ebpf_loader)  # raises when no loader can run here
