@@ -4,6 +4,7 @@
 #   packaging/dev.sh test    install everything, then run the test suite
 #   packaging/dev.sh bench   install everything, then run the benchmark
 #   packaging/dev.sh bench-failover   ... then the failover benchmark
+#   packaging/dev.sh bench-coldstart  ... then the cold-start benchmark
 #   packaging/dev.sh setup   install everything only
 # Installing is idempotent and quick when already done.
 set -euo pipefail
@@ -106,5 +107,6 @@ case "$cmd" in
     exit $rc ;;
   bench) setup; install_debian_packages "${BENCH_PACKAGES[@]}"; cd "$REPO"; exec "$VENV/bin/python" -m bench.run "$@" ;;
   bench-failover) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.failover "$@" ;;
-  *) die "unknown command '$cmd' (setup|demo|test|bench|bench-failover)" ;;
+  bench-coldstart) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.coldstart "$@" ;;
+  *) die "unknown command '$cmd' (setup|demo|test|bench|bench-failover|bench-coldstart)" ;;
 esac
