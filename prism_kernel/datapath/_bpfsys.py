@@ -377,6 +377,7 @@ def possible_cpus() -> int:
         n = max(n, int(hi or lo) + 1)
     return n
 
+
 def raise_memlock() -> None:
     """RLIMIT_MEMLOCK to unlimited. Kernels before 5.11 charge BPF maps and
     programs to it (often 64 KiB: not even our maps fit); later ones charge
@@ -388,3 +389,24 @@ def raise_memlock() -> None:
     except (ValueError, OSError):
         pass  # no CAP_SYS_RESOURCE: the kernel's answer (EPERM) will say so
 
+
+# --- attachments at a cgroup ---------------------------------------------------
+
+BPF_F_ALLOW_OVERRIDE = 1 << 0  # prog_attach flags; PROG_QUERY reports them as attach_flags
+BPF_F_ALLOW_MULTI = 1 << 1
+
+
+def prog_query_flags(target_fd: int, attach_type: int, max_progs: int = 64) -> tuple[int, list[int]]:
+    """(attach_flags, program ids) at target_fd (a cgroup) for attach_type.
+    attach_flags are the cgroup's flags for that hook: BPF_F_ALLOW_MULTI when
+    the programs there share it (bpf_links always do), else 0 or
+    BPF_F_ALLOW_OVERRIDE: one exclusive program that makes the kernel refuse
+    any other at that cgroup and hook (BPF_LINK_CREATE: EPERM)."""
+    ids = (ctypes.c_uint32 * max_progs)()
+    a = _attr()
+    # target_fd u32, attach_type u32, query_flags u32, attach_flags u32, prog_ids u64, prog_cnt u32
+    struct.pack_into("=IIIIQI", a, 0, target_fd, attach_type, 0, 0, ctypes.addressof(ids), max_progs)
+    _bpf(BPF_PROG_QUERY, a)
+    flags, = struct.unpack_from("=I", a, 12)
+    cnt = struct.unpack_from("=I", a, 24)[0]
+    return flags, list(ids[: min(cnt, max_progs)])

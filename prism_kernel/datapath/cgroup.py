@@ -22,17 +22,26 @@ the root silently leaves part of the node unsteered):
 3. The directory chosen must be the root cgroup itself: its cgroup id (the
    kernfs node id, read with name_to_handle_at(2)) is 1 for the root of the
    v2 hierarchy. This catches whatever 1. and 2. miss.
+
+At that root, a program another tool attached to one of our hooks without
+BPF_F_ALLOW_MULTI (exclusive, or BPF_F_ALLOW_OVERRIDE: older Cilium,
+Calico's legacy attach) makes the kernel refuse ours (BPF_LINK_CREATE:
+EPERM): `exclusive_attachments()` finds such programs with BPF_PROG_QUERY,
+and `check_exclusive_attachments()` makes the eBPF data path unavailable,
+naming the hook and the program.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import struct
 from dataclasses import dataclass
 
-from prism_kernel.errors import DatapathError
+from prism_kernel.datapath import _bpfsys
+from prism_kernel.errors import DatapathError, DatapathUnavailable
 
 PROC_CGROUP_INIT_INO = 0xEFFFFFFB
 ROOT_CGROUP_ID = 1
@@ -133,3 +142,94 @@ def find_cgroup2_root() -> str:
             return m.mount_point
         errors.append(f"{m.mount_point} is cgroup id {cid}, not the root ({ROOT_CGROUP_ID})")
     raise DatapathError("no cgroup2 mount is the root cgroup: " + "; ".join(errors))
+
+
+# --- programs already attached at the root ------------------------------------
+
+# The hooks of the eBPF data path (bpftool's names), where another program
+# attached at the root without BPF_F_ALLOW_MULTI makes the kernel refuse ours.
+EBPF_HOOKS: tuple[tuple[str, int], ...] = (
+    ("connect4", _bpfsys.BPF_CGROUP_INET4_CONNECT),
+    ("connect6", _bpfsys.BPF_CGROUP_INET6_CONNECT),
+    ("getpeername4", _bpfsys.BPF_CGROUP_INET4_GETPEERNAME),
+    ("getpeername6", _bpfsys.BPF_CGROUP_INET6_GETPEERNAME),
+    ("sock_ops", _bpfsys.BPF_CGROUP_SOCK_OPS),
+)
+
+
+@dataclass(frozen=True)
+class ExclusiveAttachment:
+    """A program attached at a cgroup without BPF_F_ALLOW_MULTI."""
+
+    hook: str
+    prog_id: int
+    prog_name: str  # "" when the kernel would not say (no CAP_SYS_ADMIN, or gone since)
+    attach_flags: int  # 0 or BPF_F_ALLOW_OVERRIDE
+
+    def describe(self) -> str:
+        name = f" {self.prog_name!r}" if self.prog_name else ""
+        flags = "BPF_F_ALLOW_OVERRIDE" if self.attach_flags & _bpfsys.BPF_F_ALLOW_OVERRIDE else "flags 0"
+        return (f"{self.hook} is held exclusively by program id {self.prog_id}{name} "
+                f"(attached with {flags}, not BPF_F_ALLOW_MULTI)")
+
+
+def _prog_name(prog_id: int) -> str:
+    try:
+        fd = _bpfsys.prog_fd_by_id(prog_id)
+    except OSError:
+        return ""
+    try:
+        return _bpfsys.prog_info(fd).name
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def exclusive_attachments(root: str | None = None) -> list[ExclusiveAttachment]:
+    """Programs attached at the cgroup v2 root (`root`, found when None) on
+    one of the eBPF data path's hooks without BPF_F_ALLOW_MULTI (older
+    Cilium, Calico's legacy attach, `bpftool cgroup attach` without `multi`).
+    The kernel then refuses every other program on that hook at that cgroup:
+    BPF_LINK_CREATE fails with EPERM. Read-only (BPF_PROG_QUERY, needs
+    CAP_NET_ADMIN); a hook this kernel does not know is skipped. OSError
+    when the root cannot be queried."""
+    root = root or find_cgroup2_root()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    found: list[ExclusiveAttachment] = []
+    try:
+        for hook, attach_type in EBPF_HOOKS:
+            try:
+                flags, ids = _bpfsys.prog_query_flags(fd, attach_type)
+            except OSError as e:
+                if e.errno == errno.EINVAL:  # an attach type older than this kernel
+                    continue
+                raise
+            if not ids or flags & _bpfsys.BPF_F_ALLOW_MULTI:
+                continue
+            found += [ExclusiveAttachment(hook, pid, _prog_name(pid), flags) for pid in ids]
+    finally:
+        os.close(fd)
+    return found
+
+
+def check_exclusive_attachments(root: str | None = None, datapath: str = "ebpf") -> None:
+    """Raise DatapathUnavailable naming every hook of ours that another
+    program holds exclusively at the cgroup v2 root (see
+    exclusive_attachments), or that cannot be queried."""
+    try:
+        root = root or find_cgroup2_root()
+        found = exclusive_attachments(root)
+    except DatapathError as e:
+        raise DatapathUnavailable(datapath, str(e)) from None
+    except OSError as e:
+        raise DatapathUnavailable(datapath, f"cannot query the programs attached at the cgroup v2 "
+                                            f"root: {e}") from None
+    if not found:
+        return
+    first = found[0]
+    raise DatapathUnavailable(datapath, (
+        "; ".join(a.describe() for a in found)
+        + f" at the cgroup v2 root {root}: the kernel refuses any other program on that hook there "
+        f"(BPF_LINK_CREATE: EPERM). Detach it (bpftool cgroup detach {root} {first.hook} id "
+        f"{first.prog_id}) or have its owner (an older Cilium or Calico) attach it with BPF_F_ALLOW_MULTI"))
