@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instance", required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--backend", action="append", required=True)
+    ap.add_argument("--ebpf-loader", default="auto", help="eBPF: libbpf, bcc or auto")
     ap.add_argument("--naive", action="store_true",
                     help="nftables: leave net.ipv4.tcp_timestamps alone (the data path before the fix)")
     a = ap.parse_args(argv)
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     cls = datapath_class(a.datapath)
     if a.naive:
         cls = type(f"Naive{cls.__name__}", (cls,), {"fix_tcp_timestamps": False})
-    settings = DatapathSettings(listen_port=a.port, instance=a.instance)
+    settings = DatapathSettings(listen_port=a.port, instance=a.instance, ebpf_loader=a.ebpf_loader)
     cls.check_available(settings)
     dp = cls(settings)
     backends = []

@@ -166,10 +166,38 @@ class Run:
     cost_rss_mib: float
     duration_s: float
     wrk: dict[str, Any] = field(default_factory=dict)
+    # --bpf-stats: "instance/hook" -> [ns per run, runs per request] of our programs
+    bpf: dict[str, list[float]] = field(default_factory=dict)
+
+
+def bpf_programs() -> dict[str, tuple[int, int]]:
+    """"instance/hook" -> (run_time_ns, run_cnt) of every prism-kernel program
+    attached through a pinned link under /sys/fs/bpf."""
+    from prism_kernel.datapath import _bpfsys as bpf
+
+    out: dict[str, tuple[int, int]] = {}
+    for links in sorted(Path("/sys/fs/bpf").glob("*/links")):
+        for pin in sorted(links.iterdir()):
+            try:
+                lfd = bpf.obj_get(str(pin))
+            except OSError:
+                continue
+            try:
+                pfd = bpf.prog_fd_by_id(bpf.link_info(lfd).prog_id)
+                try:
+                    out[f"{links.parent.name}/{pin.name}"] = bpf.prog_run_stats(pfd)
+                finally:
+                    os.close(pfd)
+            except OSError:
+                continue
+            finally:
+                os.close(lfd)
+    return out
 
 
 def measure(target: Target, url: str, mode: str, rnd: int, opts: argparse.Namespace) -> Run:
     pids = target.cost_pids()
+    b0 = bpf_programs() if opts.bpf_stats else {}
     h0, n0, c0 = tcp_counters(), tcp_counters(benv.NETNS), conntrack_counters()
     cpu0, _ = proc_cost(pids)
     t0 = time.monotonic()
@@ -177,7 +205,13 @@ def measure(target: Target, url: str, mode: str, rnd: int, opts: argparse.Namesp
     elapsed = time.monotonic() - t0
     cpu1, rss = proc_cost(pids)
     h1, n1, c1 = tcp_counters(), tcp_counters(benv.NETNS), conntrack_counters()
+    b1 = bpf_programs() if opts.bpf_stats else {}
     errs = sum(w["socket_errors"].values()) + w["non_2xx"]
+    bpf_cost = {}
+    for name, (ns1, cnt1) in b1.items():
+        ns0, cnt0 = b0.get(name, (0, 0))
+        if cnt1 > cnt0 and w.get("requests"):
+            bpf_cost[name] = [round((ns1 - ns0) / (cnt1 - cnt0), 1), round((cnt1 - cnt0) / w["requests"], 2)]
     return Run(
         target=target.name, mode=mode, round=rnd, rps=w["rps"],
         p50_ms=w.get("p50_ms"), p99_ms=w.get("p99_ms"), errors=errs,
@@ -185,7 +219,7 @@ def measure(target: Target, url: str, mode: str, rnd: int, opts: argparse.Namesp
         paws_tw_rejected=n1.get("TcpExtPAWSTimewait", 0) - n0.get("TcpExtPAWSTimewait", 0),
         ct_drops=sum(c1.get(k, 0) - c0.get(k, 0) for k in ("drop", "early_drop", "insert_failed")),
         cost_cpu_s=round(cpu1 - cpu0, 3), cost_rss_mib=round(rss, 1),
-        duration_s=round(elapsed, 2), wrk=w,
+        duration_s=round(elapsed, 2), wrk=w, bpf=bpf_cost,
     )
 
 
@@ -247,6 +281,20 @@ def markdown(rows: list[dict[str, Any]], opts: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
+def bpf_markdown(runs: list[Run], opts: argparse.Namespace) -> str:
+    out = ["| mode | load through | program (instance/hook) | ns per run | runs per request | ns per request |",
+           "|---|---|---|--:|--:|--:|"]
+    for mode in opts.mode_names:
+        for t in opts.target_names:
+            rs = [r for r in runs if r.mode == mode and r.target == t]
+            for name in sorted({n for r in rs for n in r.bpf}):
+                vals = [r.bpf[name] for r in rs if name in r.bpf]
+                ns = statistics.median(v[0] for v in vals)
+                per = statistics.median(v[1] for v in vals)
+                out.append(f"| {mode} | {t} | {name} | {ns:.0f} | {per:.2f} | {ns * per:.0f} |")
+    return "\n".join(out)
+
+
 # --- main -----------------------------------------------------------------------
 
 
@@ -287,6 +335,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--instance", default=f"{benv.PREFIX}-bench",
                     help="instance name (nft table) of the data path targets")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--bpf-stats", action="store_true",
+                    help="also measure each eBPF program's run time per call and calls per request "
+                         "(BPF_ENABLE_STATS, for the run only)")
     opts = ap.parse_args(argv)
     names = [t.strip() for t in opts.targets.split(",") if t.strip()]
     unknown = [t for t in names if t not in TARGETS]
@@ -339,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[Run] = []
     urls: dict[str, str] = {}
+    stats_fd = None
+    if opts.bpf_stats:
+        from prism_kernel.datapath import _bpfsys
+
+        stats_fd = _bpfsys.enable_run_time_stats()  # off again when this process ends
     with benv.Env(nginx_cpu=opts.nginx_cpu) as e:
         try:  # targets go before the test host they point at
             for t in targets:
@@ -363,14 +419,21 @@ def main(argv: list[str] | None = None) -> int:
                     t.teardown()
                 except Exception as ex:  # keep tearing down the others
                     print(f"bench: teardown of {t.name} failed: {ex}", file=sys.stderr)
+            if stats_fd is not None:
+                os.close(stats_fd)
 
     rows = summarize(runs, opts.target_names, opts.mode_names)
+    bpf_table = bpf_markdown(runs, opts) if opts.bpf_stats else ""
     cmd = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     table = markdown(rows, opts)
     print(f"\n`{cmd.strip()}` — {opts.rounds} rounds × {opts.duration:g} s, wrk -t{opts.threads} "
           f"-c{opts.connections}, pin={opts.pin}, kernel {info['kernel']}, "
           f"{time.time() - started:.0f} s total\n")
     print(table)
+    if bpf_table:
+        print("\neBPF programs (medians over rounds; every program runs on every matching hook of the "
+              "host, so a target's table also shows the others' programs as bystanders):\n")
+        print(bpf_table)
     opts.out.mkdir(parents=True, exist_ok=True)
     path = opts.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({

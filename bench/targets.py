@@ -69,6 +69,7 @@ class Nftables(Target):
     datapath = "nftables"
     description = "wrk -> 127.0.0.1:PORT, nftables DNAT (prism_kernel.datapath.nftables)"
     naive = False
+    loader: str | None = None  # eBPF: ebpf.loader for the holder
     # Targets stay installed side by side for the whole run, so each has its
     # own listen port and instance (table).
     port_offset = 0
@@ -91,6 +92,8 @@ class Nftables(Target):
                 "--backend", f"{addr}:{port}"]
         if self.naive:
             argv.append("--naive")
+        if self.loader:
+            argv += ["--ebpf-loader", self.loader]
         self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
@@ -149,6 +152,18 @@ class Ebpf(Nftables):
     description = "wrk -> 127.0.0.1:PORT, cgroup connect4 rewrite (prism_kernel.datapath.ebpf)"
     port_offset = 2
     instance_suffix = "-ebpf"
+    loader = "libbpf"
+
+
+class EbpfBcc(Ebpf):
+    """The same programs compiled by bcc at run time (the fallback loader):
+    the precompiled object must be at least as fast."""
+
+    name = "ebpf-bcc"
+    description = "as ebpf, the programs compiled by bcc at run time (ebpf.loader: bcc)"
+    port_offset = 5
+    instance_suffix = "-ebpf-bcc"
+    loader = "bcc"
 
 
 class NftablesMinimal(Target):
@@ -297,6 +312,6 @@ class Haproxy(Target):
 
 
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Direct, Ebpf, Nftables, NftablesNaive, NftablesMinimal, Haproxy)
+    t.name: t for t in (Direct, Ebpf, EbpfBcc, Nftables, NftablesNaive, NftablesMinimal, Haproxy)
 }
 DEFAULT_TARGETS = ("direct", "ebpf", "nftables", "haproxy")
