@@ -378,6 +378,22 @@ def possible_cpus() -> int:
     return n
 
 
+def enable_run_time_stats() -> int:
+    """BPF_ENABLE_STATS (BPF_STATS_RUN_TIME, Linux 5.8): every program's
+    run_time_ns and run_cnt count while the returned fd is open; closing it
+    (or the process ending) turns them off again, unlike the sysctl
+    kernel.bpf_stats_enabled, which a crash would leave on."""
+    a = _attr()
+    struct.pack_into("=I", a, 0, 0)  # type: BPF_STATS_RUN_TIME
+    return _bpf(32, a)
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program (struct bpf_prog_info)."""
+    raw = _info(fd, 216)
+    return struct.unpack_from("=QQ", raw, 192)
+
+
 def raise_memlock() -> None:
     """RLIMIT_MEMLOCK to unlimited. Kernels before 5.11 charge BPF maps and
     programs to it (often 64 KiB: not even our maps fit); later ones charge
