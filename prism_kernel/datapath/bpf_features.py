@@ -192,6 +192,7 @@ def _sock_diag() -> list[Feature]:
 
 
 def probe_all() -> list[Feature]:
+    bpf.raise_memlock()  # before 5.11 even a probe's map counts against it
     lib = _libbpf()
     if lib is None:
         features = [Feature("libbpf", "libbpf.so.1 (Debian: libbpf1) for the feature probes", "-",

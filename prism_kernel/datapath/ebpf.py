@@ -474,6 +474,7 @@ class EbpfDatapath(Datapath):
         self._cgroup_root: str | None = None
         self._pending: dict[str, int] | None = None  # staged prog fds of a deferred upgrade
         self._pending_loader = ""
+        self._hashes: dict[bytes, str] | None = None
         self._ncpus = bpf.possible_cpus()
         self._outcomes = struct.Struct(f"={3 * self._ncpus}Q")  # pk_passive value, all CPUs
         self.last_load: dict[str, Any] = {}
@@ -553,9 +554,12 @@ class EbpfDatapath(Datapath):
 
     def _current_hashes(self) -> dict[bytes, str]:
         """Hash -> loader, for each loader whose program would be current:
-        an attached program of any of them is adopted, not reloaded."""
-        loaders = LOADERS if self.settings.ebpf_loader == "auto" else (self.settings.ebpf_loader,)
-        return {self._program_hash(name): name for name in loaders}
+        an attached program of any of them is adopted, not reloaded. Read
+        once (status and every metrics scrape ask)."""
+        if self._hashes is None:
+            loaders = LOADERS if self.settings.ebpf_loader == "auto" else (self.settings.ebpf_loader,)
+            self._hashes = {self._program_hash(name): name for name in loaders}
+        return self._hashes
 
     def _root(self) -> str:
         if self._cgroup_root is None:
