@@ -252,12 +252,13 @@ def decode_backend(raw: bytes) -> Backend:
 
 
 def _bpf_file(name: str) -> Path:
-    """`name` in $PRISM_KERNEL_BPF_DIR, else in the source tree's bpf/."""
+    """`name` in $PRISM_KERNEL_BPF_DIR, else in the installed package
+    (prism_kernel/bpf/, built by setup.py), else in the source tree's bpf/."""
     env = os.environ.get("PRISM_KERNEL_BPF_DIR")
     if env:
         return Path(env) / name
     here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "bpf" / name, here.parent / "bpf" / name):
+    for cand in (here.parents[1] / "bpf" / name, here.parents[2] / "bpf" / name):
         if cand.exists():
             return cand
     return here.parents[2] / "bpf" / name
