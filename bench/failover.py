@@ -1,7 +1,7 @@
 """Failover benchmark: how fast each fault is handled, per data path, with
 default settings. Not a test: it prints figures.
 
-    sudo packaging/dev.sh bench-failover     # = .venv/bin/python -m bench.failover
+    packaging/dev.sh bench-failover     # = .venv/bin/python -m bench.failover
 
 For each fault and data path (alternating, `--rounds` each), three fake API
 servers on hosts in network namespaces, the daemon in front of them, a
