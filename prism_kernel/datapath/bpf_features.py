@@ -146,26 +146,62 @@ def _cgroup_link() -> Feature:
                 os.close(fd)
 
 
+# sock_diag requests for the two probes, packed here rather than with
+# pyroute2 (_netlink.py): importing pyroute2 costs ~80 ms, and these run at
+# every start before the data path is installed. Only the kernel's errno is
+# read back.
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_SOCK_DIAG_BY_FAMILY, _SOCK_DESTROY = 20, 21
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP = 0x1, 0x4, 0x300
+_INET_DIAG_REQ_SK_BPF_STORAGES, _SK_DIAG_BPF_STORAGE_REQ_MAP_FD = 2, 1
+
+
+def _diag_request(kind: int, flags: int, cookie: int, attrs: bytes = b"") -> bytes:
+    """nlmsghdr + inet_diag_req_v2 for TCP over IPv4: 127.0.0.1:1 -> 127.0.0.1:1."""
+    import struct  # noqa: PLC0415
+
+    lo = socket.inet_aton("127.0.0.1") + bytes(12)
+    req = struct.pack("=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
+    req += struct.pack("!HH", 1, 1) + lo + lo + struct.pack("=IQ", 0, cookie)
+    body = req + attrs
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, 1, 0) + body
+
+
+def _diag_errno(msg: bytes) -> int:
+    """The kernel's answer to one request: 0 (done, or an ack) or an errno."""
+    import struct  # noqa: PLC0415
+
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4) as nl:  # NETLINK_SOCK_DIAG
+        nl.settimeout(2.0)
+        nl.bind((0, 0))
+        nl.send(msg)
+        while True:
+            data = nl.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, off)
+                if kind == _NLMSG_ERROR:
+                    return -struct.unpack_from("=i", data, off + 16)[0]
+                if kind == _NLMSG_DONE:
+                    return 0
+                off += max((length + 3) & ~3, 16)
+
+
 def _sock_diag() -> list[Feature]:
     """SOCK_DESTROY of a socket that does not exist answers ENOENT where the
     kernel can destroy sockets (CONFIG_INET_DIAG_DESTROY), EOPNOTSUPP where
     not. A dump that asks for the socket storage of a map fd that is no map
     fails (EINVAL/EBADF) where the kernel reads that attribute, and succeeds
     where it ignores it."""
-    import ipaddress  # noqa: PLC0415
-
-    from prism_kernel.datapath.base import import_netlink  # noqa: PLC0415
+    import struct  # noqa: PLC0415
 
     out = []
-    try:
-        nl = import_netlink()
-    except Exception as e:  # noqa: BLE001 - pyroute2 missing: reported, not fatal here
-        return [Feature("sock_diag.destroy", "sock_diag SOCK_DESTROY", "4.5", None, str(e))]
-    lo = ipaddress.ip_address("127.0.0.1")
     fid, what, since = "sock_diag.destroy", "sock_diag SOCK_DESTROY (abort a dead backend's connections)", "4.5"
     try:
-        res = nl.destroy_sockets([nl.SockId(lo, 1, lo, 1, cookie=(1 << 64) - 2)])
-        err = res.failed[0][1] if res.failed else 0
+        err = _diag_errno(_diag_request(_SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, cookie=(1 << 64) - 2))
+    except OSError as e:
+        out.append(Feature(fid, what, since, False, f"sock_diag unavailable ({e.strerror or e})"))
+    else:
         if err in (errno.ENOENT, 0):
             out.append(Feature(fid, what, since, True))
         elif err in (errno.EPERM, errno.EACCES):
@@ -173,21 +209,25 @@ def _sock_diag() -> list[Feature]:
         else:
             out.append(Feature(fid, what, since, False,
                                f"not supported ({os.strerror(err)}; CONFIG_INET_DIAG_DESTROY)"))
-    except OSError as e:
-        out.append(Feature(fid, what, since, False, f"sock_diag unavailable ({e.strerror})"))
     fid, what, since = ("sock_diag.sk_storage", "socket storage in sock_diag dumps "
                         "(finding a dead backend's connections)", "5.7")
     tfd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        nl.tcp_sockets(socket.AF_INET, 1, map_fd=tfd, map_id=0)
-        out.append(Feature(fid, what, since, False, "the kernel ignores INET_DIAG_REQ_SK_BPF_STORAGES"))
+        fd_attr = struct.pack("=HHI", 8, _SK_DIAG_BPF_STORAGE_REQ_MAP_FD, tfd)
+        attrs = struct.pack("=HH", 4 + len(fd_attr), _INET_DIAG_REQ_SK_BPF_STORAGES) + fd_attr
+        err = _diag_errno(_diag_request(_SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP,
+                                        cookie=(1 << 64) - 1, attrs=attrs))
     except OSError as e:
-        if e.errno in (errno.EPERM, errno.EACCES):
-            out.append(Feature(fid, what, since, None, f"cannot probe without privileges ({e.strerror})"))
-        else:
-            out.append(Feature(fid, what, since, True))
+        err = None
+        out.append(Feature(fid, what, since, False, f"sock_diag unavailable ({e.strerror or e})"))
     finally:
         os.close(tfd)
+    if err == 0:
+        out.append(Feature(fid, what, since, False, "the kernel ignores INET_DIAG_REQ_SK_BPF_STORAGES"))
+    elif err in (errno.EPERM, errno.EACCES):
+        out.append(Feature(fid, what, since, None, f"cannot probe without privileges ({os.strerror(err)})"))
+    elif err is not None:
+        out.append(Feature(fid, what, since, True))
     return out
 
 

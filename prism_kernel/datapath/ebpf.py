@@ -178,7 +178,7 @@ from prism_kernel.datapath.base import (
     PassiveCounts,
     import_netlink,
 )
-from prism_kernel.datapath.cgroup import find_cgroup2_root
+from prism_kernel.datapath.cgroup import check_exclusive_attachments, find_cgroup2_root
 from prism_kernel.errors import DatapathError, DatapathUnavailable
 from prism_kernel.model import Backend
 
@@ -520,6 +520,7 @@ class EbpfDatapath(Datapath):
         missing = bpf_features.missing()
         if missing:
             raise unavailable("; ".join(missing))
+        check_exclusive_attachments(root, cls.name)  # another program's non-multi attach at the root
         loader_plan(settings.ebpf_loader)  # raises when no loader can run here
 
     @classmethod
@@ -1256,7 +1257,10 @@ def _run_loader(req: dict, raise_on_error: bool = True) -> dict:
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([_loader_python(req.get("loader") == "bcc"), "-m",
+        bcc = req.get("loader") == "bcc"
+        # -S: the libbpf loader needs nothing from site-packages (prism_kernel
+        # comes from PYTHONPATH), and skipping site saves ~15-20 ms per start.
+        proc = subprocess.run([_loader_python(bcc), *(() if bcc else ("-S",)), "-m",
                                "prism_kernel.datapath._bpf_loader"],
                               input=json.dumps(req), capture_output=True, text=True,
                               timeout=LOADER_TIMEOUT_S, env=env, cwd="/")
