@@ -4,6 +4,20 @@ Startup: take the lock, choose the data path, resolve the endpoints, run one
 round of probes (bounded by the probe timeout), then install or adopt the data
 path with the first selection. An adopted data path keeps steering with what
 it holds until that first selection is written, so a restart has no gap.
+Then READY=1 goes to systemd (sd_notify, unit Type=notify).
+
+Never a crash loop, never a flip (issue 9):
+* `auto` keeps the data path this instance already has in the kernel
+  (datapath.decide); nothing is compiled or loaded to adopt a current one.
+* When choosing or installing fails, the daemon stays up and tries again
+  after 1 s, doubling to 60 s (jittered), logging each failure
+  (`datapath_start_failed`), counting it (metrics) and showing it in
+  `status`, while whatever the kernel holds keeps steering. It probes all
+  along, so the first write after a success uses fresh health.
+* Under `auto`, a failed eBPF install falls back to nftables at once
+  (`datapath_fallback`), but only when nothing of this instance was in the
+  kernel: an installed eBPF path is never switched away from, and the host
+  sysctls the nftables path sets are never touched for it.
 
 Stopping (SIGTERM/SIGINT) leaves the data path in place: the node keeps its
 API access while the daemon restarts or is upgraded. `cleanup_on_exit`
@@ -22,10 +36,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prism_kernel import __version__
+from prism_kernel import __version__, sdnotify
 from prism_kernel.config import Config
 from prism_kernel.datapath import ALL as ALL_DATAPATHS
-from prism_kernel.datapath import Datapath, DatapathSettings, choose, datapath_class
+from prism_kernel.datapath import Choice, Datapath, DatapathSettings, choose, datapath_class, decide, installed
 from prism_kernel.datapath.base import PassiveCounts
 from prism_kernel.discovery import EndpointSliceWatcher
 from prism_kernel.endpoints import EndpointSpec, resolve
@@ -42,6 +56,20 @@ STATE_WRITE_EVERY = 2.0  # seconds: latency figures in the state file refresh th
 RECONCILE_EVERY = 10.0  # seconds: re-assert the set, repairs state removed behind our back
 RESOLVE_TIMEOUT = 5.0  # seconds for one name's getaddrinfo
 PASSIVE_POLL_EVERY = 0.1  # seconds: reading the kernel's outcome counters costs a few syscalls
+# Retrying a data-path start that failed: 1 s, doubling to 60 s, each +-20 %.
+START_RETRY_MIN = 1.0
+START_RETRY_MAX = 60.0
+START_RETRY_JITTER = 0.2
+
+
+def start_retry_delay(failures: int, rand: Callable[[float, float], float] = random.uniform) -> float:
+    """Seconds to wait after the `failures`-th consecutive failed start."""
+    base = min(START_RETRY_MAX, START_RETRY_MIN * 2 ** max(0, failures - 1))
+    return min(START_RETRY_MAX, base * rand(1 - START_RETRY_JITTER, 1 + START_RETRY_JITTER))
+
+
+def _err(e: BaseException) -> str:
+    return str(e) if isinstance(e, PrismError) else f"{type(e).__name__}: {e}"
 
 
 def _iso(ts: float | None) -> str | None:
@@ -71,6 +99,13 @@ class DaemonStats:
     failovers: int = 0
     connections_closed: int = 0
     started_wall: float = field(default_factory=time.time)
+    # Starting the data path (choose + install/adopt + first write)
+    start_failures: int = 0  # in total
+    start_failures_in_a_row: int = 0
+    last_start_error: str | None = None
+    last_start_failure_wall: float | None = None
+    next_start_attempt_wall: float | None = None
+    fallback: str | None = None  # "ebpf -> nftables: why", when auto fell back
 
 
 class Daemon:
@@ -105,6 +140,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._dp_cls: type[Datapath] | None = None
+        self._choice: Choice | None = None
+        self._other_removal_failed: type[Datapath] | None = None  # retried by _reconcile
         self.metrics: Metrics | None = None
         self.metrics_server: MetricsServer | None = None
         # Endpoint discovery: what the EndpointSlices name, next to the static endpoints.
@@ -119,6 +156,8 @@ class Daemon:
     def request_stop(self, why: str = "signal") -> None:
         if not self._stop.is_set():
             self.log.info("stopping", reason=why)
+            sdnotify.notify(STOPPING=1, STATUS=f"stopping ({why}); the data path stays in the kernel"
+                            if not self.config.cleanup_on_exit else f"stopping ({why})")
             self._stop.set()
 
     async def run(self) -> int:
@@ -137,17 +176,16 @@ class Daemon:
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
-        dp_cls: type[Datapath] | None = None
         try:
-            dp_cls, self.datapath_reason = choose(self.config.datapath, self.settings)
-            self._dp_cls = dp_cls
-            if self.metrics is not None:
-                self.metrics.set_kernel_readers(*datapath_readers(dp_cls, self.settings))
+            if not await self._choose():
+                return 0
+            assert self._dp_cls is not None
             self.log.info(
                 "start", version=__version__, pid=os.getpid(), instance=self.config.instance,
-                datapath=dp_cls.name, why=self.datapath_reason, port=self.config.port,
+                datapath=self._dp_cls.name, why=self.datapath_reason, port=self.config.port,
                 probe=self.config.probe.mode, interval=self.config.probe.interval,
             )
+            sdnotify.notify(STATUS=f"starting: {self._dp_cls.name} data path; probing the backends")
             if self.watcher is not None:
                 # The last discovered list: the API may be unreachable now.
                 self.discovered = self.watcher.load_cached()
@@ -160,21 +198,8 @@ class Daemon:
             if self._stop.is_set():
                 return 0
             await self._first_round()
-            self._select()
-            assert self.selection is not None
-            if not self.selection.backends:
-                raise PrismError(
-                    f"no endpoint has an address the {dp_cls.name} data path can steer to "
-                    f"(it steers IPv{'/IPv'.join(map(str, sorted(dp_cls.families)))}); "
-                    f"known addresses: {', '.join(map(str, self.targets)) or 'none'}")
-            self.datapath = dp_cls(self.settings)
-            adopted = self.datapath.install(self.selection.backends)
-            self.log.info("datapath_ready", datapath=dp_cls.name, adopted=adopted)
-            if adopted:
-                self._apply(force=True)
-            else:
-                self._record_write(self.selection.backends, None)
-            self._remove_other_datapaths(dp_cls)
+            if not await self._start_datapath():
+                return 0
             # Load the netlink code (pyroute2's message classes) now, not on
             # the first failover: it takes ~90 ms to import, which would
             # delay the first abort of dead connections (+~10 MB RSS).
@@ -184,6 +209,8 @@ class Daemon:
             self._close_dead([b for b, t in self.targets.items()
                               if t.health.state == "down" and t.health.down_kind == "dead"])
             self._write_state()
+            # systemd: the steering is in place (units ordered after this one start now).
+            sdnotify.notify(READY=1, STATUS=self._steering_status())
             # Only now: discovery goes through 127.0.0.1:PORT, which steers from here on.
             self._start_discovery()
             await self._main_loop()
@@ -199,24 +226,196 @@ class Daemon:
                 await t.prober.close()
             if self.datapath is not None:
                 self.datapath.close()
-            if self.config.cleanup_on_exit and dp_cls is not None:
-                for line in dp_cls.cleanup(self.settings):
+            if self.config.cleanup_on_exit and self._dp_cls is not None:
+                for line in self._dp_cls.cleanup(self.settings):
                     self.log.info("cleanup", removed=line)
             remove_state(self.config.state_dir)
             lock.release()
             self.log.info("stopped", datapath_left_in_place=not self.config.cleanup_on_exit)
 
+    # ---- starting the data path (never a crash loop, never a flip) ---------
+
+    def _take_choice(self, choice: Choice) -> None:
+        self._choice = choice
+        self._dp_cls, self.datapath_reason = choice.cls, choice.why
+        if self.metrics is not None:
+            self.metrics.set_kernel_readers(*datapath_readers(choice.cls, self.settings))
+        if choice.fell_back_from is not None:
+            self._fell_back(choice.fell_back_from, choice.cls.name, "unavailable", choice.unavailable or "")
+
+    def _fell_back(self, frm: str, to: str, reason: str, error: str) -> None:
+        self.stats.fallback = f"{frm} -> {to}: {error}"
+        self.log.warn("datapath_fallback", **{"from": frm, "to": to}, reason=reason, error=error)
+        if self.metrics is not None:
+            self.metrics.observe_datapath_fallback(frm, to, reason)
+
+    async def _choose(self) -> bool:
+        """decide() until it finds a data path (retrying with backoff); False
+        when stopped first. In a thread: a check may take a while (the
+        event loop keeps serving /healthz and, later, the probes)."""
+        while not self._stop.is_set():
+            try:
+                choice = await asyncio.to_thread(decide, self.config.datapath, self.settings)
+            except Exception as e:  # noqa: BLE001 - never a crash loop: retried
+                await self._start_failed("choose", self.config.datapath, e)
+                continue
+            self._take_choice(choice)
+            return True
+        return False
+
+    async def _start_datapath(self) -> bool:
+        """Install (or adopt) the chosen data path and write the first set,
+        retrying with backoff until it works; False when stopped first."""
+        while not self._stop.is_set():
+            if self._dp_cls is None and not await self._choose():
+                return False
+            cls = self._dp_cls
+            assert cls is not None and self._choice is not None
+            failed = cls.name
+            try:
+                await self._install_and_write(cls)
+                return True
+            except Exception as e:  # noqa: BLE001 - never a crash loop: retried or fallen back
+                error = e
+            if self._may_fall_back(cls):
+                self._fell_back(cls.name, "nftables", "install_failed", _err(error))
+                try:
+                    nft = datapath_class("nftables")
+                    await asyncio.to_thread(nft.check_available, self.settings)
+                    self._dp_cls = nft
+                    self.datapath_reason = f"auto: eBPF install failed ({_err(error)}); using nftables"
+                    if self.metrics is not None:
+                        self.metrics.set_kernel_readers(*datapath_readers(nft, self.settings))
+                    await self._install_and_write(nft)
+                    return True
+                except Exception as e:  # noqa: BLE001
+                    failed, error = "nftables", e
+            await self._start_failed("install", failed, error)
+            if self._choice.installed is None:
+                self._dp_cls = None  # nothing of ours in the kernel: choose afresh next time
+        return False
+
+    def _may_fall_back(self, failed: type[Datapath]) -> bool:
+        """Only `auto`, only from eBPF, and only when this instance had no data
+        path in the kernel before the attempt, nor has one attached after it:
+        an installed eBPF path is never switched away from."""
+        if self.config.datapath != "auto" or failed.name != "ebpf" or self._choice is None:
+            return False
+        if self._choice.installed is not None:
+            return False
+        now = installed(self.settings)
+        return now is None or now[0] != "ebpf"
+
+    async def _install_and_write(self, cls: type[Datapath]) -> None:
+        """install() (which adopts a current installed path without loading
+        anything), then the first set written; self.datapath only on success."""
+        self._dp_cls = cls
+        self._select()
+        assert self.selection is not None
+        backends = self.selection.backends
+        if not backends:
+            raise PrismError(
+                f"no endpoint has an address the {cls.name} data path can steer to "
+                f"(it steers IPv{'/IPv'.join(map(str, sorted(cls.families)))}); "
+                f"known addresses: {', '.join(map(str, self.targets)) or 'none'}")
+        sdnotify.notify(STATUS=f"installing the {cls.name} data path")
+        dp = cls(self.settings)
+        try:
+            # In a thread: an install may load programs in a child; the event
+            # loop keeps the probe tasks turning meanwhile.
+            adopted = await asyncio.to_thread(dp.install, backends)
+            seconds = None
+            if adopted:
+                # The adopted path steers to what it held: write the selection.
+                start = time.monotonic()
+                written = await asyncio.to_thread(dp.apply, backends)
+                seconds = time.monotonic() - start if written else None
+        except BaseException:
+            dp.close()
+            raise
+        self.datapath = dp
+        if not adopted or seconds is not None:
+            self._record_write(backends, seconds)
+        self.applied = backends
+        self.apply_pending = False
+        self.stats.start_failures_in_a_row = 0
+        self.stats.next_start_attempt_wall = None
+        loaded = getattr(dp, "last_load", None) or {}  # eBPF: which loader, why, its cost
+        self.log.info("datapath_ready", datapath=cls.name, adopted=adopted,
+                      **{k: loaded[k] for k in ("loader", "why", "load_s", "maxrss_kb") if k in loaded})
+        self._remove_other_datapaths(cls)
+
+    async def _start_failed(self, stage: str, datapath: str, error: BaseException) -> None:
+        """Log, count and show a failed start, then wait (probing) before the next try."""
+        st = self.stats
+        st.start_failures += 1
+        st.start_failures_in_a_row += 1
+        delay = start_retry_delay(st.start_failures_in_a_row)
+        st.last_start_error = f"{stage} {datapath}: {_err(error)}"
+        st.last_start_failure_wall = time.time()
+        st.next_start_attempt_wall = time.time() + delay
+        present = installed(self.settings)
+        self.log.error("datapath_start_failed", stage=stage, datapath=datapath, error=_err(error),
+                       attempt=st.start_failures_in_a_row, retry_in_s=round(delay, 2),
+                       kernel=(f"the installed {present[0]} data path keeps steering ({present[1]})"
+                               if present else "nothing of this instance in the kernel"))
+        if self.metrics is not None:
+            self.metrics.observe_datapath_start_failure(stage)
+        self._write_state()
+        sdnotify.notify(STATUS=f"data path start failed {st.start_failures_in_a_row}x ({stage} {datapath}: "
+                               f"{_err(error)}); retrying in {delay:.0f}s")
+        await self._pause_starting(delay)
+
+    async def _pause_starting(self, seconds: float) -> None:
+        """Wait `seconds` (or until stopped) while taking probe results in,
+        so the next attempt writes what the probes say now."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                self._heartbeat()
+                left = deadline - loop.time()
+                if left <= 0:
+                    return
+                get = asyncio.ensure_future(self.results.get())
+                done, _ = await asyncio.wait({get, stop_wait}, timeout=min(left, 5.0),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    self._observe(*get.result())
+                else:
+                    get.cancel()
+        finally:
+            stop_wait.cancel()
+
+    def _steering_status(self) -> str:
+        n = len(self.applied or ())
+        mode = " (fail-open)" if self.selection and self.selection.fail_open else ""
+        return (f"steering 127.0.0.1:{self.config.port} via {self.datapath.name if self.datapath else '?'} "
+                f"to {n} backend{'s' if n != 1 else ''}{mode}")
+
     def _remove_other_datapaths(self, chosen: type[Datapath]) -> None:
-        """A node switched between data paths must not be steered by both."""
+        """A node switched between data paths must not be steered by both.
+        Every removal is logged, and so is every failure (then retried by
+        the reconcile loop)."""
+        failed = False
         for name in ALL_DATAPATHS:
             if name == chosen.name:
                 continue
             try:
                 removed = datapath_class(name).cleanup(self.settings)
-            except (DatapathError, DatapathUnavailable, OSError):
+            except DatapathUnavailable as e:
+                # Its module cannot load here: it cannot have installed anything either.
+                self.log.info("other_datapath_absent", datapath=name, reason=e.reason)
+                continue
+            except Exception as e:  # noqa: BLE001 - logged, retried
+                failed = True
+                self.log.error("remove_other_datapath_failed", datapath=name, error=_err(e),
+                               action="retrying every reconcile")
                 continue
             for line in removed:
                 self.log.info("removed_other_datapath", datapath=name, removed=line)
+        self._other_removal_failed = chosen if failed else None
 
     def _heartbeat(self) -> None:
         if self.metrics is not None:
@@ -459,6 +658,8 @@ class Daemon:
         modes = ",".join(f"ipv{f}:{s.mode}" for f, s in sel.by_family.items()) if sel else ""
         self.log.info("set_written", backends=",".join(map(str, backends)), selection=modes,
                       duration_ms=None if seconds is None else round(seconds * 1000, 3))
+        if self.datapath is not None:
+            sdnotify.notify(STATUS=self._steering_status())
 
     def _close_dead(self, backends: list[Backend]) -> None:
         """Abort the connections steered to dead backends: a client blocked
@@ -559,6 +760,8 @@ class Daemon:
         flushed table, a detached program). apply() writes only on a
         difference, so this is free when nothing drifted."""
         assert self.datapath is not None and self.selection is not None
+        if self._other_removal_failed is not None:
+            self._remove_other_datapaths(self._other_removal_failed)
         try:
             if self.datapath.apply(self.selection.backends):
                 self.log.warn("repaired", reason="kernel state differed from the selection")
@@ -778,6 +981,16 @@ class Daemon:
             "updated_at": _iso(time.time()),
             "datapath": self.datapath.name if self.datapath else None,
             "datapath_reason": self.datapath_reason,
+            "datapath_start": {
+                "state": "ok" if self.datapath else "retrying" if self.stats.start_failures_in_a_row else "starting",
+                "datapath": self._dp_cls.name if self._dp_cls else None,
+                "failures": self.stats.start_failures,
+                "failures_in_a_row": self.stats.start_failures_in_a_row,
+                "last_error": self.stats.last_start_error,
+                "last_failure_at": _iso(self.stats.last_start_failure_wall),
+                "next_attempt_at": None if self.datapath else _iso(self.stats.next_start_attempt_wall),
+                "fallback": self.stats.fallback,
+            },
             "listen_port": self.config.port,
             "probe": {
                 "mode": self.config.probe.mode,

@@ -14,6 +14,9 @@ The checks (ids in `-o json`):
                       (datapath/bpf_features.py: libbpf's probes, a link create
                       against /dev/null, sock_diag requests that match nothing)
   cgroup              the real cgroup v2 root (datapath/cgroup.py)
+  cgroup.exclusive    no program holds connect4/6, getpeername4/6 or sock_ops at
+                      that root without BPF_F_ALLOW_MULTI (the kernel would
+                      refuse ours: BPF_LINK_CREATE EPERM)
   bpffs               /sys/fs/bpf mounted
   ebpf.loader         which loader would load the programs (libbpf with the
                       precompiled object, or the bcc fallback) and why
@@ -219,6 +222,30 @@ def _mount_of(fstype: str, path: str) -> dict[str, Any] | None:
     return None
 
 
+def check_exclusive() -> Check:
+    """Programs holding one of the eBPF data path's hooks at the cgroup v2
+    root without BPF_F_ALLOW_MULTI: the kernel then refuses ours."""
+    from prism_kernel.datapath.cgroup import EBPF_HOOKS, exclusive_attachments, find_cgroup2_root
+    from prism_kernel.errors import DatapathError
+
+    hooks = ", ".join(h for h, _ in EBPF_HOOKS)
+    try:
+        root = find_cgroup2_root()
+        found = exclusive_attachments(root)
+    except (DatapathError, OSError) as e:
+        return Check("cgroup.exclusive", WARN, f"cannot list the programs attached at the cgroup v2 root: {e}",
+                     "see cgroup and capabilities", needed_by=("ebpf",))
+    if not found:
+        return Check("cgroup.exclusive", OK, f"no program holds {hooks} at the cgroup v2 root exclusively")
+    return Check("cgroup.exclusive", WARN,
+                 "; ".join(a.describe() for a in found) + " at the cgroup v2 root: the kernel refuses the "
+                 "eBPF data path's programs there (BPF_LINK_CREATE: EPERM)",
+                 "have its owner (an older Cilium or Calico) attach it with BPF_F_ALLOW_MULTI, or detach it "
+                 f"(bpftool cgroup detach {root} {found[0].hook} id {found[0].prog_id}); `auto` uses nftables "
+                 "meanwhile", needed_by=("ebpf",),
+                 details={"attachments": [asdict(a) for a in found]})
+
+
 def check_bpffs() -> Check:
     from prism_kernel.datapath.ebpf import BPFFS
 
@@ -311,7 +338,7 @@ def check_capabilities(cap_eff: int | None = None) -> Check:
         missing.append("CAP_SYS_ADMIN")
         if "ebpf" not in blocked:
             problems.append("without CAP_SYS_ADMIN a fresh install works but a restarted daemon cannot adopt "
-                            "the pinned data path (bcc's pinned maps and BPF_*_GET_FD_BY_ID need it), nor "
+                            "the pinned data path (opening pinned maps and BPF_*_GET_FD_BY_ID need it), nor "
                             "mount bpffs")
     for name in ("CAP_BPF", "CAP_PERFMON"):
         if not have[name] and not sys_admin:
@@ -527,7 +554,7 @@ def check_auto(port: int, instance: str) -> Check:
 def gather(port: int, instance: str) -> dict[str, Any]:
     checks: list[Check] = [check_kernel()]
     checks += check_bpf_features()
-    checks += [check_cgroup(), check_bpffs(), check_loader(), check_nftables_module(),
+    checks += [check_cgroup(), check_exclusive(), check_bpffs(), check_loader(), check_nftables_module(),
                check_capabilities(), check_port(port, instance), check_metrics_port(instance), check_sysctls(),
                check_datapath("ebpf", port, instance), check_datapath("nftables", port, instance)]
     auto = check_auto(port, instance)

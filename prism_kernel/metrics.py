@@ -113,6 +113,10 @@ BACKEND_STATES = ("unknown", "up", "down")  # health.State
 DOWN_KINDS = ("dead", "unready")  # health.FailureKind
 TRANSITION_KINDS = ("up", "down", "tier", "held")  # health.Change.kind
 SELECTION_MODES = ("loopback", "tier", "fail-open", "empty")  # selection.Mode
+DATAPATHS = ("ebpf", "nftables")
+# Why `auto` fell back to another data path; why starting the data path failed.
+FALLBACK_REASONS = ("unavailable", "install_failed")
+START_STAGES = ("choose", "install")
 # Probe failure reasons are short and stable (probes.classify), but a few
 # carry free text (an OS error, a certificate message): a label value is
 # capped, and an endpoint with more distinct reasons than this gets "other".
@@ -204,6 +208,16 @@ class Metrics:
         self.connections_closed = Counter(
             "prism_kernel_connections_closed", "Steered connections the daemon aborted because "
             "their backend died (clients then reconnect to a live backend).", registry=r)
+        self.datapath_fallbacks = Counter(
+            "prism_kernel_datapath_fallbacks", "Times `--datapath auto` used another data path than "
+            "the one it prefers: from, to, and reason unavailable (a check said no) or install_failed "
+            "(the install failed while nothing of this instance was in the kernel).",
+            ["from", "to", "reason"], registry=r)
+        self.datapath_start_failures = Counter(
+            "prism_kernel_datapath_start_failures", "Failed attempts to start the data path, by "
+            "stage: choose (no data path available) or install (install, adopt or the first write "
+            "failed). The daemon retries with backoff (1 s doubling to 60 s) while the kernel keeps "
+            "steering with what it holds.", ["stage"], registry=r)
         r.register(_StateCollector(self))
         if process_metrics:
             # process_* (CPU, RSS, open fds, start time) and python_* (gc, info)
@@ -267,6 +281,14 @@ class Metrics:
         if count > 0:
             self.connections_closed.inc(count)
 
+    def observe_datapath_fallback(self, frm: str, to: str, reason: str) -> None:
+        """`auto` fell back from `frm` to `to`; labels bounded to the known values."""
+        self.datapath_fallbacks.labels(frm if frm in DATAPATHS else "other", to if to in DATAPATHS else "other",
+                                       reason if reason in FALLBACK_REASONS else "other").inc()
+
+    def observe_datapath_start_failure(self, stage: str) -> None:
+        self.datapath_start_failures.labels(stage if stage in START_STAGES else "other").inc()
+
     def set_kernel_readers(self, state: StateReader | None, passive: PassiveReader | None = None) -> None:
         """How a scrape reads the kernel (None: leave those metrics out)."""
         self._state_reader = state
@@ -297,6 +319,10 @@ class Metrics:
         if snap is None:
             return False, "starting: no state published yet"
         if not snap.get("datapath"):
+            start = snap.get("datapath_start") or {}
+            if start.get("failures_in_a_row"):
+                return False, (f"starting: data path start failed {start['failures_in_a_row']}x, "
+                               f"retrying (next at {start.get('next_attempt_at')}): {start.get('last_error')}")
             return False, "starting: data path not installed yet"
         active = snap.get("active") or []
         if not active:
@@ -378,6 +404,8 @@ class _StateCollector(Collector):
               "When the daemon's loop last turned (unix time)."),
             g("prism_kernel_datapath_info", "The kernel data path in use (value 1): ebpf or nftables.",
               labels=["datapath"]),
+            g("prism_kernel_datapath_start_retrying", "1 while starting the data path fails and the "
+              "daemon retries (the kernel keeps steering with what it holds, if anything), else 0."),
             g("prism_kernel_backend_up", "1 when the backend is healthy (state up), else 0.",
               labels=["endpoint"]),
             g("prism_kernel_backend_state", "Health state of the backend, one series per state, "
@@ -431,6 +459,8 @@ class _StateCollector(Collector):
             return
         if snap.get("datapath"):
             fams["prism_kernel_datapath_info"].add_metric([snap["datapath"]], 1)
+        retrying = not snap.get("datapath") and bool((snap.get("datapath_start") or {}).get("failures_in_a_row"))
+        fams["prism_kernel_datapath_start_retrying"].add_metric([], 1 if retrying else 0)
         for b in snap.get("backends", []):
             ep = b["address"]
             state = b.get("state", "unknown")

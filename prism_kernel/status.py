@@ -35,7 +35,7 @@ from prism_kernel.runstate import daemon_pid, read_state
 STALE_AFTER = 10.0  # seconds without a state write: the daemon's loop is not turning
 
 # The details people need in the table view; `-o json` has all of them.
-_TEXT_DETAILS = ("attach_cgroup", "pin_dir", "prog_ids", "program_current", "stats", "suspect",
+_TEXT_DETAILS = ("attach_cgroup", "pin_dir", "loader", "prog_ids", "program_current", "stats", "suspect",
                  "table", "family", "route_localnet", "handles")
 
 
@@ -64,7 +64,9 @@ def gather(instance: str, run_dir: Path) -> dict[str, Any]:
         age = time.time() - dt.datetime.fromisoformat(state["updated_at"]).timestamp()
         # The daemon rewrites its state every 2 s: older means its loop is stuck.
         stale = round(age, 1) if age > STALE_AFTER else None
-    healthy = bool(state) and not stale and any(b["state"] == "up" for b in state.get("backends", []))
+    # A daemon whose data path is not started (retrying) is not healthy, whatever its probes say.
+    healthy = (bool(state) and not stale and bool(state.get("datapath"))
+               and any(b["state"] == "up" for b in state.get("backends", [])))
     return {
         "schema": 1,
         "instance": instance,
@@ -116,6 +118,13 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f"data path {state['datapath']} ({state['datapath_reason']}); listen 127.0.0.1:{state['listen_port']}; "
             f"probe {p['mode']} every {p['interval_s']}s, timeout {p['timeout_s']}s, rise {p['rise']}, fall {p['fall']}\n"
         )
+        start = state.get("datapath_start") or {}
+        if not state.get("datapath") and start.get("failures_in_a_row"):
+            out.write(paint("DATA PATH NOT STARTED", "bad")
+                      + f": {start.get('datapath') or 'choosing'} failed {start['failures_in_a_row']}x, "
+                      f"next attempt at {start.get('next_attempt_at')}; last error: {start.get('last_error')}\n")
+        elif start.get("fallback"):
+            out.write(paint("FALLBACK", "warn") + f": {start['fallback']}\n")
         if state.get("fail_open"):
             out.write(paint("FAIL-OPEN", "bad") + ": no healthy backend; steering to every known backend\n")
     for name, k in info["kernel"].items():

@@ -30,8 +30,10 @@ def _clear_hosts_entries() -> None:
 
 
 def _clear_everything() -> None:
+    from tests.exclusive_prog import detach_test_programs
     from tests.testbed import clear_stale
 
+    detach_test_programs()  # first: while one is attached no eBPF path can attach at the root
     cleanup_instance(TEST_INSTANCE)
     clear_stale(TESTBED_PREFIX)
     _clear_hosts_entries()

@@ -34,8 +34,12 @@ class Daemon:
     def __init__(self, endpoints: list[str], datapath: str, ca_file: str | None, tmpdir: str,
                  port: int = TEST_PORT, instance: str = TEST_INSTANCE, interval: float = 0.2,
                  timeout: float = 0.5, rise: int = 2, fall: int = 2, probe: str = "readyz",
-                 cleanup_on_exit: bool = True, extra: list[str] | None = None, start: bool = True):
+                 cleanup_on_exit: bool = True, extra: list[str] | None = None, start: bool = True,
+                 env: dict[str, str] | None = None, wrap: list[str] | None = None):
+        """`env`: added to the daemon's environment; `wrap`: a command that
+        execs the daemon's argv (e.g. in a mount namespace of its own)."""
         self.port = port
+        self.env = dict(os.environ, **(env or {}))
         self.instance = instance
         self.interval, self.rise, self.fall = interval, rise, fall
         self.log_path = Path(tmpdir) / f"daemon-{time.monotonic_ns()}.log"
@@ -50,14 +54,14 @@ class Daemon:
         if cleanup_on_exit:
             argv.append("--cleanup-on-exit")
         argv += extra or []
-        self.argv = argv
+        self.argv = (wrap or []) + argv
         self.proc: subprocess.Popen | None = None
         if start:
             self.start()
 
     def start(self) -> None:
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO, env=self.env)
 
     def events(self) -> list[dict]:
         out = []
@@ -199,6 +203,10 @@ def kernel_leftovers(instance: str = TEST_INSTANCE) -> list[str]:
     pin_dir = Path("/sys/fs/bpf") / instance
     if pin_dir.exists():
         left.append(f"bpf pins {pin_dir}: {sorted(os.listdir(pin_dir))}")
+    from tests.exclusive_prog import attached_test_programs
+
+    left += [f"exclusive test program on {hook} at the cgroup root (id {pid})"
+             for hook, pid in attached_test_programs()]
     return left
 
 

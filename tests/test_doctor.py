@@ -28,7 +28,7 @@ CHECK_IDS = (
     "kernel", "bpf.sock_addr", "bpf.sock_ops", "bpf.sk_storage", "bpf.lru_hash", "bpf.sk_storage_sock_addr",
     "bpf.netns_cookie", "bpf.sock_ops_cb_flags", "bpf.getpeername", "bpf.cgroup_link",
     "sock_diag.destroy", "sock_diag.sk_storage",
-    "cgroup", "bpffs", "ebpf.loader", "nftables.module", "capabilities", "port", "metrics_port",
+    "cgroup", "cgroup.exclusive", "bpffs", "ebpf.loader", "nftables.module", "capabilities", "port", "metrics_port",
     "sysctls", "datapath.ebpf", "datapath.nftables", "auto",
 )
 
