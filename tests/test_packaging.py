@@ -70,6 +70,11 @@ def test_unit_settings():
     assert unit["StartLimitIntervalSec"] == ["0"]
     assert service["Restart"] == ["always"]
     assert _seconds(service["RestartSec"][0]) <= 5
+    # READY=1 comes once the steering is in place, so Before=kubelet.service
+    # means it; a start that never gets there fails after a bounded time and
+    # is restarted (the daemon backs off by itself meanwhile).
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
+    assert 60 <= _seconds(service["TimeoutStartSec"][0]) <= 600
     exec_start = service["ExecStart"][0].split()
     assert exec_start[0].endswith("/prism-kernel") and exec_start[1] == "run"
     assert exec_start[2:] == ["--config", "/etc/prism-kernel/config.yaml"]
