@@ -372,6 +372,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         stop_wait = asyncio.ensure_future(self._stop.wait())
+        if self._reload_requested.is_set():
+            self.log.warn("reload_deferred", reason="the data path is not started yet: the new configuration "
+                          "is read once it is; restart the daemon to use it now")
         try:
             while not self._stop.is_set():
                 self._heartbeat()
