@@ -119,8 +119,10 @@ with probability 1/N. So the kernel reacts by itself:
 
 Adopt, upgrade, cleanup
 -----------------------
-* adopt: the five links are pinned, `meta` holds the hash this code would load
-  (sha256 of source + layout + limits + suspect window) and the pinned maps
+* adopt: the five links are pinned, `meta` holds a hash this code would load
+  (sha256 of what a loader takes, the object for libbpf or the source for
+  bcc, + layout + limits + suspect window; under `auto` either loader's
+  counts, so a bcc fallback is not reloaded at every start) and the pinned maps
   are the ones the attached program uses: open them and go on, nothing
   detached or rewritten but the config when the port changed. `install()`
   returns True.
