@@ -134,3 +134,13 @@ def test_the_object_has_btf_and_no_kernel_dependency():
     for name in ("pk_peers", "pk_config", "pk_active", "pk_params"):
         assert f"'{name}'" in r.stdout, name
     assert "'.maps'" in r.stdout
+
+
+def test_check_available_starts_no_loader(monkeypatch):
+    """Choosing the data path probes the kernel in-process; the programs are
+    loaded once, by install() (a bcc compile used to run here at every start)."""
+    def no_loader(req, raise_on_error=True):
+        raise AssertionError(f"a loader was started: {req}")
+
+    monkeypatch.setattr(ebpf, "_run_loader", no_loader)
+    EbpfDatapath.check_available(DatapathSettings(listen_port=TEST_PORT, instance=TEST_INSTANCE))
