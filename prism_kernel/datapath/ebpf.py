@@ -181,6 +181,7 @@ from prism_kernel.datapath.base import (
     import_netlink,
 )
 from prism_kernel.datapath.cgroup import check_exclusive_attachments, find_cgroup2_root
+from prism_kernel._data import data_file
 from prism_kernel.errors import DatapathError, DatapathUnavailable
 from prism_kernel.model import Backend
 
@@ -254,16 +255,11 @@ def decode_backend(raw: bytes) -> Backend:
 
 
 def _bpf_file(name: str) -> Path:
-    """`name` in $PRISM_KERNEL_BPF_DIR, else in the installed package
-    (prism_kernel/bpf/, built by setup.py), else in the source tree's bpf/."""
+    """`name` in $PRISM_KERNEL_BPF_DIR, else shipped with the package (bpf/)."""
     env = os.environ.get("PRISM_KERNEL_BPF_DIR")
     if env:
         return Path(env) / name
-    here = Path(__file__).resolve()
-    for cand in (here.parents[1] / "bpf" / name, here.parents[2] / "bpf" / name):
-        if cand.exists():
-            return cand
-    return here.parents[2] / "bpf" / name
+    return data_file("bpf", name)
 
 
 def default_source() -> Path:

@@ -86,6 +86,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from prism_kernel._data import data_file
 from prism_kernel.datapath import sysctl
 from prism_kernel.datapath.base import (
     BackendCounters,
@@ -102,9 +103,9 @@ log = logging.getLogger(__name__)
 
 
 
-# nft/ sits next to the package in the source tree (editable install). A wheel
-# needs it as package data; check_available() says so when it is missing.
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "nft" / "ruleset.json"
+# Package data of an installed package, nft/ of a source checkout;
+# check_available() says so when it is missing.
+TEMPLATE_PATH = data_file("nft", "ruleset.json")
 
 FAMILY = "ip"
 ROUTE_LOCALNET = "net.ipv4.conf.all.route_localnet"
