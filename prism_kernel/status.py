@@ -115,7 +115,8 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
     if state:
         p = state["probe"]
         out.write(
-            f"data path {state['datapath']} ({state['datapath_reason']}); listen 127.0.0.1:{state['listen_port']}; "
+            f"data path {state['datapath'] or 'not started'} ({state['datapath_reason'] or 'choosing'}); "
+            f"listen 127.0.0.1:{state['listen_port']}; "
             f"probe {p['mode']} every {p['interval_s']}s, timeout {p['timeout_s']}s, rise {p['rise']}, fall {p['fall']}\n"
         )
         start = state.get("datapath_start") or {}
