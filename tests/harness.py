@@ -381,6 +381,19 @@ def open_streams(ctx: ssl.SSLContext, want: set[str], port: int = TEST_PORT, att
 # --- upgrades from an earlier release ---------------------------------------------
 
 
+def has_so_netns_cookie() -> bool:
+    """Whether this kernel answers SO_NETNS_COOKIE (Linux 5.14). The eBPF
+    releases before the libbpf loader (layouts 1-4) read the host's netns
+    cookie with it and refuse a kernel without it: an upgrade from them never
+    happens there (the kernel matrix's 5.10 guest)."""
+    with socket.socket() as s:
+        try:
+            s.getsockopt(socket.SOL_SOCKET, 71, 8)  # SO_NETNS_COOKIE
+        except OSError:
+            return False
+    return True
+
+
 def old_release(commit: str, dest: Path, *paths: str) -> Path:
     """`paths` of the repository at `commit`, extracted into `dest`: an earlier
     release to install before testing an upgrade. A shallow clone has no

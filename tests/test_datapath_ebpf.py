@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 
 if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)

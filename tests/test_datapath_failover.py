@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 
 if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
@@ -42,6 +42,7 @@ from prism_kernel.errors import DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
 from tests.harness import (  # noqa: E402
     Hammer,
+    has_so_netns_cookie,
     http_ok,
     old_release,
     plain_backend,
@@ -544,6 +545,7 @@ print(json.dumps({"layout": LAYOUT, "prog_ids": st.details["prog_ids"],
 """
 
 
+@pytest.mark.skipif(not has_so_netns_cookie(), reason="the earlier release reads the netns cookie with SO_NETNS_COOKIE (Linux 5.14): it never ran on this kernel")
 def test_ebpf_upgrade_from_layout1_release(tb, ebpf, tmp_path):
     """A node running the layout-1 data path (four programs, no sockops) is
     upgraded in place: the four links move to the new programs (link update),

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.kernel]
+pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 
 if os.geteuid() != 0:
     pytest.skip("needs root (network namespaces, nftables, sysctls)", allow_module_level=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 
 if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
@@ -45,6 +45,7 @@ from prism_kernel.errors import DatapathUnavailable  # noqa: E402
 from prism_kernel.model import Backend  # noqa: E402
 from tests.harness import (  # noqa: E402
     Hammer,
+    has_so_netns_cookie,
     http_ok,
     old_release,
     plain_backend,
@@ -208,6 +209,7 @@ def request_with_one_retry(tb) -> tuple[bool, list[str], float | None]:
 # --- the tests ----------------------------------------------------------------------
 
 
+@pytest.mark.timing
 def test_immediate_retry_avoids_a_refusing_backend(tb, ebpf):
     """(1) 3 backends, one stopped: 300 requests, each retried once at once
     after a refusal. None fails; after the first refusal no connect within the
@@ -316,6 +318,7 @@ def test_the_mark_is_set_before_the_refused_connect_returns(tb, ebpf, nonblockin
     assert mark_missing == 0
 
 
+@pytest.mark.timing
 def test_black_holed_backend_is_avoided_after_the_first_syn_timeout(tb, ebpf):
     """(2) A black-holed backend: the first RTO in SYN_SENT (~1 s after the
     SYN) marks it; from then on new connects avoid it."""
@@ -393,6 +396,7 @@ def test_all_backends_refused_still_steers(tb, ebpf):
     assert after["all_suspect"] - before["all_suspect"] >= n - 6  # all three marked after a few
 
 
+@pytest.mark.timing
 def test_the_mark_expires_by_itself(tb, ebpf):
     """(4) After the window a restarted backend receives connects again, with
     no write from user space (the set's generation is unchanged)."""
@@ -515,6 +519,7 @@ print(json.dumps({"layout": LAYOUT, "prog_ids": st.details["prog_ids"],
 """
 
 
+@pytest.mark.skipif(not has_so_netns_cookie(), reason="the earlier release reads the netns cookie with SO_NETNS_COOKIE (Linux 5.14): it never ran on this kernel")
 @pytest.mark.parametrize("old_layout", sorted(OLD_RELEASES))
 def test_upgrade_from_older_layout(tb, ebpf, tmp_path, old_layout):
     """A node running an earlier layout is upgraded in place: the five links

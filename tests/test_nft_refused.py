@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 
 if os.geteuid() != 0:
     pytest.skip("needs root (network namespaces, nftables, sysctls)", allow_module_level=True)
@@ -132,6 +132,7 @@ def connections(dp) -> dict[Backend, int]:
 # --- passive counters (B) ------------------------------------------------------------
 
 
+@pytest.mark.timing
 def test_refused_is_counted_at_once_and_only_for_steered_connects(tb, dp):
     b0, b1, b2 = tb.backends
     dp.install([be(b0), be(b1), be(b2)])
@@ -281,6 +282,7 @@ def test_all_backends_refused_connects_are_still_dnated(tb, dp):
     assert refused <= len(servers) - 1
 
 
+@pytest.mark.timing
 def test_set_changes_under_load_with_a_refusing_backend(tb, dp):
     """A backend refuses while the set changes back and forth: every change
     is one transaction, the flag of a backend that stays in the set survives

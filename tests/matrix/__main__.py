@@ -1,0 +1,5 @@
+import sys
+
+from tests.matrix.run import main
+
+sys.exit(main())
