@@ -247,7 +247,8 @@ class Config(BaseModel):
     )
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="Local port: clients connect to 127.0.0.1:PORT (and [::1]:PORT on eBPF).")
     datapath: Literal["auto", "ebpf", "nftables"] = Field(
-        "auto", description="Kernel data path; auto picks eBPF when the kernel allows, else nftables."
+        "auto", description="Kernel data path; auto keeps the one this instance already has in the kernel "
+        "(a restart never switches), else picks eBPF when the kernel allows, else nftables."
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     nftables: NftablesConfig = Field(default_factory=NftablesConfig)
