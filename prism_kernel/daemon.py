@@ -984,6 +984,9 @@ class Daemon:
             "updated_at": _iso(time.time()),
             "datapath": self.datapath.name if self.datapath else None,
             "datapath_reason": self.datapath_reason,
+            # eBPF: which loader put the programs in the kernel at this start, and why
+            "datapath_loader": {k: v for k, v in (getattr(self.datapath, "last_load", None) or {}).items()
+                                if k in ("loader", "why", "load_s", "maxrss_kb")} or None,
             "datapath_start": {
                 "state": "ok" if self.datapath else "retrying" if self.stats.start_failures_in_a_row else "starting",
                 "datapath": self._dp_cls.name if self._dp_cls else None,

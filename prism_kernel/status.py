@@ -119,6 +119,9 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f"listen 127.0.0.1:{state['listen_port']}; "
             f"probe {p['mode']} every {p['interval_s']}s, timeout {p['timeout_s']}s, rise {p['rise']}, fall {p['fall']}\n"
         )
+        loaded = state.get("datapath_loader") or {}
+        if loaded.get("loader"):
+            out.write(f"eBPF programs: {loaded['loader']} ({loaded.get('why')})\n")
         start = state.get("datapath_start") or {}
         if not state.get("datapath") and start.get("failures_in_a_row"):
             out.write(paint("DATA PATH NOT STARTED", "bad")

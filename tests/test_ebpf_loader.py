@@ -14,7 +14,7 @@ from prism_kernel.datapath import ebpf
 from prism_kernel.datapath.base import DatapathSettings
 from prism_kernel.datapath.ebpf import EbpfDatapath
 from prism_kernel.errors import DatapathError
-from tests.harness import TEST_INSTANCE, TEST_PORT, Daemon, build_program, plain_backend, tcp_connect
+from tests.harness import TEST_INSTANCE, TEST_PORT, Daemon, build_program, plain_backend, prism, tcp_connect
 
 pytestmark = pytest.mark.kernel
 
@@ -55,6 +55,12 @@ def test_a_node_without_headers_compiler_or_bcc_runs_the_ebpf_path(testbed):
         d.wait_active({f"{be.address}:{be.port}"})
         st = d.status()
         assert st["kernel"]["ebpf"]["details"]["loader"] == "libbpf", st["kernel"]
+        loaded = st["state"]["datapath_loader"]
+        assert loaded["loader"] == "libbpf" and "precompiled object" in loaded["why"], loaded
+        ready = d.wait_ready()
+        assert ready["loader"] == "libbpf" and ready["maxrss_kb"] > 0, ready  # the start log says it too
+        table = prism("status", "--instance", TEST_INSTANCE)
+        assert "eBPF programs: libbpf (precompiled object" in table.stdout, table.stdout
         with tcp_connect("127.0.0.1", TEST_PORT) as s:
             assert s.getpeername() == ("127.0.0.1", TEST_PORT)  # steered, and translated back
     # and without the mount namespace the same state is visible: it was real
