@@ -3,9 +3,9 @@ entrypoint, the example configuration, and the generated configuration
 reference (docs/configuration.md must equal the generator's output).
 
 Nothing here needs root or touches the kernel. `systemd-analyze`, `hadolint`
-and `shellcheck` are used when installed; kubectl cannot validate manifests
-without an API server (it needs discovery and the server's OpenAPI), so the
-DaemonSet is checked against the Kubernetes field names it uses instead.
+and `shellcheck` are used when installed. The DaemonSet's field names are
+checked here too; the Kubernetes schema check of every manifest, and the
+agreement of the DaemonSet with the static pods, are in tests/test_manifests.py.
 """
 
 from __future__ import annotations
