@@ -29,7 +29,7 @@
  * With an empty backend set, or before the loader wrote the config, a connect
  * is left untouched (return 1): this program never fails a connect.
  *
- * Maps (all declared here; the loader pins them in /sys/fs/bpf/<instance>/maps-v<PK_LAYOUT>):
+ * Maps (all declared here; the loader pins them in /sys/fs/bpf/<instance>/maps-v<layout>):
  *   pk_config    ARRAY[1]        {host netns cookie, listen port}: written by the
  *                                daemon at install, read on every matching connect.
  *                                Cookie 0: the initial network namespace (a kernel
@@ -238,11 +238,15 @@ PK_MAP(BPF_MAP_TYPE_PERCPU_HASH, struct pk_backend, struct pk_outcome, PK_MAX_PA
 PK_MAP(BPF_MAP_TYPE_LRU_HASH, struct pk_backend, __u64, PK_MAX_PASSIVE, 0) pk_suspect SEC(".maps");
 PK_MAP(BPF_MAP_TYPE_ARRAY, __u32, __u64, 1, 0) pk_suspect_until SEC(".maps");
 
-/* Run-time parameters: .rodata, set by the loader before the load (the
- * verifier then sees them as constants). */
+/* Run-time parameters: .rodata, the only global constant (the loader checks
+ * its size), set by the loader before the load; the verifier then sees them
+ * as constants. `layout` is read back: the loader refuses an object whose map
+ * layout is not the one the daemon writes. */
 const volatile struct {
 	__u64 suspect_ns;  /* a refused / SYN-timed-out backend is avoided this long */
-} pk_params = { .suspect_ns = 2000000000ULL };
+	__u32 layout;      /* PK_LAYOUT this object was built with */
+	__u32 pad;
+} pk_params = { .suspect_ns = 2000000000ULL, .layout = PK_LAYOUT };
 #define PK_SUSPECT_NS (pk_params.suspect_ns)
 
 #define PK_PROG(_sec) SEC(_sec)
@@ -299,6 +303,7 @@ PK_MAP("lru_hash", struct pk_backend, __u64, pk_suspect, PK_MAX_PASSIVE, 0);
 PK_MAP("array", __u32, __u64, pk_suspect_until, 1, 0);
 
 #define PK_PROG(_sec)
+#define BPF_LICENSE Apache-2.0  /* as the libbpf build: bcc's footer would declare GPL */
 
 /* bcc rewrites map.op() calls, but not inside macros: one function each. */
 static __always_inline void *pk_config_get(__u32 *k) { return pk_config.lookup(k); }

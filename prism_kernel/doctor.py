@@ -261,11 +261,11 @@ def check_bpffs() -> Check:
 
 
 def check_loader(loader: str = "auto") -> Check:
-    from prism_kernel.datapath.ebpf import bcc_usable, default_object, loader_plan
+    from prism_kernel.datapath.ebpf import bcc_missing, default_object, loader_plan
     from prism_kernel.errors import DatapathUnavailable
 
     details: dict[str, Any] = {"requested": loader, "object": str(default_object()),
-                               "bcc": bcc_usable() or "usable"}
+                               "bcc": bcc_missing() or "usable"}
     try:
         plan = loader_plan(loader)
     except DatapathUnavailable as e:

@@ -413,15 +413,21 @@ def old_release(commit: str, dest: Path, *paths: str) -> Path:
     return dest
 
 
-def build_program(dest: Path, source_text: str, build: bool = True) -> dict[str, Path]:
+def build_program(dest: Path, source_text: str, build: bool = True,
+                  object_text: str | None = None) -> dict[str, Path]:
     """A BPF program other than the release's: its source (what the bcc loader
-    compiles) and its object built by bpf/build.sh (what the libbpf loader
-    loads), as EbpfDatapath(source=..., obj=...) takes them. With build=False
-    (a source that does not compile) the object is a file libbpf cannot open."""
+    compiles) and its object built by bpf/build.sh from `object_text` (default:
+    the same source; what the libbpf loader loads), as EbpfDatapath(source=...,
+    obj=...) takes them. With build=False the object is a file libbpf cannot
+    open (for a source that does not compile, or a broken object)."""
     src, obj = dest / "prism_sock.bpf.c", dest / "prism_sock.bpf.o"
     src.write_text(source_text)
     if build:
-        r = subprocess.run(["bash", str(REPO / "bpf" / "build.sh"), str(obj), str(src)],
+        obj_src = src
+        if object_text is not None:
+            obj_src = dest / "object-source.bpf.c"
+            obj_src.write_text(object_text)
+        r = subprocess.run(["bash", str(REPO / "bpf" / "build.sh"), str(obj), str(obj_src)],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
     else:

@@ -472,12 +472,20 @@ def test_kill9_and_adopt_without_a_failed_connect(testbed, dp_factory):
         holder.stderr.close()
 
 
-def _changed_program(tmp_path: Path) -> dict[str, Path]:
+def _with_layout(text: str, layout: int) -> str:
+    """The source with another map layout number (the object carries it in
+    pk_params; the loader refuses an object of another layout)."""
+    assert f"#define PK_LAYOUT {LAYOUT}\n" in text
+    return text.replace(f"#define PK_LAYOUT {LAYOUT}\n", f"#define PK_LAYOUT {layout}\n")
+
+
+def _changed_program(tmp_path: Path, layout: int = LAYOUT) -> dict[str, Path]:
     """A program that differs from the release's (another hash), as the
     source bcc compiles and the object libbpf loads."""
     text = default_source().read_text()
     assert "#define PK_PICK_TRIES 3\n" in text
-    return build_program(tmp_path, text.replace("#define PK_PICK_TRIES 3\n", "#define PK_PICK_TRIES 4\n"))
+    text = text.replace("#define PK_PICK_TRIES 3\n", "#define PK_PICK_TRIES 4\n")
+    return build_program(tmp_path, _with_layout(text, layout))
 
 
 @pytest.mark.parametrize("loader", ["libbpf", "bcc"])
@@ -491,7 +499,7 @@ def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layo
     old.close()
     with ClientLoop() as loop:
         loop.wait_for(30)
-        new = dp_factory(loader=loader, layout=layout, **_changed_program(tmp_path))
+        new = dp_factory(loader=loader, layout=layout, **_changed_program(tmp_path, layout))
         assert new.install([]) is True  # upgraded in place, set carried over
         assert new.last_load["loader"] == loader
         loop.wait_for(30)
@@ -521,8 +529,10 @@ def test_upgrade_replaces_program_atomically(testbed, dp_factory, tmp_path, layo
 @pytest.mark.parametrize("breakage", ["compile", "verifier"])
 def test_a_failed_upgrade_changes_nothing(testbed, dp_factory, tmp_path, layout, breakage):
     """A new program that does not compile, or that the verifier rejects
-    (after its maps were created and pinned): install() raises, and the old
-    program keeps steering with its maps; no new pin or directory is left."""
+    (after its maps were created and pinned): the old program keeps steering
+    with its maps and no new pin or directory is left. With a new layout
+    install() raises (the old program's maps are not ours to write); with the
+    same layout it keeps the old program and the set can still be written."""
     old = dp_factory()
     old.install([testbed.backend("b1")])
     before = old.read_state().details
@@ -536,13 +546,22 @@ def test_a_failed_upgrade_changes_nothing(testbed, dp_factory, tmp_path, layout,
                             "((char *)ctx + 4096);", 1)
         assert "4096" in text
     # auto: libbpf's load fails (no object, or the verifier's no), then bcc's
-    new = dp_factory(layout=layout, **build_program(tmp_path, text, build=breakage != "compile"))
-    with pytest.raises(DatapathError, match="libbpf.*bcc"):
-        new.install([])
+    new = dp_factory(layout=layout, **build_program(tmp_path, _with_layout(text, layout),
+                                                    build=breakage != "compile"))
+    if layout != LAYOUT:
+        with pytest.raises(DatapathError) as e:
+            new.install([])
+        assert "libbpf (" in str(e.value) and "bcc (" in str(e.value), e.value
+    else:
+        assert new.install([]) is True  # kept the old program
+        assert "upgrade_failed" in new.read_state().details
     assert sorted(os.walk(f"/sys/fs/bpf/{INSTANCE}")) == pins_before
     after = dp_factory().read_state().details
     assert after["prog_ids"] == before["prog_ids"] and after["map_ids"] == before["map_ids"]
     assert ask()[0] == "b1"
+    if layout == LAYOUT:  # the set is still written through the kept program's maps
+        assert new.apply([testbed.backend("b2")]) is True
+        assert {ask()[0] for _ in range(10)} == {"b2"}
 
 
 def test_upgrade_waits_for_a_set_when_the_old_maps_are_unreadable(testbed, dp_factory, tmp_path,
@@ -550,7 +569,7 @@ def test_upgrade_waits_for_a_set_when_the_old_maps_are_unreadable(testbed, dp_fa
     old = dp_factory()
     old.install([testbed.backend("b1")])
     old_ids = old.read_state().details["prog_ids"]
-    new = dp_factory(layout=LAYOUT + 1, **_changed_program(tmp_path))
+    new = dp_factory(layout=LAYOUT + 1, **_changed_program(tmp_path, LAYOUT + 1))
     monkeypatch.setattr(EbpfDatapath, "_read_attached_set", lambda self, links: None)
     assert new.install([]) is True
     # nothing swapped yet: the old program still steers to its set

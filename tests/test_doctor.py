@@ -26,8 +26,8 @@ PORT = 17457  # outside the ephemeral range: no client socket of another test ca
 INSTANCE = "pk-doctor"
 CHECK_IDS = (
     "kernel", "bpf.sock_addr", "bpf.sock_ops", "bpf.sk_storage", "bpf.lru_hash", "bpf.sk_storage_sock_addr",
-    "bpf.netns_cookie", "bpf.sock_ops_cb_flags", "bpf.getpeername", "bpf.cgroup_link",
-    "sock_diag.destroy", "sock_diag.sk_storage",
+    "bpf.netns_cookie", "bpf.sock_ops_cb_flags", "bpf.sk_storage_sock_ops", "bpf.getpeername",
+    "bpf.sock_ops_sk", "bpf.cgroup_link", "bpf.link_detach", "sock_diag.destroy", "sock_diag.sk_storage",
     "cgroup", "cgroup.exclusive", "bpffs", "ebpf.loader", "nftables.module", "capabilities", "port", "metrics_port",
     "sysctls", "datapath.ebpf", "datapath.nftables", "auto",
 )

@@ -92,21 +92,43 @@ def _steered_to(backend) -> None:
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
 
 
-def test_auto_falls_back_to_bcc_when_libbpf_cannot_load(testbed, dp, tmp_path):
-    """An object libbpf cannot load (here: not an ELF file; on a real node, a
-    verifier that rejects it): `auto` compiles the same source with bcc, says
-    so, and the meta map records the loader."""
-    broken = build_program(tmp_path, ebpf.default_source().read_text(), build=False)
-    d = dp(obj=broken["obj"])
+VERIFIER_REJECTS = ("\tif (ctx->user_ip4 != PK_LOOPBACK4)\n\t\treturn 1;",
+                    "\tif (ctx->user_ip4 != PK_LOOPBACK4)\n\t\treturn *(volatile int *)((char *)ctx + 4096);")
+
+
+@pytest.mark.parametrize("broken", ["not-elf", "verifier"])
+def test_auto_falls_back_to_bcc_when_libbpf_cannot_load(testbed, dp, tmp_path, monkeypatch, broken):
+    """An object libbpf cannot open, or one the verifier rejects (an
+    out-of-bounds read in connect4): `auto` compiles the good source with bcc,
+    says why, and the meta map records the loader; a restart adopts that
+    program without loading anything (bcc's hash counts under auto)."""
+    source = ebpf.default_source().read_text()
+    assert VERIFIER_REJECTS[0] in source
+    if broken == "not-elf":
+        prog = build_program(tmp_path, source, build=False)
+    else:
+        prog = build_program(tmp_path, source, object_text=source.replace(*VERIFIER_REJECTS, 1))
+    d = dp(**prog)
     be = plain_backend(testbed.backends[0])
     d.install([be])
     assert d.last_load["loader"] == "bcc"
     assert "libbpf" in d.last_load["why"], d.last_load["why"]
     assert d.read_state().details["loader"] == "bcc"
     _steered_to(be)
-    # an explicit libbpf loader does not fall back
-    with pytest.raises(DatapathError, match="libbpf"):
-        dp(obj=broken["obj"], loader="libbpf").install([be])
+
+    def no_loader(req, raise_on_error=True):
+        raise AssertionError(f"a loader was started: {req}")
+
+    with monkeypatch.context() as m:
+        m.setattr(ebpf, "_run_loader", no_loader)
+        again = dp(**prog)
+        assert again.install([be]) is True and again.last_load["why"].startswith("adopted")
+    # with nothing installed, an explicit libbpf loader does not fall back
+    d.close()
+    EbpfDatapath.cleanup(DatapathSettings(listen_port=TEST_PORT, instance=TEST_INSTANCE))
+    with pytest.raises(DatapathError, match="libbpf") as e:
+        dp(loader="libbpf", **prog).install([be])
+    assert "bcc (" not in str(e.value)
 
 
 def test_a_restart_adopts_without_loading(testbed, dp, monkeypatch):

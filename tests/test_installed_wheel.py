@@ -39,9 +39,14 @@ def venv(tmp_path_factory) -> Path:
     build = root / "build"
     shutil.copytree(REPO, build / "src", ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", "bench", "*.o"))
-    # --no-build-isolation: setuptools from this venv, no download to build
+    # The wheel is built from the sdist, as `python -m build` does: what the
+    # sdist leaves out (bpf/build.sh, the C source, nft/) cannot reach it.
+    # --no-build-isolation: setuptools from this venv, no download to build.
+    _run([sys.executable, "setup.py", "-q", "sdist", "-d", root / "sdist"], 300, build / "src")
+    sdists = list((root / "sdist").glob("prism*-*.tar.gz"))
+    assert len(sdists) == 1, sdists
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-          "--disable-pip-version-check", "-q", "-w", root / "dist", build / "src"], 300, root)
+          "--disable-pip-version-check", "-q", "-w", root / "dist", sdists[0]], 300, root)
     wheels = list((root / "dist").glob("prism_kernel-*.whl"))
     assert len(wheels) == 1, wheels
     _run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", root / "venv"], 120, root)

@@ -17,8 +17,8 @@ def node(monkeypatch, tmp_path):
     obj = tmp_path / "prism_sock.bpf.o"
 
     def make(libbpf: bool, has_object: bool, bcc: bool):
-        monkeypatch.setattr(ebpf, "libbpf_usable", lambda: None if libbpf else "no libbpf.so.1")
-        monkeypatch.setattr(ebpf, "bcc_usable", lambda: None if bcc else "no bcc")
+        monkeypatch.setattr(ebpf, "libbpf_missing", lambda: None if libbpf else "no libbpf.so.1")
+        monkeypatch.setattr(ebpf, "bcc_missing", lambda: None if bcc else "no bcc")
         if has_object:
             obj.write_bytes(b"\x7fELF")
         elif obj.exists():

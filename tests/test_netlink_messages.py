@@ -85,3 +85,24 @@ def test_a_ctnetlink_request_is_encoded_once():
     raw = bytes(m.data)
     length, kind, flags, seq = struct.unpack_from("=IHHI", raw, 0)
     assert length == len(raw) and seq == 5 and flags == NLM_F_REQUEST | NLM_F_ACK
+
+
+def test_a_refused_dump_is_an_errno_not_a_decode_error():
+    """The kernel refuses a dump at its start with NLMSG_ERROR echoing only
+    the request's header (NETLINK_CAP_ACK), whose type is the reply type:
+    pyroute2 would decode those 16 bytes as an inet_diag_msg (struct.error)."""
+    echoed = struct.pack("=IHHII", 72, SOCK_DIAG_BY_FAMILY, 0x301, 5, 0)
+    ack = struct.pack("=IHHII", 16 + 4 + len(echoed), 2, 0x100, 5, 0) + struct.pack("=i", -22) + echoed
+    marshal = _netlink._Marshal({SOCK_DIAG_BY_FAMILY: _netlink._storage_diag_msg})
+    (msg,) = list(marshal.parse(ack))
+    assert msg["error"] == -22
+
+
+def test_nlmsg_done_carries_the_dump_result():
+    """An error after the dump started comes in NLMSG_DONE's payload."""
+    done = struct.pack("=IHHII", 20, 3, 2, 9, 0) + struct.pack("=i", -16)
+    (msg,) = list(_netlink._Marshal().parse(done))
+    assert _netlink._done_errno(done, msg) == 16
+    ok = struct.pack("=IHHII", 20, 3, 2, 9, 0) + struct.pack("=i", 0)
+    (msg,) = list(_netlink._Marshal().parse(ok))
+    assert _netlink._done_errno(ok, msg) == 0

@@ -3,9 +3,9 @@
 Run as `python -m prism_kernel.datapath._bpf_loader` with a JSON request on
 stdin; answers one JSON object on stdout (diagnostics, such as a verifier log,
 go to stderr). Loading runs here and not in the daemon so that a loader that
-misbehaves (a crash in a C library, bcc's ~150 MB compile) costs this process
-only, and the long-lived daemon stays small: it only ever uses bpf(2) on
-pinned objects.
+misbehaves (a crash in a C library, bcc's ~130 MB compile) costs this process
+only, and the long-lived daemon stays small: it uses bpf(2) on pinned
+objects (and libbpf's feature probes, bpf_features.py), never a loader.
 
 Loaders (`loader` in the request):
   libbpf  the precompiled object (bpf/build.sh) through Debian's libbpf1 and
@@ -27,6 +27,7 @@ Modes:
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import struct
@@ -45,6 +46,9 @@ PROGRAMS = {
     "getpeername6": ("getpeername6", CGROUP_SOCK_ADDR, 30),  # BPF_CGROUP_INET6_GETPEERNAME
     "sockops": ("pk_sockops", SOCK_OPS, None),               # attached as BPF_CGROUP_SOCK_OPS
 }
+
+
+_KEEP: list = []  # loaded objects and their buffers, alive until the process exits
 
 
 class LoadError(Exception):
@@ -70,17 +74,18 @@ def _libbpf() -> ctypes.CDLL:
         raise LoadError("import", f"cannot load libbpf.so.1 (Debian: libbpf1): {e}") from None
     p = ctypes.c_void_p
     sigs = {
-        "bpf_object__open_file": (p, [ctypes.c_char_p, p]),
+        "bpf_object__open_mem": (p, [p, ctypes.c_size_t, p]),
         "bpf_object__next_map": (p, [p, p]),
         "bpf_map__name": (ctypes.c_char_p, [p]),
         "bpf_map__is_internal": (ctypes.c_bool, [p]),
         "bpf_map__set_pin_path": (ctypes.c_int, [p, ctypes.c_char_p]),
-        "bpf_map__set_initial_value": (ctypes.c_int, [p, p, ctypes.c_size_t]),
+        "bpf_map__initial_value": (p, [p, ctypes.POINTER(ctypes.c_size_t)]),
         "bpf_object__find_map_by_name": (p, [p, ctypes.c_char_p]),
         "bpf_object__load": (ctypes.c_int, [p]),
         "bpf_object__find_program_by_name": (p, [p, ctypes.c_char_p]),
         "bpf_program__fd": (ctypes.c_int, [p]),
         "bpf_object__close": (None, [p]),
+        "libbpf_strerror": (ctypes.c_int, [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]),
         "libbpf_major_version": (ctypes.c_uint32, []),
         "libbpf_minor_version": (ctypes.c_uint32, []),
     }
@@ -90,29 +95,51 @@ def _libbpf() -> ctypes.CDLL:
     return lib
 
 
-def _libbpf_error(rc: int) -> str:
+def _libbpf_error(lib: ctypes.CDLL, rc: int) -> str:
     # libbpf 1.x returns -errno (and sets errno); a NULL pointer sets errno.
+    # Its own codes (LIBBPF_ERRNO__*, from 4000) only libbpf_strerror names.
     err = -rc if rc < 0 else ctypes.get_errno()
-    return f"{os.strerror(err)} (errno {err})"
+    buf = ctypes.create_string_buffer(256)
+    text = buf.value.decode() if lib.libbpf_strerror(err, buf, len(buf)) == 0 else os.strerror(err)
+    return f"{text} (errno {err})"
+
+
+# pk_params in bpf/prism_sock.bpf.c: suspect_ns, layout, pad. It must be all
+# of .rodata, so that its offset is 0.
+_PARAMS = struct.Struct("=QII")
 
 
 def load_libbpf(req: dict) -> tuple[dict[str, int], dict]:
     lib = _libbpf()
     version = f"{lib.libbpf_major_version()}.{lib.libbpf_minor_version()}"
     path = req["object"]
-    obj = lib.bpf_object__open_file(os.fsencode(path), None)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise LoadError("open", f"cannot read {path}: {e}") from None
+    # From memory: what is loaded is exactly what was hashed (input_sha256),
+    # even if the file is replaced meanwhile (a package upgrade).
+    buf = ctypes.create_string_buffer(data, len(data))
+    obj = lib.bpf_object__open_mem(ctypes.addressof(buf), len(data), None)
     if not obj:
-        raise LoadError("open", f"libbpf cannot open {path}: {_libbpf_error(0)}")
+        raise LoadError("open", f"libbpf cannot open {path}: {_libbpf_error(lib, 0)}")
+    _KEEP.append(buf)
     # The object stays open (its programs and maps alive) until this process
     # exits; the daemon holds the programs through their pins by then.
+    rodata = lib.bpf_object__find_map_by_name(obj, b".rodata")
+    size = ctypes.c_size_t(0)
+    ptr = lib.bpf_map__initial_value(rodata, ctypes.byref(size)) if rodata else None
+    if not ptr or size.value != _PARAMS.size:
+        raise LoadError("open", f"{path}: .rodata is not pk_params alone ({size.value} bytes, "
+                                f"want {_PARAMS.size}): not an object of this release")
+    suspect_ns, layout, _ = _PARAMS.unpack(ctypes.string_at(ptr, _PARAMS.size))
+    if layout != int(req["layout"]):
+        raise LoadError("open", f"{path} was built for map layout {layout}; this release uses layout "
+                                f"{req['layout']} (rebuild it: bpf/build.sh)")
     if req.get("suspect_ns") is not None:
-        rodata = lib.bpf_object__find_map_by_name(obj, b".rodata")
-        if not rodata:
-            raise LoadError("open", f"{path} has no .rodata (pk_params): not this release's object?")
-        params = ctypes.create_string_buffer(struct.pack("=Q", int(req["suspect_ns"])), 8)
-        rc = lib.bpf_map__set_initial_value(rodata, ctypes.addressof(params), 8)
-        if rc:
-            raise LoadError("open", f"setting pk_params failed: {_libbpf_error(rc)}")
+        suspect_ns = int(req["suspect_ns"])
+    ctypes.memmove(ptr, _PARAMS.pack(suspect_ns, layout, 0), _PARAMS.size)
     if req.get("mode", "load") == "load":
         map_dir = req["map_dir"]
         os.makedirs(map_dir, mode=0o700, exist_ok=True)
@@ -122,12 +149,12 @@ def load_libbpf(req: dict) -> tuple[dict[str, int], dict]:
                 name = lib.bpf_map__name(m).decode()
                 rc = lib.bpf_map__set_pin_path(m, os.fsencode(os.path.join(map_dir, name)))
                 if rc:
-                    raise LoadError("open", f"pin path of map {name}: {_libbpf_error(rc)}")
+                    raise LoadError("open", f"pin path of map {name}: {_libbpf_error(lib, rc)}")
             m = lib.bpf_object__next_map(obj, m)
     rc = lib.bpf_object__load(obj)
     if rc:
         # libbpf printed the reason (and a rejected program's verifier log) on stderr.
-        raise LoadError("load", f"libbpf {version} could not load {path}: {_libbpf_error(rc)}")
+        raise LoadError("load", f"libbpf {version} could not load {path}: {_libbpf_error(lib, rc)}")
     fds: dict[str, int] = {}
     for hook, (func, _, _) in PROGRAMS.items():
         prog = lib.bpf_object__find_program_by_name(obj, func.encode())
@@ -135,7 +162,7 @@ def load_libbpf(req: dict) -> tuple[dict[str, int], dict]:
         if fd < 0:
             raise LoadError("load", f"{path} has no program {func}")
         fds[hook] = fd
-    return fds, {"libbpf_version": version}
+    return fds, {"libbpf_version": version, "input_sha256": hashlib.sha256(data).hexdigest()}
 
 
 # --- bcc ---------------------------------------------------------------------
@@ -148,8 +175,9 @@ def load_bcc(req: dict) -> tuple[dict[str, int], dict]:
     except ImportError as e:
         raise LoadError("import", f"cannot import bcc (Debian: python3-bpfcc): {e}") from None
     t_import = time.monotonic() - t0
-    with open(req["source"]) as f:
-        text = f.read()
+    with open(req["source"], "rb") as f:
+        raw = f.read()
+    text = raw.decode()
     cflags = ["-DPK_BCC", f"-DPK_LAYOUT={int(req['layout'])}"]
     if req.get("suspect_ns") is not None:
         cflags.append(f"-DPK_SUSPECT_NS={int(req['suspect_ns'])}ULL")
@@ -174,10 +202,9 @@ def load_bcc(req: dict) -> tuple[dict[str, int], dict]:
             raise LoadError("load", str(e)) from None
         fds[hook] = fn.fd
     _KEEP.append(bpf)  # its fds live as long as it does
-    return fds, {"import_s": round(t_import, 3), "compile_s": round(t_compile, 3)}
+    return fds, {"import_s": round(t_import, 3), "compile_s": round(t_compile, 3),
+                 "input_sha256": hashlib.sha256(raw).hexdigest()}
 
-
-_KEEP: list = []  # loaded objects, alive until the process exits
 
 LOADERS = {"libbpf": load_libbpf, "bcc": load_bcc}
 

@@ -215,13 +215,7 @@ def link_info(fd: int) -> LinkInfo:
 
 def prog_query(target_fd: int, attach_type: int, max_progs: int = 64) -> list[int]:
     """Ids of the programs attached at target_fd (a cgroup) for attach_type."""
-    ids = (ctypes.c_uint32 * max_progs)()
-    a = _attr()
-    # target_fd u32, attach_type u32, query_flags u32, attach_flags u32, prog_ids u64, prog_cnt u32
-    struct.pack_into("=IIIIQI", a, 0, target_fd, attach_type, 0, 0, ctypes.addressof(ids), max_progs)
-    _bpf(BPF_PROG_QUERY, a)
-    cnt = struct.unpack_from("=I", a, 24)[0]
-    return list(ids[: min(cnt, max_progs)])
+    return prog_query_flags(target_fd, attach_type, max_progs)[1]
 
 
 # --- links -------------------------------------------------------------------

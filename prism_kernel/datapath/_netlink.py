@@ -243,6 +243,11 @@ class _Netlink:
                 if m["header"]["sequence_number"] != seq:
                     continue
                 if m["header"]["type"] == NLMSG_DONE:
+                    # NLMSG_DONE carries the dump's result: an error after its start
+                    # (say, in the middle of the walk) is reported here, not as an ack.
+                    err = _done_errno(data, m)
+                    if err:
+                        raise OSError(err, f"netlink dump: {os.strerror(err)}")
                     return
                 if isinstance(m, nlmsgerr):
                     err = abs(m["error"] or 0)
@@ -250,6 +255,14 @@ class _Netlink:
                         raise OSError(err, f"netlink dump: {os.strerror(err)}")
                     return
                 yield m
+
+
+def _done_errno(data: bytes, msg: nlmsg) -> int:
+    """The int after an NLMSG_DONE header (0 or -errno) as a positive errno."""
+    off, length = getattr(msg, "offset", None), msg["header"]["length"]
+    if off is None or length < 20:
+        return 0
+    return abs(struct.unpack_from("=i", data, off + 16)[0])
 
 
 # --- sock_diag -------------------------------------------------------------------

@@ -60,61 +60,101 @@ def _answer(rc: int) -> tuple[bool | None, str]:
     return None, f"probe failed: {os.strerror(-rc)}"
 
 
+def _may_load_programs() -> bool:
+    """CAP_BPF or CAP_SYS_ADMIN in the effective set. libbpf 1.1's probes
+    answer "not supported" for any failed load, EPERM included, so they are
+    only asked when a load can succeed."""
+    try:
+        with open("/proc/self/status") as f:
+            cap = next((int(line.split()[1], 16) for line in f if line.startswith("CapEff:")), 0)
+    except OSError:
+        return False
+    return bool(cap & (1 << 39 | 1 << 21))
+
+
 def _libbpf_probes(lib: ctypes.CDLL) -> list[Feature]:
-    out = []
-    for fid, what, since, rc in (
+    probes = (
         ("bpf.sock_addr", "cgroup sock_addr programs (connect4/6, getpeername4/6)", "4.17",
-         lib.libbpf_probe_bpf_prog_type(PROG_CGROUP_SOCK_ADDR, None)),
+         lambda: lib.libbpf_probe_bpf_prog_type(PROG_CGROUP_SOCK_ADDR, None)),
         ("bpf.sock_ops", "sock_ops programs (refused and black-holed connects seen in the kernel)",
-         "4.13", lib.libbpf_probe_bpf_prog_type(PROG_SOCK_OPS, None)),
+         "4.13", lambda: lib.libbpf_probe_bpf_prog_type(PROG_SOCK_OPS, None)),
         ("bpf.sk_storage", "socket storage maps (the mark of a steered socket)", "5.2",
-         lib.libbpf_probe_bpf_map_type(MAP_SK_STORAGE, None)),
+         lambda: lib.libbpf_probe_bpf_map_type(MAP_SK_STORAGE, None)),
         ("bpf.lru_hash", "LRU hash maps (suspect marks)", "4.10",
-         lib.libbpf_probe_bpf_map_type(MAP_LRU_HASH, None)),
-        ("bpf.sk_storage_sock_addr", "bpf_sk_storage_get() in sock_addr programs", "5.8",
-         lib.libbpf_probe_bpf_helper(PROG_CGROUP_SOCK_ADDR, FUNC_SK_STORAGE_GET, None)),
+         lambda: lib.libbpf_probe_bpf_map_type(MAP_LRU_HASH, None)),
+        ("bpf.sk_storage_sock_addr", "bpf_sk_storage_get() in sock_addr programs", "5.3",
+         lambda: lib.libbpf_probe_bpf_helper(PROG_CGROUP_SOCK_ADDR, FUNC_SK_STORAGE_GET, None)),
         ("bpf.netns_cookie", "bpf_get_netns_cookie() in sock_addr programs", "5.7",
-         lib.libbpf_probe_bpf_helper(PROG_CGROUP_SOCK_ADDR, FUNC_GET_NETNS_COOKIE, None)),
+         lambda: lib.libbpf_probe_bpf_helper(PROG_CGROUP_SOCK_ADDR, FUNC_GET_NETNS_COOKIE, None)),
         ("bpf.sock_ops_cb_flags", "bpf_sock_ops_cb_flags_set() (state and RTO callbacks)", "4.16",
-         lib.libbpf_probe_bpf_helper(PROG_SOCK_OPS, FUNC_SOCK_OPS_CB_FLAGS_SET, None)),
-    ):
-        ok, detail = _answer(rc)
+         lambda: lib.libbpf_probe_bpf_helper(PROG_SOCK_OPS, FUNC_SOCK_OPS_CB_FLAGS_SET, None)),
+        ("bpf.sk_storage_sock_ops", "bpf_sk_storage_get() in sock_ops programs", "5.3",
+         lambda: lib.libbpf_probe_bpf_helper(PROG_SOCK_OPS, FUNC_SK_STORAGE_GET, None)),
+    )
+    if not _may_load_programs():
+        return [Feature(fid, what, since, None, "cannot probe without CAP_BPF or CAP_SYS_ADMIN")
+                for fid, what, since, _ in probes]
+    out = []
+    for fid, what, since, probe in probes:
+        ok, detail = _answer(probe())
         out.append(Feature(fid, what, since, ok, detail))
     return out
 
 
 _MOV_R0_1 = bytes((0xB7, 0, 0, 0, 1, 0, 0, 0))  # r0 = 1
 _EXIT = bytes((0x95, 0, 0, 0, 0, 0, 0, 0))
+# r2 = *(u64 *)(r1 + offsetof(struct bpf_sock_ops, sk)): the verifier accepts
+# the load only where the context has the field.
+_LOAD_SOCK_OPS_SK = bytes((0x79, 0x12)) + (184).to_bytes(2, "little") + bytes(4)
 
 
-def _prog_load(prog_type: int, expected_attach_type: int) -> int:
-    """`return 1` as a program of that type; returns its fd."""
+def _prog_load(prog_type: int, expected_attach_type: int, insns: bytes = _MOV_R0_1 + _EXIT) -> int:
+    """A tiny program (default `return 1`) of that type; returns its fd."""
     import struct  # noqa: PLC0415
 
-    insns = _MOV_R0_1 + _EXIT
     code = ctypes.create_string_buffer(insns, len(insns))
     license_ = ctypes.create_string_buffer(b"GPL")
     a = bpf._attr()
     # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
     # kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type
-    struct.pack_into("=IIQQIIQII", a, 0, prog_type, 2, ctypes.addressof(code),
+    struct.pack_into("=IIQQIIQII", a, 0, prog_type, len(insns) // 8, ctypes.addressof(code),
                      ctypes.addressof(license_), 0, 0, 0, 0, 0)
     a[48:48 + 8] = b"pk_probe"
     struct.pack_into("=I", a, 68, expected_attach_type)
     return bpf._bpf(5, a)  # BPF_PROG_LOAD
 
 
-def _attach_type_probe(fid: str, what: str, since: str, attach_type: int) -> Feature:
-    """A sock_addr program with this expected attach type loads only on a
-    kernel that has the hook."""
+def _load_probe(fid: str, what: str, since: str, prog_type: int, attach_type: int = 0,
+                insns: bytes = _MOV_R0_1 + _EXIT) -> Feature:
+    """The program loads only on a kernel that has what it uses (a hook's
+    expected attach type, a context field)."""
     try:
-        fd = _prog_load(PROG_CGROUP_SOCK_ADDR, attach_type)
+        fd = _prog_load(prog_type, attach_type, insns)
     except OSError as e:
         if e.errno in (errno.EPERM, errno.EACCES):
             return Feature(fid, what, since, None, f"cannot probe without privileges ({e.strerror})")
         return Feature(fid, what, since, False, f"not supported ({e.strerror})")
     os.close(fd)
     return Feature(fid, what, since, True)
+
+
+def _link_detach() -> Feature:
+    """BPF_LINK_DETACH of fd -1: EBADF where the command exists, EINVAL where
+    the kernel does not know it."""
+    import struct  # noqa: PLC0415
+
+    fid, what, since = "bpf.link_detach", "BPF_LINK_DETACH (cleanup of pinned links)", "5.9"
+    a = bpf._attr()
+    struct.pack_into("=I", a, 0, 0xFFFFFFFF)
+    try:
+        bpf._bpf(34, a)  # BPF_LINK_DETACH
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            return Feature(fid, what, since, True)
+        if e.errno in (errno.EPERM, errno.EACCES):
+            return Feature(fid, what, since, None, f"cannot probe without privileges ({e.strerror})")
+        return Feature(fid, what, since, False, f"not supported ({e.strerror})")
+    return Feature(fid, what, since, False, "unexpected answer from the kernel")
 
 
 def _cgroup_link() -> Feature:
@@ -156,12 +196,14 @@ _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP = 0x1, 0x4, 0x300
 _INET_DIAG_REQ_SK_BPF_STORAGES, _SK_DIAG_BPF_STORAGE_REQ_MAP_FD = 2, 1
 
 
-def _diag_request(kind: int, flags: int, cookie: int, attrs: bytes = b"") -> bytes:
-    """nlmsghdr + inet_diag_req_v2 for TCP over IPv4: 127.0.0.1:1 -> 127.0.0.1:1."""
+def _diag_request(kind: int, flags: int, cookie: int, attrs: bytes = b"", states: int = 0,
+                  protocol: int = socket.IPPROTO_TCP) -> bytes:
+    """nlmsghdr + inet_diag_req_v2 for `protocol` over IPv4: 127.0.0.1:1 ->
+    127.0.0.1:1, in `states` (a dump with states 0 matches no socket)."""
     import struct  # noqa: PLC0415
 
     lo = socket.inet_aton("127.0.0.1") + bytes(12)
-    req = struct.pack("=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
+    req = struct.pack("=BBBxI", socket.AF_INET, protocol, 0, states)
     req += struct.pack("!HH", 1, 1) + lo + lo + struct.pack("=IQ", 0, cookie)
     body = req + attrs
     return struct.pack("=IHHII", 16 + len(body), kind, flags, 1, 0) + body
@@ -180,10 +222,9 @@ def _diag_errno(msg: bytes) -> int:
             off = 0
             while off + 16 <= len(data):
                 length, kind = struct.unpack_from("=IH", data, off)
-                if kind == _NLMSG_ERROR:
-                    return -struct.unpack_from("=i", data, off + 16)[0]
-                if kind == _NLMSG_DONE:
-                    return 0
+                if kind in (_NLMSG_ERROR, _NLMSG_DONE):
+                    # both carry the request's result (0 or -errno) after the header
+                    return -struct.unpack_from("=i", data, off + 16)[0] if length >= 20 else 0
                 off += max((length + 3) & ~3, 16)
 
 
@@ -196,9 +237,25 @@ def _sock_diag() -> list[Feature]:
     import struct  # noqa: PLC0415
 
     out = []
-    fid, what, since = "sock_diag.destroy", "sock_diag SOCK_DESTROY (abort a dead backend's connections)", "4.5"
+    destroy = ("sock_diag.destroy", "sock_diag SOCK_DESTROY (abort a dead backend's connections)", "4.5")
+    storage = ("sock_diag.sk_storage", "socket storage in sock_diag dumps "
+               "(finding a dead backend's connections)", "5.7")
+    # Both answers below mean something only where TCP sockets can be dumped at
+    # all: without the inet/tcp diag handler the kernel answers ENOENT to any
+    # request, which the destroy probe would read as "no such socket".
     try:
-        err = _diag_errno(_diag_request(_SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, cookie=(1 << 64) - 2))
+        err = _diag_errno(_diag_request(_SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, cookie=(1 << 64) - 1))
+    except OSError as e:
+        err = e.errno or errno.EIO
+    if err:
+        why = (f"cannot probe without privileges ({os.strerror(err)})" if err in (errno.EPERM, errno.EACCES)
+               else f"no TCP sock_diag ({os.strerror(err)}; CONFIG_INET_DIAG, CONFIG_INET_TCP_DIAG)")
+        ok = None if err in (errno.EPERM, errno.EACCES) else False
+        return [Feature(*destroy, ok, why), Feature(*storage, ok, why)]
+    fid, what, since = destroy
+    try:
+        err = _diag_errno(_diag_request(_SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, cookie=(1 << 64) - 2,
+                                        states=0xFFFFFFFF))
     except OSError as e:
         out.append(Feature(fid, what, since, False, f"sock_diag unavailable ({e.strerror or e})"))
     else:
@@ -209,8 +266,7 @@ def _sock_diag() -> list[Feature]:
         else:
             out.append(Feature(fid, what, since, False,
                                f"not supported ({os.strerror(err)}; CONFIG_INET_DIAG_DESTROY)"))
-    fid, what, since = ("sock_diag.sk_storage", "socket storage in sock_diag dumps "
-                        "(finding a dead backend's connections)", "5.7")
+    fid, what, since = storage
     tfd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     try:
         fd_attr = struct.pack("=HHI", 8, _SK_DIAG_BPF_STORAGE_REQ_MAP_FD, tfd)
@@ -239,9 +295,12 @@ def probe_all() -> list[Feature]:
                             None, "cannot be loaded")]
     else:
         features = _libbpf_probes(lib)
-    features.append(_attach_type_probe("bpf.getpeername", "getpeername4/6 hooks", "5.8",
-                                       bpf.BPF_CGROUP_INET4_GETPEERNAME))
+    features.append(_load_probe("bpf.getpeername", "getpeername4/6 hooks", "5.8",
+                                PROG_CGROUP_SOCK_ADDR, bpf.BPF_CGROUP_INET4_GETPEERNAME))
+    features.append(_load_probe("bpf.sock_ops_sk", "the socket in the sock_ops context (bpf_sock_ops.sk)",
+                                "5.3", PROG_SOCK_OPS, insns=_LOAD_SOCK_OPS_SK + _MOV_R0_1 + _EXIT))
     features.append(_cgroup_link())
+    features.append(_link_detach())
     features.extend(_sock_diag())
     return features
 

@@ -171,6 +171,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from prism_kernel._data import data_file
 from prism_kernel.datapath import _bpfsys as bpf
 from prism_kernel.datapath.base import (
     BackendCounters,
@@ -181,7 +182,6 @@ from prism_kernel.datapath.base import (
     import_netlink,
 )
 from prism_kernel.datapath.cgroup import check_exclusive_attachments, find_cgroup2_root
-from prism_kernel._data import data_file
 from prism_kernel.errors import DatapathError, DatapathUnavailable
 from prism_kernel.model import Backend
 
@@ -192,14 +192,14 @@ log = logging.getLogger(__name__)
 LAYOUT = 4            # bump when a map's key/value format changes (new maps-v<N> dir)
 MAX_BACKENDS = 64     # per family; PK_MAX_BACKENDS in the C source
 MAX_PASSIVE = 1024    # PK_MAX_PASSIVE: backends with outcome counters (and pk_suspect entries)
-SUSPECT_WINDOW_S = 2.0  # a refused / SYN-timed-out backend is avoided this long (-DPK_SUSPECT_NS)
+SUSPECT_WINDOW_S = 2.0  # a refused / SYN-timed-out backend is avoided this long (pk_params.suspect_ns)
 SUSPECT_NS = int(SUSPECT_WINDOW_S * 1_000_000_000)
 BPFFS = "/sys/fs/bpf"
 SO_NETNS_COOKIE = 71
 LOADER_TIMEOUT_S = 120.0
 OBJECT_NAME = "prism_sock.bpf.o"   # built by bpf/build.sh
 SOURCE_NAME = "prism_sock.bpf.c"
-LOADERS = ("libbpf", "bcc")
+LOADER_NAMES = ("libbpf", "bcc")
 LOADER_CODES = {"libbpf": 1, "bcc": 2}
 
 # Attach order: reverse translation and socket tracking before steering.
@@ -270,8 +270,8 @@ def default_object() -> Path:
     return _bpf_file(OBJECT_NAME)
 
 
-def libbpf_usable() -> str | None:
-    """None when Debian's libbpf1 can be loaded, else why not."""
+def libbpf_missing() -> str | None:
+    """Why Debian's libbpf1 cannot be loaded here; None when it can."""
     import ctypes  # noqa: PLC0415
 
     try:
@@ -281,14 +281,17 @@ def libbpf_usable() -> str | None:
     return None
 
 
-def bcc_usable() -> str | None:
-    """None when the bcc loader can run here (bcc importable by the loader's
-    Python, kernel headers for its compiler), else why not."""
+def bcc_missing() -> str | None:
+    """Why the bcc loader cannot run here (bcc importable by the loader's
+    Python, kernel headers for its compiler); None when it can."""
     python = _loader_python(bcc=True)
-    if not os.path.exists(python):
-        return "bcc (Debian python3-bpfcc) is not importable here and there is no /usr/bin/python3"
-    if python == sys.executable and importlib.util.find_spec("bcc") is None:
-        return "bcc (Debian python3-bpfcc) is not importable"
+    if python == sys.executable:
+        if importlib.util.find_spec("bcc") is None:
+            return "bcc (Debian python3-bpfcc) is not importable"
+    elif not os.path.exists(python):
+        return f"bcc (Debian python3-bpfcc) is not importable here and there is no {python}"
+    elif python == "/usr/bin/python3" and not os.path.exists(DEBIAN_BCC):
+        return f"bcc (Debian python3-bpfcc) is not installed ({DEBIAN_BCC})"
     build = Path(f"/lib/modules/{os.uname().release}/build")
     if not (build / "include").is_dir():
         return (f"kernel headers missing: bcc needs {build} (and .../source); install "
@@ -304,13 +307,13 @@ def loader_plan(requested: str, obj: Path | None = None) -> list[tuple[str, str]
     this order by install()). Empty when none can run here; the reasons are
     then in the DatapathUnavailable that check_available raises."""
     obj = obj or default_object()
-    libbpf_why = libbpf_usable() or (None if obj.exists() else
+    libbpf_why = libbpf_missing() or (None if obj.exists() else
                                      f"no precompiled object at {obj} (bpf/build.sh builds it)")
     if requested == "libbpf":
         if libbpf_why:
             raise DatapathUnavailable("ebpf", f"ebpf.loader libbpf: {libbpf_why}")
         return [("libbpf", f"precompiled object {obj}")]
-    bcc_why = bcc_usable()
+    bcc_why = bcc_missing()
     if requested == "bcc":
         if bcc_why:
             raise DatapathUnavailable("ebpf", f"ebpf.loader bcc: {bcc_why}")
@@ -323,6 +326,9 @@ def loader_plan(requested: str, obj: Path | None = None) -> list[tuple[str, str]
     if not plan:
         raise DatapathUnavailable("ebpf", f"no eBPF loader: libbpf: {libbpf_why}; bcc: {bcc_why}")
     return plan
+
+
+DEBIAN_BCC = "/usr/lib/python3/dist-packages/bcc/__init__.py"  # what /usr/bin/python3 imports
 
 
 def _loader_python(bcc: bool) -> str:
@@ -472,7 +478,8 @@ class EbpfDatapath(Datapath):
         self._links: dict[str, int] = {}
         self._cgroup_root: str | None = None
         self._pending: dict[str, int] | None = None  # staged prog fds of a deferred upgrade
-        self._pending_loader = ""
+        self._pending_meta: tuple[bytes, str] = (b"", "")
+        self.upgrade_error: str | None = None  # install() kept an older program (same layout)
         self._hashes: dict[bytes, str] | None = None
         self._ncpus = bpf.possible_cpus()
         self._outcomes = struct.Struct(f"={3 * self._ncpus}Q")  # pk_passive value, all CPUs
@@ -540,24 +547,32 @@ class EbpfDatapath(Datapath):
 
     # --- kernel objects -----------------------------------------------------
 
-    def _program_hash(self, loader: str) -> bytes:
+    def _program_hash(self, loader: str, input_sha256: str | None = None) -> bytes:
         """What a load by `loader` would attach: its input (the object or the
-        source) with the parameters. The meta map keeps the attached one's."""
+        source; `input_sha256` when the loader says what it read) with the
+        parameters. The meta map keeps the attached one's."""
+        if input_sha256 is None:
+            try:
+                input_sha256 = hashlib.sha256(
+                    (self.obj if loader == "libbpf" else self.source).read_bytes()).hexdigest()
+            except OSError:
+                return b"\0" * 32  # nothing to load: matches no attached program
         h = hashlib.sha256()
         h.update(b"prism-kernel ebpf\0" + loader.encode() + b"\0")
         h.update(struct.pack("=IIQ", self.layout, MAX_BACKENDS, SUSPECT_NS))
-        try:
-            h.update((self.obj if loader == "libbpf" else self.source).read_bytes())
-        except OSError:
-            return b"\0" * 32  # nothing to load: matches no attached program
+        h.update(bytes.fromhex(input_sha256))
         return h.digest()
+
+    def _loaded_hash(self) -> bytes:
+        """The hash of what the last load really loaded (the bytes the loader read)."""
+        return self._program_hash(self.last_load["loader"], self.last_load.get("input_sha256"))
 
     def _current_hashes(self) -> dict[bytes, str]:
         """Hash -> loader, for each loader whose program would be current:
         an attached program of any of them is adopted, not reloaded. Read
         once (status and every metrics scrape ask)."""
         if self._hashes is None:
-            loaders = LOADERS if self.settings.ebpf_loader == "auto" else (self.settings.ebpf_loader,)
+            loaders = LOADER_NAMES if self.settings.ebpf_loader == "auto" else (self.settings.ebpf_loader,)
             self._hashes = {self._program_hash(name): name for name in loaders}
         return self._hashes
 
@@ -951,7 +966,7 @@ class EbpfDatapath(Datapath):
         carried = self._carry_peers(attached_ids) if had_links else None
         try:
             new_progs = self._load()
-        except BaseException:
+        except BaseException as e:
             # A failed install or upgrade leaves no new pin behind: the maps
             # dir this attempt created (the loader may have pinned maps before
             # a program failed to load), else the pk_peers pin it added.
@@ -962,6 +977,19 @@ class EbpfDatapath(Datapath):
                     os.unlink(carried)
                 except OSError:
                     pass
+            if (isinstance(e, DatapathError) and len(self._links) == len(HOOKS) and maps is not None
+                    and attached_ids.get("pk_active") == maps.ids["pk_active"]):
+                # The attached program is older but uses this layout's maps:
+                # keep it and go on writing sets. An upgrade that cannot load
+                # must not freeze the set the kernel steers to.
+                self._write_config(maps)
+                self.upgrade_error = str(e)
+                codes = {v: k for k, v in LOADER_CODES.items()}
+                self.last_load = {"loader": codes.get(meta[2], "unknown") if meta else "unknown",
+                                  "why": "kept the attached older program: the upgrade failed"}
+                log.error("eBPF upgrade failed; the attached older program keeps steering and the set "
+                          "is still written: %s", e)
+                return True
             raise
         try:
             if self._maps is not None:
@@ -981,14 +1009,13 @@ class EbpfDatapath(Datapath):
                                 "and no initial set was given: the swap waits for the first "
                                 "apply()")
                     self._pending = new_progs
-                    self._pending_loader = self.last_load["loader"]
+                    self._pending_meta = (self._loaded_hash(), self.last_load["loader"])
                     new_progs = {}
                     return True
                 c4, c6 = self._split(carry)
                 self._write_set(maps, c4, c6)
             self._swap_programs(new_progs)
-            loader = self.last_load["loader"]
-            self._write_meta(self._program_hash(loader), loader)
+            self._write_meta(self._loaded_hash(), self.last_load["loader"])
             self._drop_other_layouts()
         finally:
             for fd in new_progs.values():
@@ -1015,7 +1042,7 @@ class EbpfDatapath(Datapath):
                 if not self._links:
                     self._links = self._open_links()
                 self._swap_programs(progs)
-                self._write_meta(self._program_hash(self._pending_loader), self._pending_loader)
+                self._write_meta(*self._pending_meta)
                 self._drop_other_layouts()
             finally:
                 for fd in progs.values():
@@ -1052,6 +1079,8 @@ class EbpfDatapath(Datapath):
         meta = self._read_meta()
         details["program_hash"] = meta[0].hex() if meta else None
         details["program_current"] = bool(meta and meta[0] in self._current_hashes())
+        if self.upgrade_error:
+            details["upgrade_failed"] = self.upgrade_error
         codes = {v: k for k, v in LOADER_CODES.items()}
         details["loader"] = codes.get(meta[2], "unknown (an older release)") if meta else None
         if self.last_load:
