@@ -5,6 +5,7 @@
 #   packaging/dev.sh bench   install everything, then run the benchmark
 #   packaging/dev.sh bench-failover   ... then the failover benchmark
 #   packaging/dev.sh bench-coldstart  ... then the cold-start benchmark
+#   packaging/dev.sh matrix  ... then the kernel matrix (packaging/kernel-matrix.sh ARGS)
 #   packaging/dev.sh setup   install everything only
 # Installing is idempotent and quick when already done.
 set -euo pipefail
@@ -23,6 +24,9 @@ DEB_PACKAGES=(
 )
 # Only for the benchmark: load generator, userspace reference, backend.
 BENCH_PACKAGES=(wrk haproxy nginx)
+# Only for the kernel matrix: QEMU for the guests, depmod/modprobe for their
+# kernels' modules (the kernels themselves are downloaded, never installed).
+MATRIX_PACKAGES=(qemu-system-x86 kmod debian-archive-keyring)
 
 die() { echo "dev.sh: $*" >&2; exit 1; }
 
@@ -108,5 +112,6 @@ case "$cmd" in
   bench) setup; install_debian_packages "${BENCH_PACKAGES[@]}"; cd "$REPO"; exec "$VENV/bin/python" -m bench.run "$@" ;;
   bench-failover) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.failover "$@" ;;
   bench-coldstart) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.coldstart "$@" ;;
-  *) die "unknown command '$cmd' (setup|demo|test|bench|bench-failover|bench-coldstart)" ;;
+  matrix) setup; install_debian_packages "${MATRIX_PACKAGES[@]}"; exec bash "$REPO/packaging/kernel-matrix.sh" "$@" ;;
+  *) die "unknown command '$cmd' (setup|demo|test|bench|bench-failover|bench-coldstart|matrix)" ;;
 esac

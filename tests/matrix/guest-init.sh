@@ -31,6 +31,7 @@ mnt -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p "$RESULTS"
 # The result tag is the only writable 9p export.
 mnt -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=262144 pkmresults "$RESULTS"
+# shellcheck source=/dev/null
 . "$RESULTS/job.env" || fail "no job.env in the results directory"
 
 mnt -t cgroup2 cgroup2 /sys/fs/cgroup

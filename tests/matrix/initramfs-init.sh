@@ -10,6 +10,7 @@ mkdir -p /proc /sys /dev /newroot
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# shellcheck source=/dev/null
 . /pkm.conf
 
 fail() {
@@ -19,9 +20,9 @@ fail() {
 }
 
 echo "PKM: initramfs up ($(uname -r))"
-for m in $(cat /modules/order); do
+while read -r m; do
     insmod "/modules/$m" || fail "insmod $m"
-done
+done < /modules/order
 mount -t 9p -o "trans=virtio,version=9p2000.L,ro,cache=loose,msize=$PKM_MSIZE" "$PKM_ROOT_TAG" /newroot \
     || fail "mount 9p $PKM_ROOT_TAG"
 [ -x "/newroot$PKM_GUEST_INIT" ] || fail "no $PKM_GUEST_INIT on the host's filesystem"

@@ -50,7 +50,7 @@ DEFAULT_KERNELS = ("5.10", "6.1", "6.12")
 
 # What the tests run in a guest: the data-path suites, without what depends on
 # tight timing (a TCG guest runs several times slower than the host).
-DEFAULT_SELECTION = ["-m", "guest and not timing", "tests"]
+DEFAULT_SELECTION = ["-rfEs", "-m", "guest and not timing", "tests"]
 
 # Modules the initramfs loads to reach the host's filesystem (those built in
 # are skipped); dependencies are added from modules.dep.
@@ -402,7 +402,7 @@ def qemu_argv(kernel: Kernel, initrd: Path, results: Path, cpus: int) -> list[st
 
 
 def run_guest(kernel: Kernel, busybox: Path, work: Path, pytest_args: list[str], timeout: float,
-              cpus: int, echo: bool) -> Result:
+              boot_timeout: float, cpus: int, echo: bool) -> Result:
     res = Result(kernel.series, kernel.kver)
     gdir = work / kernel.series
     results = gdir / "results"
@@ -432,7 +432,7 @@ def run_guest(kernel: Kernel, busybox: Path, work: Path, pytest_args: list[str],
             in_tests = False
             while True:
                 now = time.monotonic()
-                deadline = t0 + (timeout if res.boot_s is not None else min(timeout, BOOT_TIMEOUT))
+                deadline = t0 + (timeout if res.boot_s is not None else min(timeout, boot_timeout))
                 if now >= deadline:
                     what = "did not boot (no guest-init)" if res.boot_s is None else "timed out"
                     raise MatrixError(f"{what} after {now - t0:.0f} s")
@@ -605,12 +605,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"comma-separated series of {', '.join(KERNELS)} (default: all)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds per guest, boot to poweroff (default %(default)s)")
+    p.add_argument("--boot-timeout", type=float, default=BOOT_TIMEOUT,
+                   help="seconds from QEMU's start to the guest's init (default %(default)s)")
     p.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1), help="vCPUs per guest")
     p.add_argument("--refresh", action="store_true",
                    help="look up the kernels in the archive again, even if cached")
     p.add_argument("--fetch-only", action="store_true", help="download and unpack, boot nothing")
     p.add_argument("--results", metavar="DIR", help="copy each guest's console log and JUnit XML here")
     p.add_argument("--quiet", action="store_true", help="do not echo the guests' pytest output")
+    p.add_argument("--summary", metavar="FILE", help="also write the per-kernel summary to FILE")
     p.add_argument("pytest_args", nargs="*",
                    help=f"after --: pytest arguments replacing the default {shlex.join(DEFAULT_SELECTION)}")
     return p.parse_args(argv)
@@ -648,8 +651,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             for s in series:
                 try:
-                    r = run_guest(kernels[s], busybox, WORK, pytest_args, args.timeout, args.cpus,
-                                  not args.quiet)
+                    r = run_guest(kernels[s], busybox, WORK, pytest_args, args.timeout, args.boot_timeout,
+                                  args.cpus, not args.quiet)
                 except MatrixError as e:
                     r = Result(s, kernels[s].kver, message=str(e))
                 results.append(r)
@@ -666,14 +669,21 @@ def main(argv: list[str] | None = None) -> int:
             os.close(lock)
     except MatrixError as e:
         log(f"FAILED: {e}")
-        if results:
-            print(summary(results), flush=True)
+        report(results, args.summary, f"kernel matrix FAILED before every kernel ran: {e}")
         return 1
     except KeyboardInterrupt as e:
         log(f"interrupted ({e or 'SIGINT'}); everything it started is removed")
+        report(results, args.summary, "kernel matrix interrupted")
         return 130
-    print(summary(results), flush=True)
+    report(results, args.summary)
     return 0 if results and all(r.ok for r in results) else 1
+
+
+def report(results: list[Result], path: str | None, note: str = "") -> None:
+    text = summary(results) + (f"\n  {note}" if note else "")
+    print(text, flush=True)
+    if path:
+        Path(path).write_text(text.lstrip("\n") + "\n")
 
 
 if __name__ == "__main__":
