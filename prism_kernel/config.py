@@ -168,7 +168,8 @@ class EbpfConfig(BaseModel):
         description="How the eBPF programs are loaded. libbpf: the precompiled object shipped with the "
         "package (no compiler, kernel headers or bcc on the node). bcc: compile the source at run time "
         "(needs python3-bpfcc and kernel headers). auto: libbpf, and bcc when there is no object or "
-        "libbpf's load fails. An attached program loaded either way is adopted, not reloaded.",
+        "libbpf's load fails. A current attached program is adopted at a restart, not reloaded (under auto "
+        "whichever loader loaded it).",
     )
 
 
