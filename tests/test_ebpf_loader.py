@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -45,10 +46,8 @@ def test_a_node_without_headers_compiler_or_bcc_runs_the_ebpf_path(testbed):
     clang, nor bcc exist: the precompiled object is loaded with libbpf and
     127.0.0.1:PORT is steered."""
     be = testbed.backends[0]
-    d = Daemon([f"{be.address}:{be.port}"], "ebpf", testbed.ca_file, testbed.tmpdir, start=False)
-    d.argv = _hidden_node(d.argv)
-    with d:
-        d.start()
+    with Daemon([f"{be.address}:{be.port}"], "ebpf", testbed.ca_file, testbed.tmpdir,
+                wrap=_hidden_node([])) as d:
         d.wait_ready()
         start = next(e for e in d.events() if e.get("event") == "start")
         assert start["datapath"] == "ebpf", start
@@ -63,7 +62,6 @@ def test_a_node_without_headers_compiler_or_bcc_runs_the_ebpf_path(testbed):
         assert "eBPF programs: libbpf (precompiled object" in table.stdout, table.stdout
         with tcp_connect("127.0.0.1", TEST_PORT) as s:
             assert s.getpeername() == ("127.0.0.1", TEST_PORT)  # steered, and translated back
-    # and without the mount namespace the same state is visible: it was real
     assert d.proc.returncode == 0
 
 
@@ -172,3 +170,49 @@ def test_check_available_starts_no_loader(monkeypatch):
 
     monkeypatch.setattr(ebpf, "_run_loader", no_loader)
     EbpfDatapath.check_available(DatapathSettings(listen_port=TEST_PORT, instance=TEST_INSTANCE))
+
+
+def test_the_object_needs_no_kernel_btf():
+    """No CO-RE relocations in .BTF.ext: libbpf never needs the running
+    kernel's BTF (/sys/kernel/btf/vmlinux) to load the object, so it loads
+    the same on every kernel."""
+    import struct
+
+    data = ebpf.default_object().read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2  # ELF64
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_off = sections[shstrndx][4]
+
+    def name(sh):
+        end = data.index(b"\0", names_off + sh[0])
+        return data[names_off + sh[0]:end].decode()
+
+    ext = next(sh for sh in sections if name(sh) == ".BTF.ext")
+    off = ext[4]
+    magic, _, _, hdr_len = struct.unpack_from("<HBBI", data, off)
+    assert magic == 0xEB9F
+    core_relo_len = struct.unpack_from("<I", data, off + 28)[0] if hdr_len >= 32 else 0
+    assert core_relo_len == 0
+
+
+def test_cookie_0_steers_the_initial_netns_only(testbed, dp, monkeypatch):
+    """A kernel before 5.14 cannot tell the daemon its netns cookie: it writes
+    0 and the programs compare with the initial network namespace
+    (bpf_get_netns_cookie(NULL)). The host is steered; a connect to
+    127.0.0.1:PORT inside another namespace is not (refused: nothing listens
+    there), as with the daemon's own cookie."""
+    monkeypatch.setattr(ebpf, "host_netns_cookie", lambda: 0)
+    d = dp()
+    be = plain_backend(testbed.backends[0])
+    d.install([be])
+    assert d.read_state().details["host_netns_cookie"] == 0
+    _steered_to(be)
+    ns = testbed.backends[1].netns
+    probe = ("import socket, sys\n"
+             "try:\n    socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=3)\n"
+             "except ConnectionRefusedError:\n    print('refused')\nelse:\n    print('connected')\n")
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe, str(TEST_PORT)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == "refused", r.stdout + r.stderr
