@@ -388,7 +388,7 @@ class Result:
 
 
 def qemu_argv(kernel: Kernel, initrd: Path, results: Path, cpus: int) -> list[str]:
-    append = "console=ttyS0 panic=-1 oops=panic loglevel=6 random.trust_cpu=on"
+    append = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 oops=panic loglevel=6 random.trust_cpu=on"
     return [
         "qemu-system-x86_64", "-name", f"{QEMU_MARK}-{kernel.series}",
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none", "-serial", "stdio",
@@ -434,8 +434,9 @@ def run_guest(kernel: Kernel, busybox: Path, work: Path, pytest_args: list[str],
                 now = time.monotonic()
                 deadline = t0 + (timeout if res.boot_s is not None else min(timeout, boot_timeout))
                 if now >= deadline:
-                    what = "did not boot (no guest-init)" if res.boot_s is None else "timed out"
-                    raise MatrixError(f"{what} after {now - t0:.0f} s")
+                    what = f"kernel {kernel.kver} did not boot (no guest init)" if res.boot_s is None \
+                        else "the guest timed out"
+                    raise MatrixError(f"{what} after {now - t0:.0f} s (limit {deadline - t0:.0f} s: --timeout / --boot-timeout)")
                 r, _, _ = select.select([proc.stdout], [], [], deadline - now)
                 if not r:
                     continue
@@ -469,7 +470,8 @@ def run_guest(kernel: Kernel, busybox: Path, work: Path, pytest_args: list[str],
         if fails or (results / "error").exists():
             raise MatrixError("; ".join(fails) or (results / "error").read_text().strip())
         if res.boot_s is None:
-            raise MatrixError(f"QEMU exited ({proc.returncode}) before the guest came up")
+            raise MatrixError(f"kernel {kernel.kver} did not boot: QEMU exited ({proc.returncode}: the guest "
+                              f"reset or powered off) before the guest's init ran")
         if not rc_file.exists():
             raise MatrixError(f"the guest powered off without a test result (QEMU exit {proc.returncode})")
         rc = int(rc_file.read_text().strip())
@@ -555,16 +557,22 @@ def clear_leftovers(work: Path) -> None:
         for pidfile in work.glob("qemu-*.pid"):
             try:
                 pid = int(pidfile.read_text().strip())
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                pidfd = os.pidfd_open(pid)  # first: the checks below then hold for this process
             except (OSError, ValueError):
                 continue
-            if cmdline and cmdline[0].endswith(b"qemu-system-x86_64") and \
-                    any(a.startswith(QEMU_MARK.encode()) for a in cmdline):
-                log(f"killing the guest an interrupted run left (pid {pid})")
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if cmdline and cmdline[0].endswith(b"qemu-system-x86_64") and \
+                        any(a.startswith(QEMU_MARK.encode()) for a in cmdline):
+                    log(f"killing the guest an interrupted run left (pid {pid})")
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    # the pidfd is readable once the process has exited: wait for that, bounded
+                    if not select.select([pidfd], [], [], 30)[0]:
+                        raise MatrixError(f"the leftover guest (pid {pid}) did not exit after SIGKILL")
+            except (ProcessLookupError, FileNotFoundError):
+                pass
+            finally:
+                os.close(pidfd)
         shutil.rmtree(work)
     if CACHE.is_dir():
         for p in CACHE.glob("*.partial*"):
