@@ -36,8 +36,16 @@ mnt -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=262144 pkmresults "$
 
 mnt -t cgroup2 cgroup2 /sys/fs/cgroup
 mnt -t bpf bpf /sys/fs/bpf
+# A repository under /tmp or /var/tmp (a CI clone) would vanish under the
+# tmpfs mounted there: it is bound aside first and back at its own path after.
+case "$PKM_REPO/" in
+    /tmp/*|/var/tmp/*) mkdir -p /run/pkm-repo && mnt --bind "$PKM_REPO" /run/pkm-repo ;;
+esac
 mnt -t tmpfs -o mode=1777 tmpfs /tmp
 mnt -t tmpfs -o mode=1777 tmpfs /var/tmp
+if mountpoint -q /run/pkm-repo; then
+    mkdir -p "$PKM_REPO" && mnt --bind /run/pkm-repo "$PKM_REPO"
+fi
 mkdir -p /dev/pts /dev/shm
 mnt -t devpts devpts /dev/pts
 mnt -t tmpfs -o mode=1777 tmpfs /dev/shm

@@ -582,6 +582,9 @@ def clear_leftovers(work: Path) -> None:
 def preflight(cpus: int) -> None:
     if os.geteuid() != 0:
         raise MatrixError("run as root (the guests run the kernel tests as root)")
+    for hidden in ("/run", "/dev", "/proc", "/sys"):  # the guest mounts its own there
+        if REPO == Path(hidden) or Path(hidden) in REPO.parents:
+            raise MatrixError(f"the repository {REPO} is under {hidden}, which a guest cannot see")
     for tool in ("qemu-system-x86_64", "apt-get", "dpkg-deb", "depmod"):
         if shutil.which(tool) is None:
             raise MatrixError(f"{tool} not found: run packaging/dev.sh matrix (it installs the matrix's packages)")
