@@ -6,6 +6,7 @@
 #   packaging/dev.sh bench-failover   ... then the failover benchmark
 #   packaging/dev.sh bench-coldstart  ... then the cold-start benchmark
 #   packaging/dev.sh matrix  ... then the kernel matrix (packaging/kernel-matrix.sh ARGS)
+#   packaging/dev.sh image   ... then build the container image, run it, remove it (packaging/image.sh)
 #   packaging/dev.sh setup   install everything only
 # Installing is idempotent and quick when already done.
 set -euo pipefail
@@ -27,6 +28,9 @@ BENCH_PACKAGES=(wrk haproxy nginx)
 # Only for the kernel matrix: QEMU for the guests, depmod/modprobe for their
 # kernels' modules (the kernels themselves are downloaded, never installed).
 MATRIX_PACKAGES=(qemu-system-x86 kmod debian-archive-keyring)
+# Only for the container image: podman (with runc: crun refuses hybrid cgroup
+# hosts) and mmdebstrap for the base root filesystem (no registry needed).
+IMAGE_PACKAGES=(podman runc mmdebstrap)
 
 die() { echo "dev.sh: $*" >&2; exit 1; }
 
@@ -113,5 +117,12 @@ case "$cmd" in
   bench-failover) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.failover "$@" ;;
   bench-coldstart) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.coldstart "$@" ;;
   matrix) setup; install_debian_packages "${MATRIX_PACKAGES[@]}"; exec bash "$REPO/packaging/kernel-matrix.sh" "$@" ;;
-  *) die "unknown command '$cmd' (setup|demo|test|bench|bench-failover|bench-coldstart|matrix)" ;;
+  image)
+    # Built, run, then removed (image, base root filesystem, storage: a few
+    # hundred MB); packaging/image.sh build|check keeps them between runs.
+    setup; install_debian_packages "${IMAGE_PACKAGES[@]}"
+    rc=0; bash "$REPO/packaging/image.sh" check "$@" || rc=$?
+    bash "$REPO/packaging/image.sh" clean
+    exit $rc ;;
+  *) die "unknown command '$cmd' (setup|demo|test|bench|bench-failover|bench-coldstart|matrix|image)" ;;
 esac

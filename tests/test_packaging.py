@@ -1,5 +1,5 @@
 """Packaging: the systemd unit, the DaemonSet, the Containerfile and its
-entrypoint, the example configuration, and the generated configuration
+build script, the example configuration, and the generated configuration
 reference (docs/configuration.md must equal the generator's output).
 
 Nothing here needs root or touches the kernel. `systemd-analyze`, `hadolint`
@@ -29,7 +29,6 @@ PACKAGING = REPO / "packaging"
 UNIT = PACKAGING / "prism-kernel.service"
 DAEMONSET = PACKAGING / "daemonset.yaml"
 CONTAINERFILE = PACKAGING / "Containerfile"
-ENTRYPOINT = PACKAGING / "container-entrypoint.sh"
 EXAMPLE_CONFIG = PACKAGING / "config.example.yaml"
 CONFIG_REFERENCE = REPO / "docs" / "configuration.md"
 
@@ -225,9 +224,8 @@ def test_daemonset_structure():
     vm, src = host("/run/prism-kernel")
     assert src == "/run/prism-kernel" and mounts["/run/prism-kernel"][1]["hostPath"]["type"] == "DirectoryOrCreate"
     assert not vm.get("readOnly", False)
-    for path, host_path in (("/host/lib/modules", "/lib/modules"), ("/host/usr/src", "/usr/src")):
-        vm, src = host(path)
-        assert src == host_path and vm["readOnly"] is True
+    # No kernel headers from the node: the image loads the precompiled object.
+    assert not [p for p in mounts if p.startswith(("/host", "/lib/modules", "/usr/src"))], sorted(mounts)
     vm, vol = mounts["/etc/prism-kernel"]
     assert vol["configMap"]["name"] == m["ConfigMap"]["metadata"]["name"] and vm["readOnly"] is True
 
@@ -294,112 +292,80 @@ def test_example_config_is_valid(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# Containerfile and its entrypoint
+# Containerfile (built and run: packaging/image.sh check, tests/test_image.py)
 
 
-def containerfile_instructions() -> list[tuple[str, str]]:
+def containerfile_stages() -> list[list[tuple[str, str]]]:
+    """The instructions of each stage (a stage starts at FROM); ARGs before
+    the first FROM are stage 0's."""
     text = CONTAINERFILE.read_text().replace("\\\n", " ")
-    out = []
+    stages: list[list[tuple[str, str]]] = [[]]
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
+            if word.upper() == "FROM" and stages[-1] and any(w == "FROM" for w, _ in stages[-1]):
+                stages.append([])
+            stages[-1].append((word.upper(), " ".join(rest.split())))
+    return stages
+
+
+def _installed(stage: list[tuple[str, str]]) -> set[str]:
+    run = " ".join(rest for word, rest in stage if word == "RUN")
+    pkgs = set()
+    for m in re.finditer(r"apt-get install ((?:-\S+ )*)((?:[a-z0-9][a-z0-9.+-]* ?)+)", run):
+        pkgs |= set(m.group(2).split())
+    return pkgs
 
 
 def test_containerfile():
-    ins = containerfile_instructions()
-    assert ins[0][0] == "FROM" and re.search(r"debian:bookworm", ins[0][1])
-    run = " ".join(rest for word, rest in ins if word == "RUN")
-    for pkg in ("python3-bpfcc", "bpftool", "nftables", "python3-nftables", "linux-headers-amd64", "python3-venv"):
-        assert re.search(rf"(^|\s){re.escape(pkg)}(\s|$)", run), f"{pkg} not installed"
-    assert "venv --system-site-packages" in run
-    for word, rest in ins:
+    builder, final = containerfile_stages()
+    assert builder[0] == ("ARG", "BASE=docker.io/library/debian:bookworm-slim")
+    assert ("FROM", "${BASE} AS builder") in builder and final[0] == ("FROM", "${BASE}")
+    # The builder compiles the BPF object while it builds the wheel.
+    assert {"clang", "libbpf-dev", "python3-venv"} <= _installed(builder)
+    builder_run = " ".join(rest for word, rest in builder if word == "RUN")
+    assert "pip wheel" in builder_run and "prism_kernel/bpf/prism_sock.bpf.o" in builder_run
+    # The final stage: what the daemon runs with, nothing to compile with.
+    pkgs = _installed(final)
+    assert {"python3", "python3-venv", "libbpf1", "nftables", "python3-nftables", "iproute2",
+            "ca-certificates"} <= pkgs, pkgs
+    for banned in ("clang", "gcc", "libbpf-dev", "python3-bpfcc", "bpfcc-tools", "linux-headers-amd64"):
+        assert banned not in pkgs, banned
+    final_run = " ".join(rest for word, rest in final if word == "RUN")
+    assert "venv --system-site-packages" in final_run
+    # The wheel, not an editable source tree; offline, from the builder's wheels.
+    assert "pip install" in final_run and " -e " not in final_run and "--editable" not in final_run
+    assert "--no-index --find-links /tmp/dist prism-kernel" in final_run
+    assert ("COPY", "--from=builder /dist /tmp/dist") in final
+    assert not [rest for word, rest in final if word == "COPY" and "--from=builder" not in rest], \
+        "the final stage copies nothing from the source tree"
+    for word, rest in builder:
         if word == "COPY":
-            parts = [p for p in rest.split() if not p.startswith("--")]
-            for src in parts[:-1]:
+            for src in [p for p in rest.split() if not p.startswith("--")][:-1]:
                 assert (REPO / src).exists(), f"COPY {src}: not in the repository"
     import json
 
-    entry = json.loads(next(rest for word, rest in ins if word == "ENTRYPOINT"))
-    cmd = json.loads(next(rest for word, rest in ins if word == "CMD"))
-    assert entry == ["/usr/local/bin/prism-kernel-entrypoint"]
+    entry = json.loads(next(rest for word, rest in final if word == "ENTRYPOINT"))
+    cmd = json.loads(next(rest for word, rest in final if word == "CMD"))
+    assert entry == ["/usr/local/bin/prism-kernel"]
     assert cmd == ["run", "--config", "/etc/prism-kernel/config.yaml"]
-    assert "packaging/container-entrypoint.sh /usr/local/bin/prism-kernel-entrypoint" in \
-        " ".join(rest for word, rest in ins if word == "COPY")
+    # The manifests' args are the image's default command.
+    ds = load_manifest()["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert ds["args"] == cmd
     hadolint = shutil.which("hadolint")
     if hadolint:
         r = subprocess.run([hadolint, str(CONTAINERFILE)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_entrypoint_lints():
-    assert ENTRYPOINT.stat().st_mode & stat.S_IXUSR
-    r = subprocess.run(["sh", "-n", str(ENTRYPOINT)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+def test_image_script_lints():
+    script = PACKAGING / "image.sh"
+    assert script.stat().st_mode & stat.S_IXUSR
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck not installed: packaging/dev.sh installs it"
-    r = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-
-
-def _run_entrypoint(root: Path, bin_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["sh", str(ENTRYPOINT), "run", "--config", "/etc/prism-kernel/config.yaml"],
-                          capture_output=True, text=True, timeout=30,
-                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PRISM_KERNEL_ENTRYPOINT_ROOT": str(root)})
-
-
-@pytest.fixture
-def fake_prism(tmp_path) -> Path:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "prism-kernel"
-    fake.write_text('#!/bin/sh\necho "prism-kernel $*"\n')
-    fake.chmod(0o755)
-    return bin_dir
-
-
-def test_entrypoint_links_the_nodes_headers(tmp_path, fake_prism):
-    release = os.uname().release
-    root = tmp_path / "root"
-    # The node's headers: /lib/modules/R/build -> /usr/src/linux-headers-R (absolute, as on a host).
-    (root / "host/usr/src/linux-headers-node/include").mkdir(parents=True)
-    (root / f"host/lib/modules/{release}").mkdir(parents=True)
-    (root / f"host/lib/modules/{release}/build").symlink_to("/usr/src/linux-headers-node")
-    # The image's own Debian headers, which must not be chosen here.
-    (root / "usr/src/linux-headers-6.1.0-99-amd64/include").mkdir(parents=True)
-    (root / "usr/src/linux-headers-6.1.0-99-common/include").mkdir(parents=True)
-    r = _run_entrypoint(root, fake_prism)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "prism-kernel run --config /etc/prism-kernel/config.yaml"
-    mod = root / f"lib/modules/{release}"
-    assert os.readlink(mod / "build") == str(root / "host/usr/src/linux-headers-node")
-    assert os.readlink(mod / "source") == str(root / "host/usr/src/linux-headers-node")
-    assert "the node's kernel headers" in r.stderr
-
-
-def test_entrypoint_falls_back_to_the_image_headers(tmp_path, fake_prism):
-    release = os.uname().release
-    root = tmp_path / "root"
-    (root / "host/lib/modules").mkdir(parents=True)  # a node without headers (Talos)
-    for ver in ("6.1.0-98", "6.1.0-99"):
-        (root / f"usr/src/linux-headers-{ver}-amd64/include").mkdir(parents=True)
-        (root / f"usr/src/linux-headers-{ver}-common/include").mkdir(parents=True)
-    r = _run_entrypoint(root, fake_prism)
-    assert r.returncode == 0, r.stderr
-    mod = root / f"lib/modules/{release}"
-    assert os.readlink(mod / "build") == str(root / "usr/src/linux-headers-6.1.0-99-amd64")
-    assert os.readlink(mod / "source") == str(root / "usr/src/linux-headers-6.1.0-99-common")
-
-
-def test_entrypoint_without_any_headers_still_starts(tmp_path, fake_prism):
-    root = tmp_path / "root"
-    root.mkdir()
-    r = _run_entrypoint(root, fake_prism)
-    assert r.returncode == 0, r.stderr
-    assert "auto uses nftables" in r.stderr
-    assert r.stdout.startswith("prism-kernel run")
 
 
 # --------------------------------------------------------------------------
