@@ -453,7 +453,7 @@ def run_guest(kernel: Kernel, busybox: Path, work: Path, pytest_args: list[str],
                         log(f"kernel {kernel.series}: guest up after {res.boot_s:.1f} s: {line.split('PKM: ', 1)[1]}")
                     elif "PKM: pytest start" in line:
                         t_tests, in_tests = time.monotonic(), True
-                    elif "PKM: pytest done" in line:
+                    elif "PKM: pytest done" in line and t_tests is not None:
                         res.tests_s, in_tests = time.monotonic() - t_tests, False
                     elif "PKM-FAIL:" in line:
                         fails.append(line.split("PKM-FAIL: ", 1)[1])
