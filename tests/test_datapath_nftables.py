@@ -319,6 +319,16 @@ def test_no_write_when_unchanged(hosts, dp):
         other.close()
 
 
+# Found by the kernel matrix (docs/kernel-matrix.md): on Debian's 6.12 a
+# connect now and then passes the NAT hook un-DNATed while a set change is
+# committed (about 3 runs in 8 in the TCG guest; 0 of 8 on 6.1, 0 of 25 on the
+# 6.18 host). Still run and reported there (xfail, not strict): an open bug
+# of the nftables data path on that kernel, not a pass.
+_NAT_SWAP_RACE = os.uname().release.startswith("6.12.")
+
+
+@pytest.mark.xfail(_NAT_SWAP_RACE, strict=False,
+                   reason="6.12: a connect can pass un-DNATed during a set change (open, docs/kernel-matrix.md)")
 def test_set_changes_are_atomic_under_load(hosts, dp):
     (b1, b2, b3), local = hosts
     sets = [[b1], [b1, b2], [b2, b3], [b3], [b1, b2, b3], [b2]]
