@@ -43,14 +43,10 @@ Exit code: 0 when the daemon can run (`auto` finds a data path), 1 when not,
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import json
 import os
 import re
 import socket
-import struct
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,14 +97,9 @@ class Check:
 
 
 def _cap_eff() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
+    from prism_kernel.datapath._bpfsys import cap_eff
+
+    return cap_eff()
 
 
 def _has(cap_eff: int, bit: int) -> bool:

@@ -388,6 +388,18 @@ def prog_run_stats(fd: int) -> tuple[int, int]:
     return struct.unpack_from("=QQ", raw, 192)
 
 
+def cap_eff() -> int:
+    """This process's effective capability set (CapEff), 0 when unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
 def raise_memlock() -> None:
     """RLIMIT_MEMLOCK to unlimited. Kernels before 5.11 charge BPF maps and
     programs to it (often 64 KiB: not even our maps fit); later ones charge

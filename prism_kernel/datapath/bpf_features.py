@@ -64,12 +64,7 @@ def _may_load_programs() -> bool:
     """CAP_BPF or CAP_SYS_ADMIN in the effective set. libbpf 1.1's probes
     answer "not supported" for any failed load, EPERM included, so they are
     only asked when a load can succeed."""
-    try:
-        with open("/proc/self/status") as f:
-            cap = next((int(line.split()[1], 16) for line in f if line.startswith("CapEff:")), 0)
-    except OSError:
-        return False
-    return bool(cap & (1 << 39 | 1 << 21))
+    return bool(bpf.cap_eff() & (1 << 39 | 1 << 21))
 
 
 def _libbpf_probes(lib: ctypes.CDLL) -> list[Feature]:

@@ -383,13 +383,6 @@ def ensure_bpffs(path: str = BPFFS) -> None:
     log.info("mounted bpffs at %s", path)
 
 
-def _cap_eff() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
 
 @dataclass
 class _Maps:
@@ -506,7 +499,7 @@ class EbpfDatapath(Datapath):
             _validate_instance(settings.instance)
         except DatapathError as e:
             raise unavailable(str(e)) from None
-        cap = _cap_eff()
+        cap = bpf.cap_eff()
         cap_sys_admin, cap_net_admin, cap_bpf = 1 << 21, 1 << 12, 1 << 39
         if not (cap & cap_sys_admin or (cap & cap_bpf and cap & cap_net_admin)):
             raise unavailable("missing capability: needs CAP_SYS_ADMIN, or CAP_BPF and "
