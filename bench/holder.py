@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="nftables: leave net.ipv4.tcp_timestamps alone (the data path before the fix)")
     a = ap.parse_args(argv)
 
+    from prism_kernel.core.model import Backend
     from prism_kernel.datapath import datapath_class
     from prism_kernel.datapath.base import DatapathSettings
-    from prism_kernel.model import Backend
 
     cls = datapath_class(a.datapath)
     if a.naive:

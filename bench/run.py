@@ -173,7 +173,7 @@ class Run:
 def bpf_programs() -> dict[str, tuple[int, int]]:
     """"instance/hook" -> (run_time_ns, run_cnt) of every prism-kernel program
     attached through a pinned link under /sys/fs/bpf."""
-    from prism_kernel.datapath import _bpfsys as bpf
+    from prism_kernel.datapath.ebpf import bpfsys as bpf
 
     out: dict[str, tuple[int, int]] = {}
     for links in sorted(Path("/sys/fs/bpf").glob("*/links")):
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     urls: dict[str, str] = {}
     stats_fd = None
     if opts.bpf_stats:
-        from prism_kernel.datapath import _bpfsys
+        from prism_kernel.datapath.ebpf import bpfsys as _bpfsys
 
         stats_fd = _bpfsys.enable_run_time_stats()  # off again when this process ends
     with benv.Env(nginx_cpu=opts.nginx_cpu) as e:

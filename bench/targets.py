@@ -67,7 +67,7 @@ class Nftables(Target):
 
     name = "nftables"
     datapath = "nftables"
-    description = "wrk -> 127.0.0.1:PORT, nftables DNAT (prism_kernel.datapath.nftables)"
+    description = "wrk -> 127.0.0.1:PORT, nftables DNAT (prism_kernel.datapath.nft.datapath)"
     naive = False
     loader: str | None = None  # eBPF: ebpf.loader for the holder
     # Targets stay installed side by side for the whole run, so each has its
@@ -149,7 +149,7 @@ class Ebpf(Nftables):
 
     name = "ebpf"
     datapath = "ebpf"
-    description = "wrk -> 127.0.0.1:PORT, cgroup connect4 rewrite (prism_kernel.datapath.ebpf)"
+    description = "wrk -> 127.0.0.1:PORT, cgroup connect4 rewrite (prism_kernel.datapath.ebpf.datapath)"
     port_offset = 2
     instance_suffix = "-ebpf"
     loader = "libbpf"

@@ -6,7 +6,7 @@
  *
  * Built once, at install time, into an ELF object with BTF (clang -target bpf
  * -O2 -g; bpf/build.sh) and loaded with libbpf by a short-lived loader process
- * (prism_kernel/datapath/_bpf_loader.py). The programs read only uapi context
+ * (prism_kernel/datapath/ebpf/loader.py). The programs read only uapi context
  * fields (struct bpf_sock_addr, struct bpf_sock_ops): no CO-RE relocations and
  * no kernel headers, so one object serves every kernel from 5.10 on. The same
  * source also compiles with bcc (-DPK_BCC), the fallback loader for a source
@@ -65,7 +65,7 @@
  * update is a plain memcpy into the live value (a concurrent reader can see
  * a torn entry), and a preallocated hash recycles an old element at once.
  *
- * Update protocol (one writer, the daemon; prism_kernel/datapath/ebpf.py
+ * Update protocol (one writer, the daemon; prism_kernel/datapath/ebpf/datapath.py
  * _write_set() follows it step by step):
  *   0. create zeroed pk_counters entries for the new backends (BPF_NOEXIST);
  *   1. write the new set into the INACTIVE buffer: pk_slots[(fam, !buf, i)];

@@ -30,7 +30,7 @@ from pydantic.fields import FieldInfo  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
 
 from prism_kernel import config as cfg  # noqa: E402
-from prism_kernel.endpoints import EndpointSpec  # noqa: E402
+from prism_kernel.sources.endpoints import EndpointSpec  # noqa: E402
 
 OUTPUT = REPO / "docs" / "configuration.md"
 

@@ -129,7 +129,7 @@ def config_from_args(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    from prism_kernel.daemon import Daemon  # after validation: nothing heavy for a bad flag
+    from prism_kernel.control.daemon import Daemon  # after validation: nothing heavy for a bad flag
 
     log = EventLog(config.log_format)
     route_logging(log)
@@ -141,9 +141,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
+    from prism_kernel.control.runstate import RUN_FILES, STATE_FILE, daemon_pid
     from prism_kernel.datapath import ALL, DatapathSettings, datapath_class
     from prism_kernel.errors import DatapathUnavailable
-    from prism_kernel.runstate import RUN_FILES, STATE_FILE, daemon_pid
 
     run_dir = Path(args.run_dir or f"/run/{args.instance}")
     pid = daemon_pid(run_dir)
@@ -197,7 +197,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "status":
-            from prism_kernel.status import run_status
+            from prism_kernel.observe.status import run_status
 
             if args.watch is not None and args.watch <= 0:
                 raise ConfigError("--watch: the interval must be > 0 seconds")
@@ -206,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "cleanup":
             return _cleanup(args)
         if args.command == "doctor":
-            from prism_kernel.doctor import run_doctor
+            from prism_kernel.observe.doctor import run_doctor
 
             return run_doctor(args.port, args.instance, args.output)
     except ConfigError as e:

@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from prism_kernel.endpoints import EndpointSpec, parse_endpoint
 from prism_kernel.errors import ConfigError
+from prism_kernel.sources.endpoints import EndpointSpec, parse_endpoint
 
 DEFAULT_PORT = 7445
 INSTANCE_PATTERN = r"^[a-z][a-z0-9-]{0,30}$"
@@ -231,7 +231,7 @@ class DiscoveryConfig(BaseModel):
         # A kubeconfig that is not there yet (kubelet TLS bootstrap) is waited
         # for at run time; one that is there must be usable now.
         if self.enabled and Path(self.kubeconfig).exists():
-            from prism_kernel.discovery import KubeconfigError, load_kubeconfig
+            from prism_kernel.sources.discovery import KubeconfigError, load_kubeconfig
 
             try:
                 load_kubeconfig(self.kubeconfig, self.context)

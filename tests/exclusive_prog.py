@@ -16,8 +16,8 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 
-from prism_kernel.datapath import _bpfsys as bpf
-from prism_kernel.datapath.cgroup import find_cgroup2_root
+from prism_kernel.datapath.ebpf import bpfsys as bpf
+from prism_kernel.datapath.ebpf.cgroup import find_cgroup2_root
 
 PROG_NAME = "pk_test_excl"
 BPF_PROG_LOAD = 5

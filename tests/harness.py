@@ -166,7 +166,7 @@ def http_ok(s: socket.socket) -> bool:
 
 def plain_backend(srv, family: int = 4):
     """The data-path backend of a fake API server: its plain-HTTP port."""
-    from prism_kernel.model import Backend
+    from prism_kernel.core.model import Backend
 
     addr = (srv.address4 or srv.address) if family == 4 else srv.address6
     return Backend.of(addr, srv.http_port)

@@ -1,4 +1,4 @@
-"""The kernel feature probes (prism_kernel/datapath/bpf_features.py): they
+"""The kernel feature probes (prism_kernel/datapath/ebpf/features.py): they
 answer what this kernel can do, never "not supported" for what they could
 not ask, and the sock_diag requests they pack match pyroute2's encoding.
 The probes load tiny programs freed at once and send requests that match no
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_kernel.datapath import bpf_features
+from prism_kernel.datapath.ebpf import features as bpf_features
 
 REPO = Path(__file__).resolve().parents[1]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the probes need root to load programs")
@@ -33,7 +33,7 @@ def test_without_privileges_a_probe_says_so_and_never_not_supported():
     """As nobody without capabilities: libbpf's probes would answer "not
     supported" for a refused load; each probe is unknown (None) instead, or
     answered where no privilege is needed."""
-    script = ("import json; from prism_kernel.datapath import bpf_features as f; "
+    script = ("import json; from prism_kernel.datapath.ebpf import features as f; "
               "print(json.dumps([[x.id, x.ok, x.detail] for x in f.probe_all()]))")
     r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
                         "--inh-caps=-all", sys.executable, "-c", script],

@@ -14,8 +14,8 @@ import pytest
 from tests.harness import (
     TEST_INSTANCE,
     TEST_PORT,
-    RecordingClient,
     Daemon,
+    RecordingClient,
     client_context,
     https_get,
     kernel_leftovers,

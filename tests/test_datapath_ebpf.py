@@ -31,11 +31,11 @@ pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
 
-from prism_kernel.datapath import _bpfsys as bpf  # noqa: E402
+from prism_kernel.core.model import Backend  # noqa: E402
 from prism_kernel.datapath.base import DatapathSettings  # noqa: E402
-from prism_kernel.datapath.ebpf import LAYOUT, EbpfDatapath, default_source  # noqa: E402
+from prism_kernel.datapath.ebpf import bpfsys as bpf  # noqa: E402
+from prism_kernel.datapath.ebpf.datapath import LAYOUT, EbpfDatapath, default_source  # noqa: E402
 from prism_kernel.errors import DatapathError, DatapathUnavailable  # noqa: E402
-from prism_kernel.model import Backend  # noqa: E402
 from tests.harness import Hammer, build_program  # noqa: E402
 
 PORT = 37445            # the listen port (never 7445 / 17445 / 27445: other work runs here)
@@ -262,7 +262,7 @@ def attached_ids(attach_type: int) -> list[int]:
 
 
 def cgroup_root() -> str:
-    from prism_kernel.datapath.cgroup import find_cgroup2_root
+    from prism_kernel.datapath.ebpf.cgroup import find_cgroup2_root
     return find_cgroup2_root()
 
 
@@ -428,8 +428,8 @@ def test_rapid_set_changes_never_fail_a_connect(testbed, dp_factory):
 HOLDER = textwrap.dedent("""
     import json, sys, time
     from prism_kernel.datapath.base import DatapathSettings
-    from prism_kernel.datapath.ebpf import EbpfDatapath
-    from prism_kernel.model import Backend
+    from prism_kernel.datapath.ebpf.datapath import EbpfDatapath
+    from prism_kernel.core.model import Backend
     settings = DatapathSettings(listen_port=int(sys.argv[1]), instance=sys.argv[2])
     dp = EbpfDatapath(settings)
     adopted = dp.install([Backend.of(a, int(sys.argv[4])) for a in sys.argv[3].split(",") if a])
@@ -587,8 +587,8 @@ def test_daemon_rss_after_adopt_and_after_install(testbed, dp_factory):
     dp.install([testbed.backend("b1")])
     code = textwrap.dedent(f"""
         from prism_kernel.datapath.base import DatapathSettings
-        from prism_kernel.datapath.ebpf import EbpfDatapath
-        from prism_kernel.model import Backend
+        from prism_kernel.datapath.ebpf.datapath import EbpfDatapath
+        from prism_kernel.core.model import Backend
         import sys, json
         dp = EbpfDatapath(DatapathSettings(listen_port={PORT}, instance="{INSTANCE}"))
         adopted = dp.install([Backend.of("{testbed.hosts['b1'].v4}", {BACKEND_PORT})])
@@ -719,7 +719,7 @@ def test_refuses_a_non_initial_cgroup_namespace(testbed):
         pytest.fail("no unshare(1): util-linux is expected on Debian")
     code = textwrap.dedent(f"""
         from prism_kernel.datapath.base import DatapathSettings
-        from prism_kernel.datapath.ebpf import EbpfDatapath
+        from prism_kernel.datapath.ebpf.datapath import EbpfDatapath
         from prism_kernel.errors import DatapathError, DatapathUnavailable
         s = DatapathSettings(listen_port={PORT}, instance="{INSTANCE}-cgns")
         try:

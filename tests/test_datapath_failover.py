@@ -33,13 +33,13 @@ pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
 
-from prism_kernel.datapath import _bpfsys as bpf  # noqa: E402
+from prism_kernel.core.model import Backend  # noqa: E402
 from prism_kernel.datapath.base import DatapathSettings, PassiveCounts  # noqa: E402
-from prism_kernel.datapath.cgroup import find_cgroup2_root  # noqa: E402
-from prism_kernel.datapath.ebpf import LAYOUT, EbpfDatapath  # noqa: E402
-from prism_kernel.datapath.nftables import NftablesDatapath  # noqa: E402
+from prism_kernel.datapath.ebpf import bpfsys as bpf  # noqa: E402
+from prism_kernel.datapath.ebpf.cgroup import find_cgroup2_root  # noqa: E402
+from prism_kernel.datapath.ebpf.datapath import LAYOUT, EbpfDatapath  # noqa: E402
+from prism_kernel.datapath.nft.datapath import NftablesDatapath  # noqa: E402
 from prism_kernel.errors import DatapathUnavailable  # noqa: E402
-from prism_kernel.model import Backend  # noqa: E402
 from tests.harness import (  # noqa: E402
     Hammer,
     has_so_netns_cookie,
@@ -607,7 +607,7 @@ def test_nftables_close_connections_also_deletes_their_conntrack_entries(tb, nft
     the entry would stay in SYN_SENT for 120 s and catch a new connect that
     reuses its source port)."""
     dp = nft_dp
-    from prism_kernel.datapath import _netlink
+    from prism_kernel.datapath import netlink as _netlink
 
     b0 = tb.backends[0]
     dp.install([be(b0)])

@@ -26,17 +26,17 @@ if os.geteuid() != 0:
     pytest.skip("needs root (network namespaces, nftables, sysctls)", allow_module_level=True)
 nftables = pytest.importorskip("nftables")
 
-from tests.harness import Hammer  # noqa: E402
+from prism_kernel.core.model import Backend  # noqa: E402
 from prism_kernel.datapath import sysctl  # noqa: E402
 from prism_kernel.datapath.base import DatapathSettings  # noqa: E402
-from prism_kernel.datapath.nftables import (  # noqa: E402
+from prism_kernel.datapath.nft.datapath import (  # noqa: E402
     ROUTE_LOCALNET,
     TCP_TIMESTAMPS,
     NftablesDatapath,
     table_name,
 )
 from prism_kernel.errors import DatapathError  # noqa: E402
-from prism_kernel.model import Backend  # noqa: E402
+from tests.harness import Hammer  # noqa: E402
 
 PORT = 27445
 INSTANCE = "pk-nft-dev"

@@ -33,16 +33,16 @@ pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
 
-from prism_kernel.datapath import _bpfsys as bpf  # noqa: E402
+from prism_kernel.core.model import Backend  # noqa: E402
 from prism_kernel.datapath.base import DatapathSettings  # noqa: E402
-from prism_kernel.datapath.ebpf import (  # noqa: E402
+from prism_kernel.datapath.ebpf import bpfsys as bpf  # noqa: E402
+from prism_kernel.datapath.ebpf.datapath import (  # noqa: E402
     LAYOUT,
     SUSPECT_WINDOW_S,
     EbpfDatapath,
     encode_backend,
 )
 from prism_kernel.errors import DatapathUnavailable  # noqa: E402
-from prism_kernel.model import Backend  # noqa: E402
 from tests.harness import (  # noqa: E402
     Hammer,
     has_so_netns_cookie,
@@ -632,7 +632,7 @@ def test_callbacks_another_sock_ops_program_set_are_kept(tb, ebpf):
     socket's CLOSE."""
     from bcc import BPF  # the test process may carry the compiler
 
-    from prism_kernel.datapath.cgroup import find_cgroup2_root
+    from prism_kernel.datapath.ebpf.cgroup import find_cgroup2_root
 
     b0 = tb.backends[0]
     other = BPF(text=OTHER_SOCKOPS.encode(), cflags=[f"-DBACKEND_PORT={b0.http_port}"])

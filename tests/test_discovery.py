@@ -1,5 +1,5 @@
 """Endpoint discovery from the EndpointSlices of Service `kubernetes`
-(prism_kernel.discovery).
+(prism_kernel.sources.discovery).
 
 Unit tests (no network): slices -> endpoints, kubeconfig variants, the cache.
 Integration tests (root): the watcher against the testbed's fake API servers
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prism_kernel.discovery import (
+from prism_kernel.sources.discovery import (
     EndpointSliceWatcher,
     KubeconfigError,
     _Backoff,
@@ -39,7 +39,7 @@ from prism_kernel.discovery import (
     load_kubeconfig,
     spec_sort_key,
 )
-from prism_kernel.endpoints import EndpointSpec
+from prism_kernel.sources.endpoints import EndpointSpec
 
 PREFIX = "pkg"
 NET_OFFSET = 60
@@ -414,7 +414,7 @@ def test_tcp_keepalive_options():
 
 def test_watch_events_applied(tmp_path):
     """ADDED/MODIFIED/DELETED/BOOKMARK/ERROR as a watch delivers them."""
-    from prism_kernel.discovery import DiscoveryError, _Gone
+    from prism_kernel.sources.discovery import DiscoveryError, _Gone
 
     w = EndpointSliceWatcher(tmp_path / "kc", "https://127.0.0.1:7445", log=ListLog())
     s1 = es(["10.0.0.1"])

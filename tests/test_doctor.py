@@ -1,7 +1,7 @@
 """`prism-kernel doctor`: runs as root here, finds the eBPF path, reports a
 taken port, and leaves the kernel exactly as it found it.
 
-The end-to-end tests run `python -m prism_kernel.doctor` (the same function
+The end-to-end tests run `python -m prism_kernel.observe.doctor` (the same function
 `prism-kernel doctor` calls) on port 17457 with instance `pk-doctor`, so that
 they never meet another test's or a live daemon's state. They are not marked
 `kernel`: doctor changes no kernel state (the last test proves it).
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_kernel import doctor
+from prism_kernel.observe import doctor
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 17457  # outside the ephemeral range: no client socket of another test can hold it
@@ -36,7 +36,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="doctor's kernel probe
 
 
 def run_doctor(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prism_kernel.doctor", "--instance", INSTANCE, *args],
+    return subprocess.run([sys.executable, "-m", "prism_kernel.observe.doctor", "--instance", INSTANCE, *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, "NO_COLOR": "1"})
 
@@ -188,7 +188,7 @@ def _explained_by_other_instance(after: dict, prog_id: int) -> bool:
 
 @needs_root
 def test_doctor_changes_no_kernel_state():
-    from prism_kernel.datapath.cgroup import find_cgroup2_root
+    from prism_kernel.datapath.ebpf.cgroup import find_cgroup2_root
 
     root = find_cgroup2_root()
     before = _snapshot(root)

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from prism_kernel.datapath import ebpf
 from prism_kernel.datapath.base import DatapathSettings
-from prism_kernel.datapath.ebpf import EbpfDatapath
+from prism_kernel.datapath.ebpf import datapath as ebpf
+from prism_kernel.datapath.ebpf.datapath import EbpfDatapath
 from prism_kernel.errors import DatapathError
 from tests.harness import TEST_INSTANCE, TEST_PORT, Daemon, build_program, plain_backend, prism, tcp_connect
 

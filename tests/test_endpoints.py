@@ -1,11 +1,11 @@
 import asyncio
-import re
 import ipaddress
+import re
 
 import pytest
 
-from prism_kernel.endpoints import EndpointSpec, parse_endpoint, resolve
-from prism_kernel.model import Backend
+from prism_kernel.core.model import Backend
+from prism_kernel.sources.endpoints import EndpointSpec, parse_endpoint, resolve
 
 
 @pytest.mark.parametrize("text,host,port", [

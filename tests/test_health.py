@@ -2,8 +2,8 @@
 
 import pytest
 
-from prism_kernel.health import TIER_BOUNDS, BackendHealth, ProbeResult, next_tier, raw_tier
-from prism_kernel.model import Backend
+from prism_kernel.core.health import TIER_BOUNDS, BackendHealth, ProbeResult, next_tier, raw_tier
+from prism_kernel.core.model import Backend
 
 B = Backend.of("198.18.1.2", 6443)
 OK = ProbeResult(True, 0.0005, "ok")
@@ -151,7 +151,7 @@ def test_slow_first_sample_does_not_decide_the_tier():
 
 # ---- dead versus unready, passive evidence, flap damping -----------------
 
-from prism_kernel.health import FLAP_BASE_HOLD, FLAP_WINDOW, failure_kind  # noqa: E402
+from prism_kernel.core.health import FLAP_BASE_HOLD, FLAP_WINDOW, failure_kind  # noqa: E402
 
 
 @pytest.mark.parametrize("reason,kind", [

@@ -57,7 +57,8 @@ def venv(tmp_path_factory) -> Path:
 
 def test_the_wheel_carries_the_object_and_finds_it_outside_the_checkout(venv, tmp_path):
     r = _run([venv / "bin/python", "-c",
-              "import json, prism_kernel; from prism_kernel.datapath import ebpf, nftables; "
+              "import json, prism_kernel; from prism_kernel.datapath.ebpf import datapath as ebpf; "
+              "from prism_kernel.datapath.nft import datapath as nftables; "
               "print(json.dumps([prism_kernel.__file__, str(ebpf.default_object()), "
               "str(nftables.TEMPLATE_PATH)]))"], 60, tmp_path)
     pkg, obj, template = json.loads(r.stdout)

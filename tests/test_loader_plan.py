@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from prism_kernel.datapath import ebpf
+from prism_kernel.datapath.ebpf import datapath as ebpf
 from prism_kernel.errors import DatapathUnavailable
 
 

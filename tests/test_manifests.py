@@ -32,8 +32,8 @@ import pytest
 import yaml
 
 from prism_kernel.config import build_config
-from prism_kernel.discovery import load_kubeconfig
-from prism_kernel.metrics import DEFAULT_METRICS_ADDRESS, DEFAULT_METRICS_PORT
+from prism_kernel.observe.metrics import DEFAULT_METRICS_ADDRESS, DEFAULT_METRICS_PORT
+from prism_kernel.sources.discovery import load_kubeconfig
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGING = REPO / "packaging"

@@ -18,10 +18,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prism_kernel import __version__
-from prism_kernel.datapath.base import BackendCounters, KernelState, PassiveCounts
-from prism_kernel.health import Change, ProbeResult
-from prism_kernel.datapath.base import Datapath, DatapathSettings
-from prism_kernel.metrics import (
+from prism_kernel.core.health import Change, ProbeResult
+from prism_kernel.core.model import Backend
+from prism_kernel.datapath.base import BackendCounters, Datapath, DatapathSettings, KernelState, PassiveCounts
+from prism_kernel.observe.metrics import (
     DEFAULT_METRICS_ADDRESS,
     DEFAULT_METRICS_PORT,
     MAX_REASONS_PER_ENDPOINT,
@@ -31,7 +31,6 @@ from prism_kernel.metrics import (
     datapath_readers,
     exported_metric_names,
 )
-from prism_kernel.model import Backend
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "packaging" / "grafana-dashboard.json"
@@ -489,7 +488,7 @@ def test_snapshot_contract_with_the_daemon(metrics, server):
     """Daemon.snapshot() has the keys the collector reads (no kernel: the
     daemon is built, fed probe results, never run)."""
     from prism_kernel.config import build_config
-    from prism_kernel.daemon import Daemon
+    from prism_kernel.control.daemon import Daemon
     from prism_kernel.log import EventLog
 
     cfg = build_config({}, {"endpoints": [str(B1), str(B2)], "probe": {"mode": "tcp", "rise": 1, "fall": 1}})

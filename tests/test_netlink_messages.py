@@ -1,4 +1,4 @@
-"""The netlink message classes prism_kernel.datapath._netlink adds to
+"""The netlink message classes prism_kernel.datapath.netlink adds to
 pyroute2's, on bytes built here: no socket, no kernel, no root."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import struct
 
 from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_msg
 
-from prism_kernel.datapath import _netlink
+from prism_kernel.datapath import netlink as _netlink
 
 NLA_F_NESTED = 1 << 15
 

@@ -204,7 +204,7 @@ def notify_socket(testbed):
 
 @pytest.mark.parametrize("hook", ["connect4", "connect6", "getpeername4", "getpeername6", "sock_ops"])
 def test_an_exclusive_program_on_any_of_our_hooks_is_found_and_named(hook):
-    from prism_kernel.datapath.cgroup import check_exclusive_attachments, exclusive_attachments
+    from prism_kernel.datapath.ebpf.cgroup import check_exclusive_attachments, exclusive_attachments
     from prism_kernel.errors import DatapathUnavailable
 
     assert exclusive_attachments() == []
@@ -239,7 +239,7 @@ def test_auto_chooses_nftables_beside_an_exclusive_program_and_doctor_says_why(t
             st = d.status()["state"]
             assert st["datapath"] == "nftables" and named in st["datapath_reason"]
 
-            r = subprocess.run([sys.executable, "-m", "prism_kernel.doctor", "--instance", "pk-doctor",
+            r = subprocess.run([sys.executable, "-m", "prism_kernel.observe.doctor", "--instance", "pk-doctor",
                                 "--port", "17457", "-o", "json"], capture_output=True, text=True,
                                timeout=120, cwd=REPO)
             report = json.loads(r.stdout)

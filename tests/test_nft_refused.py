@@ -29,11 +29,11 @@ if os.geteuid() != 0:
     pytest.skip("needs root (network namespaces, nftables, sysctls)", allow_module_level=True)
 nftables = pytest.importorskip("nftables")
 
+from prism_kernel.core.model import Backend  # noqa: E402
 from prism_kernel.datapath import sysctl  # noqa: E402
 from prism_kernel.datapath.base import DatapathSettings, PassiveCounts  # noqa: E402
-from prism_kernel.datapath.nftables import NftablesDatapath, table_name, template  # noqa: E402
+from prism_kernel.datapath.nft.datapath import NftablesDatapath, table_name, template  # noqa: E402
 from prism_kernel.errors import DatapathUnavailable  # noqa: E402
-from prism_kernel.model import Backend  # noqa: E402
 from tests.harness import Hammer, old_release, plain_backend, run_old_release, tcp_connect  # noqa: E402
 from tests.testbed import Testbed  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prism_kernel.config import Config, FLAG_NAMES, build_config
+from prism_kernel.config import FLAG_NAMES, Config, build_config
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGING = REPO / "packaging"
@@ -231,7 +231,7 @@ def test_daemonset_structure():
 
 
 def test_daemonset_probes_use_the_metrics_port():
-    from prism_kernel.metrics import DEFAULT_METRICS_PORT
+    from prism_kernel.observe.metrics import DEFAULT_METRICS_PORT
 
     c = load_manifest()["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
     for p in c["ports"]:

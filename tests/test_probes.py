@@ -11,8 +11,8 @@ import pytest
 import trustme
 
 from prism_kernel.config import ProbeConfig
-from prism_kernel.model import Backend
-from prism_kernel.probes import Prober, make_ssl_context
+from prism_kernel.core.model import Backend
+from prism_kernel.probing.probes import Prober, make_ssl_context
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prism_kernel.model import Backend
-from prism_kernel.selection import Candidate, select, select_family
+from prism_kernel.core.model import Backend
+from prism_kernel.core.selection import Candidate, select, select_family
 
 A = Backend.of("198.18.1.2", 6443)
 B = Backend.of("198.18.2.2", 6443)

@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from prism_kernel.status import render, render_text, run_status
+from prism_kernel.observe.status import render, render_text, run_status
 
 STATE = {
     "schema": 1, "pid": 1, "instance": "x", "datapath": "ebpf", "datapath_reason": "auto: eBPF available",

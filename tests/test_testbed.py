@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed import Testbed, TestbedError, clear_stale
-from tests.testbed import _sys
+from tests.testbed import Testbed, TestbedError, _sys, clear_stale
 from tests.testbed.fixtures import PREFIX, testbed, testbed_cleanup  # noqa: F401
 
 pytestmark = [

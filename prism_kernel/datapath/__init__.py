@@ -18,7 +18,7 @@ __all__ = ["BackendCounters", "Datapath", "DatapathSettings", "KernelState", "da
            "decide", "Choice", "installed", "ALL"]
 
 ALL = ("ebpf", "nftables")
-_MODULES = {"ebpf": ("prism_kernel.datapath.ebpf", "EbpfDatapath"), "nftables": ("prism_kernel.datapath.nftables", "NftablesDatapath")}
+_MODULES = {"ebpf": ("prism_kernel.datapath.ebpf.datapath", "EbpfDatapath"), "nftables": ("prism_kernel.datapath.nft.datapath", "NftablesDatapath")}
 
 
 def datapath_class(name: str) -> type[Datapath]:
@@ -35,8 +35,8 @@ def _ebpf_attached_hooks(instance: str) -> list[str]:
     """Hooks whose pinned link of this instance is attached (a link detached
     behind our back keeps its pin but has no cgroup). bpf(2) only: no
     compile, no loader, no map read."""
-    from prism_kernel.datapath import _bpfsys as bpf  # noqa: PLC0415
-    from prism_kernel.datapath import ebpf  # noqa: PLC0415
+    from prism_kernel.datapath.ebpf import bpfsys as bpf  # noqa: PLC0415
+    from prism_kernel.datapath.ebpf import datapath as ebpf  # noqa: PLC0415
 
     links = os.path.join(ebpf.BPFFS, instance, "links")
     if not os.path.isdir(links):
@@ -58,7 +58,7 @@ def _ebpf_attached_hooks(instance: str) -> list[str]:
 
 
 def _nft_table_exists(instance: str) -> str | None:
-    from prism_kernel.datapath import nftables  # noqa: PLC0415
+    from prism_kernel.datapath.nft import datapath as nftables  # noqa: PLC0415
 
     nft = nftables._new_nft()
     table = nftables.table_name(instance)

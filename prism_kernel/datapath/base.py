@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from prism_kernel.model import Backend
+from prism_kernel.core.model import Backend
 
 
 @dataclass(frozen=True)
@@ -120,10 +120,10 @@ class Datapath(ABC):
 
 
 def import_netlink():
-    """prism_kernel.datapath._netlink, imported on first use: it loads
+    """prism_kernel.datapath.netlink, imported on first use: it loads
     pyroute2 (~10 MB, ~90 ms), which only closing connections needs."""
     try:
-        from prism_kernel.datapath import _netlink  # noqa: PLC0415
+        from prism_kernel.datapath import netlink as _netlink  # noqa: PLC0415
     except ImportError as e:
         from prism_kernel.errors import DatapathError
 

@@ -1,6 +1,6 @@
 """The short-lived loader process of the eBPF data path.
 
-Run as `python -m prism_kernel.datapath._bpf_loader` with a JSON request on
+Run as `python -m prism_kernel.datapath.ebpf.loader` with a JSON request on
 stdin; answers one JSON object on stdout (diagnostics, such as a verifier log,
 go to stderr). Loading runs here and not in the daemon so that a loader that
 misbehaves (a crash in a C library, bcc's ~130 MB compile) costs this process
@@ -213,7 +213,7 @@ def run(req: dict) -> dict:
     loader = req.get("loader", "libbpf")
     if loader not in LOADERS:
         return {"ok": False, "stage": "request", "error": f"unknown loader {loader!r}"}
-    from prism_kernel.datapath import _bpfsys  # noqa: PLC0415
+    from prism_kernel.datapath.ebpf import bpfsys as _bpfsys  # noqa: PLC0415
 
     _bpfsys.raise_memlock()
     t0 = time.monotonic()

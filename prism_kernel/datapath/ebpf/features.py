@@ -17,7 +17,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from prism_kernel.datapath import _bpfsys as bpf
+from prism_kernel.datapath.ebpf import bpfsys as bpf
 
 # enum bpf_prog_type / bpf_map_type / bpf_func_id (include/uapi/linux/bpf.h)
 PROG_SOCK_OPS = 13

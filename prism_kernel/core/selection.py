@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from prism_kernel.model import Backend
+from prism_kernel.core.model import Backend
 
 Mode = Literal["loopback", "tier", "fail-open", "empty"]
 

@@ -49,10 +49,10 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from prism_kernel import __version__
+from prism_kernel.core.health import ProbeResult
+from prism_kernel.core.model import Backend
 from prism_kernel.datapath.base import Datapath, DatapathSettings, KernelState, PassiveCounts
 from prism_kernel.errors import PrismError
-from prism_kernel.health import ProbeResult
-from prism_kernel.model import Backend
 
 # Where /metrics, /healthz and /readyz listen by default: loopback only (a
 # node-local Prometheus agent or a port-forward reaches it; exposing it is an

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from prism_kernel.config import DEFAULT_PORT
+from prism_kernel.control.runstate import daemon_pid, read_state
 from prism_kernel.datapath import ALL, DatapathSettings, datapath_class
 from prism_kernel.errors import PrismError
-from prism_kernel.runstate import daemon_pid, read_state
-
 
 STALE_AFTER = 10.0  # seconds without a state write: the daemon's loop is not turning
 

@@ -40,7 +40,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from prism_kernel.datapath import _bpfsys
+from prism_kernel.datapath.ebpf import bpfsys as _bpfsys
 from prism_kernel.errors import DatapathError, DatapathUnavailable
 
 PROC_CGROUP_INIT_INO = 0xEFFFFFFB

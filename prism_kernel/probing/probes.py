@@ -19,8 +19,8 @@ import ssl
 import time
 
 from prism_kernel.config import ProbeConfig
-from prism_kernel.health import ProbeResult
-from prism_kernel.model import Backend
+from prism_kernel.core.health import ProbeResult
+from prism_kernel.core.model import Backend
 
 _MAX_HEADER_BYTES = 16 * 1024
 _MAX_BODY_BYTES = 64 * 1024

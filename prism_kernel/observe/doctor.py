@@ -11,9 +11,9 @@ One line per check, each with a verdict and what to do:
 The checks (ids in `-o json`):
   kernel              release (for the record: features are probed, not inferred)
   bpf.*, sock_diag.*  each kernel feature the eBPF data path uses, probed
-                      (datapath/bpf_features.py: libbpf's probes, a link create
+                      (datapath/ebpf/features.py: libbpf's probes, a link create
                       against /dev/null, sock_diag requests that match nothing)
-  cgroup              the real cgroup v2 root (datapath/cgroup.py)
+  cgroup              the real cgroup v2 root (datapath/ebpf/cgroup.py)
   cgroup.exclusive    no program holds connect4/6, getpeername4/6 or sock_ops at
                       that root without BPF_F_ALLOW_MULTI (the kernel would
                       refuse ours: BPF_LINK_CREATE EPERM)
@@ -55,7 +55,7 @@ from typing import Any, TextIO
 from prism_kernel.config import DEFAULT_PORT
 
 try:  # the daemon's /metrics, /healthz, /readyz port
-    from prism_kernel.metrics import DEFAULT_METRICS_PORT
+    from prism_kernel.observe.metrics import DEFAULT_METRICS_PORT
 except Exception:  # pragma: no cover - doctor must work even when metrics cannot load
     DEFAULT_METRICS_PORT = 7450
 
@@ -73,7 +73,7 @@ CAPS = {"CAP_SYS_ADMIN": CAP_SYS_ADMIN, "CAP_NET_ADMIN": CAP_NET_ADMIN,
 # Never suggested as an alternative port: what Talos uses on a node (KubePrism
 # 7445, apid 50000, trustd 50001, API server 6443, kubelet 10250, etcd
 # 2379/2380), 7446-7448 (Eclipse Zenoh, and taken by another KubePrism-like
-# endpoint) and prism-kernel's own metrics port (prism_kernel/metrics.py).
+# endpoint) and prism-kernel's own metrics port (prism_kernel/observe/metrics.py).
 _AVOID_PORTS = {6443, 7445, 7446, 7447, 7448, DEFAULT_METRICS_PORT, 10250, 2379, 2380, 50000, 50001}
 
 _COLOURS = {OK: "\033[32m", WARN: "\033[33m", FAIL: "\033[31m"}
@@ -97,7 +97,7 @@ class Check:
 
 
 def _cap_eff() -> int:
-    from prism_kernel.datapath._bpfsys import cap_eff
+    from prism_kernel.datapath.ebpf.bpfsys import cap_eff
 
     return cap_eff()
 
@@ -147,7 +147,7 @@ def check_kernel() -> Check:
 
 
 def check_bpf_features() -> list[Check]:
-    from prism_kernel.datapath import bpf_features
+    from prism_kernel.datapath.ebpf import features as bpf_features
 
     checks = []
     for f in bpf_features.probe_all():
@@ -166,7 +166,7 @@ def check_bpf_features() -> list[Check]:
 
 
 def check_cgroup() -> Check:
-    from prism_kernel.datapath.cgroup import (
+    from prism_kernel.datapath.ebpf.cgroup import (
         PROC_CGROUP_INIT_INO,
         cgroup2_mounts,
         find_cgroup2_root,
@@ -216,7 +216,7 @@ def _mount_of(fstype: str, path: str) -> dict[str, Any] | None:
 def check_exclusive() -> Check:
     """Programs holding one of the eBPF data path's hooks at the cgroup v2
     root without BPF_F_ALLOW_MULTI: the kernel then refuses ours."""
-    from prism_kernel.datapath.cgroup import EBPF_HOOKS, exclusive_attachments, find_cgroup2_root
+    from prism_kernel.datapath.ebpf.cgroup import EBPF_HOOKS, exclusive_attachments, find_cgroup2_root
     from prism_kernel.errors import DatapathError
 
     hooks = ", ".join(h for h, _ in EBPF_HOOKS)
@@ -238,7 +238,7 @@ def check_exclusive() -> Check:
 
 
 def check_bpffs() -> Check:
-    from prism_kernel.datapath.ebpf import BPFFS
+    from prism_kernel.datapath.ebpf.datapath import BPFFS
 
     m = _mount_of("bpf", BPFFS)
     if m:
@@ -252,7 +252,7 @@ def check_bpffs() -> Check:
 
 
 def check_loader(loader: str = "auto") -> Check:
-    from prism_kernel.datapath.ebpf import bcc_missing, default_object, loader_plan
+    from prism_kernel.datapath.ebpf.datapath import bcc_missing, default_object, loader_plan
     from prism_kernel.errors import DatapathUnavailable
 
     details: dict[str, Any] = {"requested": loader, "object": str(default_object()),
@@ -412,7 +412,7 @@ def _free_port_near(port: int) -> int | None:
 
 
 def check_port(port: int, instance: str) -> Check:
-    from prism_kernel.runstate import daemon_pid
+    from prism_kernel.control.runstate import daemon_pid
 
     pid = daemon_pid(Path(f"/run/{instance}"))
     details: dict[str, Any] = {"port": port, "instance_daemon_pid": pid if pid and pid > 0 else None,
@@ -445,7 +445,7 @@ def check_port(port: int, instance: str) -> Check:
 
 
 def check_metrics_port(instance: str, port: int = DEFAULT_METRICS_PORT) -> Check:
-    from prism_kernel.runstate import daemon_pid
+    from prism_kernel.control.runstate import daemon_pid
 
     listeners = _listeners(port)
     if not listeners:
@@ -612,7 +612,7 @@ def run_doctor(port: int, instance: str, output: str = "text") -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `prism-kernel doctor` (shared with `python -m prism_kernel.doctor`)."""
+    """The flags of `prism-kernel doctor` (shared with `python -m prism_kernel.observe.doctor`)."""
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT",
                         help=f"local port the daemon would use (default {DEFAULT_PORT})")
     parser.add_argument("--instance", default="prism-kernel", metavar="NAME",

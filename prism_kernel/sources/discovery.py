@@ -56,8 +56,8 @@ from urllib.parse import urlencode, urlsplit
 import yaml
 
 from prism_kernel import __version__
-from prism_kernel.endpoints import EndpointSpec, parse_endpoint
 from prism_kernel.errors import ConfigError, PrismError
+from prism_kernel.sources.endpoints import EndpointSpec, parse_endpoint
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PORT_NAME = "https"

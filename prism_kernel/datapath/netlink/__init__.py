@@ -38,10 +38,10 @@ from pyroute2.netlink import (
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
+    nla,
     nlmsg,
     nlmsgerr,
 )
-from pyroute2.netlink import nla
 from pyroute2.netlink.diag import (
     SOCK_DESTROY,
     SOCK_DIAG_BY_FAMILY,
@@ -50,6 +50,7 @@ from pyroute2.netlink.diag import (
     inet_diag_msg,
     inet_diag_req,
 )
+
 try:
     from pyroute2.netlink.marshal import Marshal
 except ImportError:  # pyroute2 < 0.9

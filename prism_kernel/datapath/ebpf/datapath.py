@@ -9,7 +9,7 @@ The programs are in bpf/prism_sock.bpf.c (its header comment describes them).
 Process split
 -------------
 Loading never runs in the long-lived daemon: `install()` starts
-`python -m prism_kernel.datapath._bpf_loader`, which loads the programs with
+`python -m prism_kernel.datapath.ebpf.loader`, which loads the programs with
 their maps pinned and pins the programs in a staging dir, then exits. Its
 loader is libbpf with the precompiled object (bpf/build.sh, at install time:
 no compiler, headers or bcc on the node), or bcc compiling the same source at
@@ -171,8 +171,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import prism_kernel
 from prism_kernel._data import data_file
-from prism_kernel.datapath import _bpfsys as bpf
+from prism_kernel.core.model import Backend
 from prism_kernel.datapath.base import (
     BackendCounters,
     Datapath,
@@ -181,9 +182,9 @@ from prism_kernel.datapath.base import (
     PassiveCounts,
     import_netlink,
 )
-from prism_kernel.datapath.cgroup import check_exclusive_attachments, find_cgroup2_root
+from prism_kernel.datapath.ebpf import bpfsys as bpf
+from prism_kernel.datapath.ebpf.cgroup import check_exclusive_attachments, find_cgroup2_root
 from prism_kernel.errors import DatapathError, DatapathUnavailable
-from prism_kernel.model import Backend
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +514,7 @@ class EbpfDatapath(Datapath):
         # What the kernel can do, probed (never a version number: distributions
         # backport); each probe loads a tiny program or sends a request that
         # changes nothing.
-        from prism_kernel.datapath import bpf_features  # noqa: PLC0415
+        from prism_kernel.datapath.ebpf import features as bpf_features  # noqa: PLC0415
 
         missing = bpf_features.missing()
         if missing:
@@ -1272,7 +1273,7 @@ def _last_lines(text: str, n: int) -> str:
 
 
 def _run_loader(req: dict, raise_on_error: bool = True) -> dict:
-    pkg_root = str(Path(__file__).resolve().parents[2])
+    pkg_root = str(Path(prism_kernel.__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.monotonic()
@@ -1281,7 +1282,7 @@ def _run_loader(req: dict, raise_on_error: bool = True) -> dict:
         # -S: the libbpf loader needs nothing from site-packages (prism_kernel
         # comes from PYTHONPATH), and skipping site saves ~15-20 ms per start.
         proc = subprocess.run([_loader_python(bcc), *(() if bcc else ("-S",)), "-m",
-                               "prism_kernel.datapath._bpf_loader"],
+                               "prism_kernel.datapath.ebpf.loader"],
                               input=json.dumps(req), capture_output=True, text=True,
                               timeout=LOADER_TIMEOUT_S, env=env, cwd="/")
     except subprocess.TimeoutExpired:

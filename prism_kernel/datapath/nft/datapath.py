@@ -87,6 +87,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from prism_kernel._data import data_file
+from prism_kernel.core.model import Backend
 from prism_kernel.datapath import sysctl
 from prism_kernel.datapath.base import (
     BackendCounters,
@@ -97,7 +98,6 @@ from prism_kernel.datapath.base import (
     import_netlink,
 )
 from prism_kernel.errors import DatapathError, DatapathUnavailable
-from prism_kernel.model import Backend
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from prism_kernel.model import Backend
+from prism_kernel.core.model import Backend
 
 # RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"

@@ -10,7 +10,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prism_kernel.model import Backend
+from prism_kernel.core.model import Backend
 
 # Tier boundaries in seconds: KubePrism's decade buckets (<1 ms, <10 ms,
 # <100 ms, <1 s, >=1 s). Tier 0 is the fastest.

@@ -36,21 +36,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prism_kernel import __version__, sdnotify
+from prism_kernel import __version__
 from prism_kernel.config import Config
+from prism_kernel.control import sdnotify
+from prism_kernel.control.runstate import DaemonLock, remove_state, write_state
+from prism_kernel.core.health import BackendHealth, Change, ProbeResult, failure_kind
+from prism_kernel.core.model import Backend
+from prism_kernel.core.selection import Candidate, FullSelection, select
 from prism_kernel.datapath import ALL as ALL_DATAPATHS
 from prism_kernel.datapath import Choice, Datapath, DatapathSettings, choose, datapath_class, decide, installed
 from prism_kernel.datapath.base import PassiveCounts
-from prism_kernel.discovery import EndpointSliceWatcher
-from prism_kernel.endpoints import EndpointSpec, resolve
 from prism_kernel.errors import ConfigError, DatapathError, DatapathUnavailable, PrismError
-from prism_kernel.health import BackendHealth, Change, ProbeResult, failure_kind
 from prism_kernel.log import EventLog
-from prism_kernel.metrics import Metrics, MetricsServer, datapath_readers
-from prism_kernel.model import Backend
-from prism_kernel.probes import Prober, confirm, make_confirm_context, make_ssl_context
-from prism_kernel.runstate import DaemonLock, remove_state, write_state
-from prism_kernel.selection import Candidate, FullSelection, select
+from prism_kernel.observe.metrics import Metrics, MetricsServer, datapath_readers
+from prism_kernel.probing.probes import Prober, confirm, make_confirm_context, make_ssl_context
+from prism_kernel.sources.discovery import EndpointSliceWatcher
+from prism_kernel.sources.endpoints import EndpointSpec, resolve
 
 STATE_WRITE_EVERY = 2.0  # seconds: latency figures in the state file refresh this often
 RECONCILE_EVERY = 10.0  # seconds: re-assert the set, repairs state removed behind our back
@@ -203,7 +204,7 @@ class Daemon:
             # Load the netlink code (pyroute2's message classes) now, not on
             # the first failover: it takes ~90 ms to import, which would
             # delay the first abort of dead connections (+~10 MB RSS).
-            import prism_kernel.datapath._netlink  # noqa: F401
+            import prism_kernel.datapath.netlink  # noqa: F401
             # An adopted data path may hold connections to a backend that
             # died while no daemon ran.
             self._close_dead([b for b, t in self.targets.items()

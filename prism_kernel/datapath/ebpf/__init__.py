@@ -1,0 +1,1 @@
+"""The eBPF data path: cgroup connect4/connect6 rewrite, sock_ops outcome counters."""

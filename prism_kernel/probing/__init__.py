@@ -1,0 +1,1 @@
+"""Probing the backends: scheduled probes and the confirmation of a failure the kernel reported."""
