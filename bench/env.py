@@ -27,6 +27,8 @@ HOST_IF, NS_IF = f"{PREFIX}0", f"{PREFIX}1"
 HOST_ADDR, BACKEND_ADDR = "198.19.0.1", "198.19.0.2"
 PREFIXLEN = 24
 BACKEND_PORT = 80
+# Per-phase backend addresses (fresh_backend): 198.19.0.10 - 198.19.0.209.
+FIRST_PHASE_HOST, PHASE_HOSTS = 10, 200
 GUARD_ROUTE = "198.18.0.0/15"
 # Not /run/<instance>: that is the data path's (its sysctl backup lives there).
 STATE_DIR = Path("/run") / f"{PREFIX}-env"
@@ -103,7 +105,7 @@ http {{
   uwsgi_temp_path {worker_dir}/uwsgi;
   scgi_temp_path {worker_dir}/scgi;
   server {{
-    listen {BACKEND_ADDR}:{BACKEND_PORT} backlog=8192;
+    listen {BACKEND_PORT} backlog=8192;
     location / {{ return 200 "ok\\n"; }}
   }}
 }}
@@ -120,10 +122,27 @@ class Env:
         self.added_guard_route = False
         self._made: list[str] = []
         self._nginx: subprocess.Popen | None = None
+        self._backend_addr = BACKEND_ADDR
+        self._phase = -1
+        self._addrs: set[str] = set()
 
     @property
     def backend(self) -> tuple[str, int]:
-        return BACKEND_ADDR, BACKEND_PORT
+        return self._backend_addr, BACKEND_PORT
+
+    def fresh_backend(self) -> tuple[str, int]:
+        """Move the backend to an address no earlier phase used. A target may
+        change net.ipv4.tcp_timestamps (the nftables path sets 2, removing it
+        restores 1); the backend's TIME_WAIT sockets of a phase with the other
+        setting then reject the next phase's SYNs on the same 4-tuples (PAWS),
+        and that phase would measure SYN retransmits, not its data path."""
+        self._phase += 1
+        addr = f"198.19.0.{FIRST_PHASE_HOST + (self._phase % PHASE_HOSTS)}"
+        if addr not in self._addrs:
+            sh("ip", "addr", "add", f"{addr}/{PREFIXLEN}", "dev", NS_IF, ns=NETNS)
+            self._addrs.add(addr)
+        self._backend_addr = addr
+        return self.backend
 
     def __enter__(self) -> "Env":
         try:

@@ -1,28 +1,33 @@
-"""Benchmark: requests/s and p99 latency through each data path vs. direct.
+"""Benchmark: requests/s and p99 latency through each data path, against a
+bare node, and the tax a data path puts on every other connection.
 
-    python -m bench.run                          # default: direct + nftables, ~1 min
-    python -m bench.run --targets direct,nftables-naive    # the data path before the fix
+    python -m bench.run                                  # the default targets, ~6 min
+    python -m bench.run --targets ebpf --modes close     # one data path, one mode
+    python -m bench.run --targets nftables-naive         # the nftables path before its fix
 
 One nginx backend (a static 3-byte response, so the server is cheap and the
-path in between shows) in a network namespace; wrk loads it directly (the
-backend address) and through each target (127.0.0.1:PORT). Two modes:
-keep-alive, and one connection per request (`Connection: close`, i.e.
-connection churn: connect + SNAT/DNAT setup + TIME_WAIT for every request).
+path in between shows) in a network namespace. Two modes: keep-alive, and
+one connection per request (`Connection: close`, i.e. connection churn:
+connect + NAT setup + TIME_WAIT for every request).
 
-Rounds alternate the targets (rotated order each round) so drift and the
-TIME_WAIT state one run leaves for the next hit every target alike; the
-result per target and mode is the median over rounds, and the median of its
-per-round ratios to direct (paired: drift between rounds cancels). Besides
-wrk's numbers each run records kernel counters: SYN retransmits on the host, PAWS-rejected
-SYNs in the backend's TIME_WAIT (namespace), conntrack drops, and the CPU
-time and RSS of each target's own process (the daemon-side cost).
+A round measures every target in turn, in an order rotated every round:
+`bare` (wrk to the backend's address, nothing of prism-kernel in the kernel),
+then each target installed alone: wrk through it (steered) and, for the kernel
+data paths, wrk to the backend's address while it is installed (bystander: the
+tax every other connection of the node pays); then the target is removed
+before the next one is installed. The result per target, mode and role is the
+median over rounds, and the median of the per-round ratios to `bare` in the
+same round (paired: drift between rounds cancels). Besides wrk's numbers
+each run records SYN retransmits on the host, PAWS-rejected SYNs in the
+backend's TIME_WAIT (namespace), conntrack drops, and the CPU time and RSS
+of each target's own process (the daemon-side cost); with --bpf-stats, the
+run time of each of our eBPF programs per call and calls per request.
 
 Pinning (2 cores): by default wrk and nginx share CPU 0 ("same"): every
 request's user and kernel work (both TCP stacks, veth, netfilter) runs on one
-core, so the numbers are CPU cost per request and very stable (±1%); with
-"split" (wrk CPU 0, nginx CPU 1) this VM's cross-CPU wakeups dominate and
-vary ±20%. All targets stay installed for the whole run, so the direct
-baseline runs with conntrack active, as on any Kubernetes node.
+core, so the numbers are CPU cost per request and very stable (about ±1%);
+with "split" (wrk CPU 0, nginx CPU 1) this VM's cross-CPU wakeups dominate
+and vary ±20%.
 
 Everything is created with the prefix "pkb" in 198.19.0.0/24 and removed at
 exit, also on failure, Ctrl-C or SIGTERM; leftovers of an interrupted run are
@@ -47,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env as benv
-from bench.targets import DEFAULT_TARGETS, TARGETS, Target
+from bench.targets import DEFAULT_TARGETS, REFERENCES, TARGETS, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = {"keepalive": [], "close": ["-H", "Connection: close"]}
@@ -153,6 +158,7 @@ def run_wrk(url: str, mode: str, opts: argparse.Namespace, duration: float) -> d
 @dataclass
 class Run:
     target: str
+    role: str  # bare | steered (through the target) | bystander (direct, the target installed)
     mode: str
     round: int
     rps: float
@@ -195,7 +201,7 @@ def bpf_programs() -> dict[str, tuple[int, int]]:
     return out
 
 
-def measure(target: Target, url: str, mode: str, rnd: int, opts: argparse.Namespace) -> Run:
+def measure(target: Target, role: str, url: str, mode: str, rnd: int, opts: argparse.Namespace) -> Run:
     pids = target.cost_pids()
     b0 = bpf_programs() if opts.bpf_stats else {}
     h0, n0, c0 = tcp_counters(), tcp_counters(benv.NETNS), conntrack_counters()
@@ -213,7 +219,7 @@ def measure(target: Target, url: str, mode: str, rnd: int, opts: argparse.Namesp
         if cnt1 > cnt0 and w.get("requests"):
             bpf_cost[name] = [round((ns1 - ns0) / (cnt1 - cnt0), 1), round((cnt1 - cnt0) / w["requests"], 2)]
     return Run(
-        target=target.name, mode=mode, round=rnd, rps=w["rps"],
+        target=target.name, role=role, mode=mode, round=rnd, rps=w["rps"],
         p50_ms=w.get("p50_ms"), p99_ms=w.get("p99_ms"), errors=errs,
         syn_retrans=h1.get("TcpExtTCPSynRetrans", 0) - h0.get("TcpExtTCPSynRetrans", 0),
         paws_tw_rejected=n1.get("TcpExtPAWSTimewait", 0) - n0.get("TcpExtPAWSTimewait", 0),
@@ -226,21 +232,26 @@ def measure(target: Target, url: str, mode: str, rnd: int, opts: argparse.Namesp
 # --- summary ------------------------------------------------------------------
 
 
+def _paired(runs: list[Run], base: dict[int, float]) -> float | None:
+    ratios = [r.rps / base[r.round] for r in runs if base.get(r.round)]
+    return round(statistics.median(ratios), 4) if ratios else None
+
+
 def summarize(runs: list[Run], targets: list[str], modes: list[str]) -> list[dict[str, Any]]:
     rows = []
     for mode in modes:
-        base = [r for r in runs if r.mode == mode and r.target == "direct"]
+        base = [r for r in runs if r.mode == mode and r.role == "bare"]
         base_rps = statistics.median(r.rps for r in base) if base else None
         base_p99 = statistics.median(r.p99_ms for r in base if r.p99_ms is not None) if base else None
-        # Paired: each round's rate against direct's in the same round (the
-        # runs are seconds apart), so drift between rounds cancels out.
-        direct_in = {r.round: r.rps for r in base}
+        # Paired: each round's rate against bare's in the same round (seconds
+        # apart), so drift between rounds cancels out.
+        bare_in = {r.round: r.rps for r in base}
         for t in targets:
-            rs = [r for r in runs if r.mode == mode and r.target == t]
+            rs = [r for r in runs if r.mode == mode and r.target == t and r.role in ("steered", "bare")]
             if not rs:
                 continue
+            by = [r for r in runs if r.mode == mode and r.target == t and r.role == "bystander"]
             rps = statistics.median(r.rps for r in rs)
-            paired = [r.rps / direct_in[r.round] for r in rs if direct_in.get(r.round)]
             p99s = [r.p99_ms for r in rs if r.p99_ms is not None]
             p99 = statistics.median(p99s) if p99s else None
             secs = sum(r.duration_s for r in rs) or 1
@@ -248,50 +259,71 @@ def summarize(runs: list[Run], targets: list[str], modes: list[str]) -> list[dic
                 "mode": mode, "target": t, "rounds": len(rs),
                 "rps_median": round(rps, 1), "rps_min": round(min(r.rps for r in rs), 1),
                 "rps_max": round(max(r.rps for r in rs), 1),
-                "rps_vs_direct": round(rps / base_rps, 3) if base_rps else None,
-                "rps_vs_direct_paired": round(statistics.median(paired), 3) if paired else None,
+                "rps_vs_bare": round(rps / base_rps, 4) if base_rps else None,
+                "rps_vs_bare_paired": _paired(rs, bare_in),
+                "bystander_rps_median": round(statistics.median(r.rps for r in by), 1) if by else None,
+                "bystander_vs_bare_paired": _paired(by, bare_in),
                 "p99_ms_median": round(p99, 3) if p99 is not None else None,
-                "p99_vs_direct": round(p99 / base_p99, 3) if (p99 and base_p99) else None,
+                "p99_vs_bare": round(p99 / base_p99, 3) if (p99 and base_p99) else None,
                 "syn_retrans_per_s": round(sum(r.syn_retrans for r in rs) / secs, 1),
                 "paws_tw_rejected_per_s": round(sum(r.paws_tw_rejected for r in rs) / secs, 1),
-                "errors": sum(r.errors for r in rs),
-                "ct_drops": sum(r.ct_drops for r in rs),
+                "errors": sum(r.errors for r in rs + by),
+                "ct_drops": sum(r.ct_drops for r in rs + by),
                 "cost_cpu_s": round(sum(r.cost_cpu_s for r in rs), 3),
                 "cost_rss_mib": max(r.cost_rss_mib for r in rs),
             })
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], opts: argparse.Namespace) -> str:
+def references(runs: list[Run], targets: list[str], modes: list[str]) -> list[dict[str, Any]]:
+    """Steered A / steered B paired per round, for the REFERENCES pairs that
+    were both measured (e.g. nftables against the floor of NAT cost)."""
+    out = []
+    for mode in modes:
+        for (a, arole), (b, brole) in REFERENCES:
+            if a not in targets or b not in targets:
+                continue
+            bs = {r.round: r.rps for r in runs if r.mode == mode and r.target == b and r.role == brole}
+            ra = [r for r in runs if r.mode == mode and r.target == a and r.role == arole]
+            out.append({"mode": mode, "target": f"{a} {arole}", "reference": f"{b} {brole}",
+                        "paired": _paired(ra, bs)})
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], opts: argparse.Namespace) -> str:
     def f(v: Any, fmt: str = "{}") -> str:
         return "-" if v is None else fmt.format(v)
 
-    head = ("| mode | target | req/s (median) | vs direct | per-round vs direct | p99 ms | p99 vs direct "
-            "| SYN rtx/s | PAWS TW rej/s | errors | own CPU s | own RSS MiB |")
+    head = ("| mode | target | req/s (median, min–max) | ÷ bare (per round) | bystander ÷ bare (per round) "
+            "| p99 ms | p99 ÷ bare | SYN rtx/s | PAWS TW rej/s | errors | own CPU s | own RSS MiB |")
     out = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         out.append(
             f"| {r['mode']} | {r['target']} | {r['rps_median']:,.0f} "
-            f"({r['rps_min']:,.0f}–{r['rps_max']:,.0f}) | {f(r['rps_vs_direct'], '{:.3f}')} "
-            f"| {f(r['rps_vs_direct_paired'], '{:.3f}')} "
-            f"| {f(r['p99_ms_median'], '{:.2f}')} | {f(r['p99_vs_direct'], '{:.2f}')} "
+            f"({r['rps_min']:,.0f}–{r['rps_max']:,.0f}) | {f(r['rps_vs_bare_paired'], '{:.3f}')} "
+            f"| {f(r['bystander_vs_bare_paired'], '{:.3f}')} "
+            f"| {f(r['p99_ms_median'], '{:.2f}')} | {f(r['p99_vs_bare'], '{:.2f}')} "
             f"| {r['syn_retrans_per_s']:g} | {r['paws_tw_rejected_per_s']:g} | {r['errors']} "
-            f"| {f(r['cost_cpu_s'] if r['target'] != 'direct' else None, '{:.2f}')} "
+            f"| {f(r['cost_cpu_s'] if r['target'] != 'bare' else None, '{:.2f}')} "
             f"| {f(r['cost_rss_mib'] or None, '{:.0f}')} |")
+    for ref in refs:
+        out.append(f"\n{ref['mode']}: {ref['target']} ÷ {ref['reference']} (per round): "
+                   f"{f(ref['paired'], '{:.3f}')}")
     return "\n".join(out)
 
 
 def bpf_markdown(runs: list[Run], opts: argparse.Namespace) -> str:
-    out = ["| mode | load through | program (instance/hook) | ns per run | runs per request | ns per request |",
-           "|---|---|---|--:|--:|--:|"]
+    out = ["| mode | target | role | program (instance/hook) | ns per run | runs per request | ns per request |",
+           "|---|---|---|---|--:|--:|--:|"]
     for mode in opts.mode_names:
         for t in opts.target_names:
-            rs = [r for r in runs if r.mode == mode and r.target == t]
-            for name in sorted({n for r in rs for n in r.bpf}):
-                vals = [r.bpf[name] for r in rs if name in r.bpf]
-                ns = statistics.median(v[0] for v in vals)
-                per = statistics.median(v[1] for v in vals)
-                out.append(f"| {mode} | {t} | {name} | {ns:.0f} | {per:.2f} | {ns * per:.0f} |")
+            for role in ("steered", "bystander"):
+                rs = [r for r in runs if r.mode == mode and r.target == t and r.role == role]
+                for name in sorted({n for r in rs for n in r.bpf}):
+                    vals = [r.bpf[name] for r in rs if name in r.bpf]
+                    ns = statistics.median(v[0] for v in vals)
+                    per = statistics.median(v[1] for v in vals)
+                    out.append(f"| {mode} | {t} | {role} | {name} | {ns:.0f} | {per:.2f} | {ns * per:.0f} |")
     return "\n".join(out)
 
 
@@ -321,12 +353,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                     help=f"comma list of {', '.join(TARGETS)} (default %(default)s); "
-                         f"'direct' is always measured as the baseline")
+                         f"'bare' is always measured as the baseline")
     ap.add_argument("--modes", default="keepalive,close", help="comma list of keepalive, close")
     ap.add_argument("--rounds", type=int, default=9, help="alternating rounds (default 9: a single round varies by about 1%%)")
     ap.add_argument("--duration", type=int, default=2, help="seconds per wrk run (wrk takes whole seconds)")
     ap.add_argument("--warmup", type=int, default=1,
-                    help="seconds of unrecorded load per target and mode before round 1")
+                    help="seconds of unrecorded load per target and mode in round 1, before its measurement")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pin", choices=("same", "split", "none"), default="same",
@@ -343,13 +375,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [t for t in names if t not in TARGETS]
     if unknown:
         ap.error(f"unknown target(s) {unknown}; known: {', '.join(TARGETS)}")
-    if "direct" not in names:
-        names.insert(0, "direct")
-    for n in names:
-        clash = [c for c in TARGETS[n].conflicts if c in names]
-        if clash:
-            ap.error(f"target {n} cannot run together with {', '.join(clash)}: "
-                     f"{TARGETS[n].conflict_reason}; run them separately")
+    if "bare" not in names:
+        names.insert(0, "bare")
     opts.target_names = list(dict.fromkeys(names))
     opts.mode_names = [m.strip() for m in opts.modes.split(",") if m.strip()]
     if not opts.mode_names or any(m not in MODES for m in opts.mode_names):
@@ -395,51 +422,65 @@ def main(argv: list[str] | None = None) -> int:
         from prism_kernel.datapath.ebpf import bpfsys as _bpfsys
 
         stats_fd = _bpfsys.enable_run_time_stats()  # off again when this process ends
+    info = host_info()
     with benv.Env(nginx_cpu=opts.nginx_cpu) as e:
-        try:  # targets go before the test host they point at
-            for t in targets:
-                urls[t.name] = t.setup(e, opts)
-            info = host_info()
-            if opts.warmup > 0:
-                for mode in opts.mode_names:
-                    for t in targets:
-                        run_wrk(urls[t.name], mode, opts, opts.warmup)
+        current: Target | None = None
+        try:
             for rnd in range(opts.rounds):
                 order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
-                for mode in opts.mode_names:
-                    for t in order:
-                        r = measure(t, urls[t.name], mode, rnd, opts)
-                        runs.append(r)
-                        print(f"bench: round {rnd + 1}/{opts.rounds} {mode:9} {t.name:15} "
-                              f"{r.rps:10,.0f} req/s  p99 {r.p99_ms or 0:7.2f} ms  "
-                              f"syn-rtx {r.syn_retrans}", file=sys.stderr, flush=True)
-        finally:
-            for t in reversed(targets):
-                try:
+                for t in order:
+                    # One target in the kernel at a time: installed here, removed
+                    # below, so `bare` and every bystander see only their own state.
+                    current = t
+                    addr, port = e.fresh_backend()
+                    direct_url = f"http://{addr}:{port}/"
+                    url = urls[t.name] = t.setup(e, opts)
+                    roles = [("bare" if t.name == "bare" else "steered", url)]
+                    if t.bystander:
+                        roles.append(("bystander", direct_url))
+                    for mode in opts.mode_names:
+                        for role, u in roles:
+                            if rnd == 0 and opts.warmup > 0:
+                                run_wrk(u, mode, opts, opts.warmup)
+                            r = measure(t, role, u, mode, rnd, opts)
+                            runs.append(r)
+                            print(f"bench: round {rnd + 1}/{opts.rounds} {mode:9} {t.name:16} {role:9} "
+                                  f"{r.rps:10,.0f} req/s  p99 {r.p99_ms or 0:7.2f} ms  "
+                                  f"syn-rtx {r.syn_retrans}", file=sys.stderr, flush=True)
+                    current = None
                     t.teardown()
-                except Exception as ex:  # keep tearing down the others
-                    print(f"bench: teardown of {t.name} failed: {ex}", file=sys.stderr)
+        finally:
+            if current is not None:
+                try:
+                    current.teardown()
+                except Exception as ex:  # the leftovers pass below still runs
+                    print(f"bench: teardown of {current.name} failed: {ex}", file=sys.stderr)
+            for t in targets:
+                try:
+                    type(t).clear_leftovers(opts)
+                except Exception as ex:  # keep clearing the others
+                    print(f"bench: clearing {t.name} failed: {ex}", file=sys.stderr)
             if stats_fd is not None:
                 os.close(stats_fd)
 
     rows = summarize(runs, opts.target_names, opts.mode_names)
+    refs = references(runs, opts.target_names, opts.mode_names)
     bpf_table = bpf_markdown(runs, opts) if opts.bpf_stats else ""
     cmd = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = markdown(rows, opts)
+    table = markdown(rows, refs, opts)
     print(f"\n`{cmd.strip()}` — {opts.rounds} rounds × {opts.duration:g} s, wrk -t{opts.threads} "
           f"-c{opts.connections}, pin={opts.pin}, kernel {info['kernel']}, "
           f"{time.time() - started:.0f} s total\n")
     print(table)
     if bpf_table:
-        print("\neBPF programs (medians over rounds; every program runs on every matching hook of the "
-              "host, so a target's table also shows the others' programs as bystanders):\n")
+        print("\neBPF programs (medians over rounds; only the measured target is installed):\n")
         print(bpf_table)
     opts.out.mkdir(parents=True, exist_ok=True)
     path = opts.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({
         "command": cmd.strip(), "started": started, "seconds": round(time.time() - started, 1),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-        "host": info, "urls": urls, "summary": rows, "runs": [asdict(r) for r in runs],
+        "host": info, "urls": urls, "summary": rows, "references": refs, "runs": [asdict(r) for r in runs],
     }, indent=2))
     print(f"\nJSON: {path}")
     return 0

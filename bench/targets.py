@@ -31,8 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 class Target:
     name = "?"
     description = ""
-    conflicts: tuple[str, ...] = ()  # targets that cannot be installed at the same time
-    conflict_reason = ""
+    # Kernel data paths tax every other connection of the node while they are
+    # installed (cgroup programs, nft hooks): the benchmark then also measures a
+    # direct connection to the backend ("bystander").
+    bystander = False
 
     def setup(self, env: Env, opts: Any) -> str:
         """Make the target ready; return the URL wrk should load."""
@@ -51,9 +53,12 @@ class Target:
         return []
 
 
-class Direct(Target):
-    name = "direct"
-    description = "wrk -> backend address (no data path)"
+class Bare(Target):
+    """The baseline: wrk to the backend's address with nothing of prism-kernel
+    in the kernel (every other target is removed while it runs)."""
+
+    name = "bare"
+    description = "wrk -> backend address, nothing of prism-kernel installed"
 
     def setup(self, env: Env, opts: Any) -> str:
         addr, port = env.backend
@@ -70,10 +75,11 @@ class Nftables(Target):
     description = "wrk -> 127.0.0.1:PORT, nftables DNAT (prism_kernel.datapath.nft.datapath)"
     naive = False
     loader: str | None = None  # eBPF: ebpf.loader for the holder
-    # Targets stay installed side by side for the whole run, so each has its
-    # own listen port and instance (table).
+    # Each target has its own listen port and instance (table), so that a
+    # leftover of one never changes another's measurement.
     port_offset = 0
     instance_suffix = ""
+    bystander = True
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -131,13 +137,10 @@ class Nftables(Target):
 
 class NftablesNaive(Nftables):
     """The same table without the tcp_timestamps fix: the data path before the
-    fix, kept to reproduce the problem (nft/README.md). tcp_timestamps is
-    host-wide, so it cannot run in the same benchmark as `nftables`."""
+    fix, kept to reproduce the problem (nft/README.md)."""
 
     name = "nftables-naive"
     description = "as nftables, but net.ipv4.tcp_timestamps left at 1 (before the fix)"
-    conflicts = ("nftables",)
-    conflict_reason = "net.ipv4.tcp_timestamps is host-wide (nftables sets it to 2)"
     naive = True
     port_offset = 1
     instance_suffix = "-naive"
@@ -177,11 +180,8 @@ class NftablesMinimal(Target):
 
     name = "nftables-minimal"
     description = "wrk -> 127.0.0.1:PORT, one nft dnat rule + one masquerade rule (the floor of NAT cost)"
-    # Runs beside `nftables` (same sysctl values; whichever is torn down first
-    # restores them, after the last measurement), not beside the naive one.
-    conflicts = ("nftables-naive",)
-    conflict_reason = "net.ipv4.tcp_timestamps is host-wide (the naive target keeps it at 1)"
     port_offset = 4
+    bystander = True
     table = "pkb_min"
     instance = "pkb-min"
     sysctls = (("net.ipv4.conf.all.route_localnet", "1"), ("net.ipv4.tcp_timestamps", "2"))
@@ -243,6 +243,35 @@ class NftablesMinimal(Target):
         rc, _, _ = nft.json_cmd({"nftables": [{"delete": {"table": {"family": "ip", "name": cls.table}}}]})
         lines = [f"nft table ip {cls.table}: deleted"] if rc == 0 else []
         return lines + sysctl.restore(cls.instance)
+
+
+class Conntrack(NftablesMinimal):
+    """What a Kubernetes node pays before prism-kernel: connection tracking on
+    for every connection (kube-proxy, CNIs and Docker turn it on), no NAT and
+    nothing of ours. A table whose only rule needs conntrack; the nftables data
+    path's bystander tax is measured against it as well as against bare."""
+
+    name = "conntrack"
+    description = "one nft rule `ct state established accept` (conntrack on, no NAT): a typical node"
+    port_offset = 6
+    bystander = False  # its own measurement is a direct connection already
+    table = "pkb_ct"
+    instance = "pkb-ct"
+    sysctls = ()
+
+    def setup(self, env: Env, opts: Any) -> str:
+        self.opts = opts
+        t = {"family": "ip", "table": self.table}
+        self._nft([
+            {"add": {"table": {"family": "ip", "name": self.table}}},
+            {"add": {"chain": {**t, "name": "out", "type": "filter", "hook": "output",
+                               "prio": 0, "policy": "accept"}}},
+            {"add": {"rule": {**t, "chain": "out", "expr": [
+                {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "established"}},
+                {"accept": None}]}}},
+        ])
+        addr, port = env.backend
+        return f"http://{addr}:{port}/"
 
 
 class Haproxy(Target):
@@ -312,6 +341,12 @@ class Haproxy(Target):
 
 
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Direct, Ebpf, EbpfBcc, Nftables, NftablesNaive, NftablesMinimal, Haproxy)
+    t.name: t for t in (Bare, Ebpf, EbpfBcc, Nftables, NftablesNaive, NftablesMinimal, Conntrack, Haproxy)
 }
-DEFAULT_TARGETS = ("direct", "ebpf", "nftables", "haproxy")
+DEFAULT_TARGETS = ("bare", "ebpf", "nftables", "nftables-minimal", "conntrack", "haproxy")
+# (target, role) ÷ (target, role), paired per round, reported when both were
+# measured: nftables against the floor of NAT cost, its bystander tax against
+# a node that tracks connections anyway, the bcc build against the object.
+REFERENCES = ((("nftables", "steered"), ("nftables-minimal", "steered")),
+              (("nftables", "bystander"), ("conntrack", "steered")),
+              (("ebpf-bcc", "steered"), ("ebpf", "steered")))
