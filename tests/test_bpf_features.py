@@ -18,7 +18,7 @@ import pytest
 from prism_kernel.datapath.ebpf import features as bpf_features
 
 REPO = Path(__file__).resolve().parents[1]
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the probes need root to load programs")
+needs_root = pytest.mark.kernel  # the probes load programs: root
 
 
 @needs_root

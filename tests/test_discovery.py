@@ -9,8 +9,8 @@ client-go against the same fake.
     sudo .venv/bin/python -m pytest -q tests/test_discovery.py
 
 The testbed runs with prefix "pkg" and net_offset=60 (198.18.61.0/24 ...), so it
-can run while other suites use theirs. Not marked `kernel`: it touches no
-daemon instance, so the session-wide kernel cleanup of conftest is not needed.
+can run while other suites use theirs. Marked `kernel`: the testbed needs
+root (network namespaces), though no daemon instance is touched.
 """
 
 from __future__ import annotations
@@ -444,7 +444,7 @@ def test_watch_events_applied(tmp_path):
 # integration: the watcher against the fake API servers
 # --------------------------------------------------------------------------------
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the testbed needs root")
+needs_root = pytest.mark.kernel  # the testbed: hosts in network namespaces (root)
 
 
 @pytest.fixture(scope="module")

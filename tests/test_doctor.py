@@ -3,8 +3,10 @@ taken port, and leaves the kernel exactly as it found it.
 
 The end-to-end tests run `python -m prism_kernel.observe.doctor` (the same function
 `prism-kernel doctor` calls) on port 17457 with instance `pk-doctor`, so that
-they never meet another test's or a live daemon's state. They are not marked
-`kernel`: doctor changes no kernel state (the last test proves it).
+they never meet another test's or a live daemon's state. They are marked
+`kernel`: doctor loads BPF programs (the feature probes, the programs in a
+child), which needs root, although it changes no kernel state (the last of
+them proves it). The unit tests below them run as any user.
 """
 
 from __future__ import annotations
@@ -32,9 +34,6 @@ CHECK_IDS = (
     "sysctls", "datapath.ebpf", "datapath.nftables", "auto",
 )
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="doctor's kernel probes need root")
-
-
 def run_doctor(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "prism_kernel.observe.doctor", "--instance", INSTANCE, *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
@@ -49,7 +48,7 @@ def checks_by_id(report: dict) -> dict[str, dict]:
 # end to end, as root
 
 
-@needs_root
+@pytest.mark.kernel
 def test_doctor_text_root_can_run_auto_ebpf():
     r = run_doctor("--port", str(PORT))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -66,7 +65,7 @@ def test_doctor_text_root_can_run_auto_ebpf():
     assert "\033[" not in r.stdout  # no colour when stdout is not a terminal
 
 
-@needs_root
+@pytest.mark.kernel
 def test_doctor_json_parses_and_matches():
     r = run_doctor("--port", str(PORT), "-o", "json")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -94,7 +93,7 @@ def test_doctor_json_parses_and_matches():
     assert set(by_id["sysctls"]["details"]) == {"net.ipv4.conf.all.route_localnet", "net.ipv4.tcp_timestamps"}
 
 
-@needs_root
+@pytest.mark.kernel
 def test_doctor_reports_a_taken_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -115,7 +114,6 @@ def test_doctor_reports_a_taken_port():
     assert line.startswith("warn") and f"port {PORT} is taken" in line and "Do:" in line
 
 
-@needs_root
 def test_doctor_names_kubeprism_for_7445(monkeypatch):
     """On the default port the advice is about Talos KubePrism (listener faked)."""
     monkeypatch.setattr(doctor, "_listeners", lambda p: [{"address": f"127.0.0.1:{p}", "inode": 1,
@@ -186,7 +184,7 @@ def _explained_by_other_instance(after: dict, prog_id: int) -> bool:
     return False
 
 
-@needs_root
+@pytest.mark.kernel
 def test_doctor_changes_no_kernel_state():
     from prism_kernel.datapath.ebpf.cgroup import find_cgroup2_root
 
