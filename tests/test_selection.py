@@ -12,12 +12,38 @@ A = Backend.of("198.18.1.2", 6443)
 B = Backend.of("198.18.2.2", 6443)
 C = Backend.of("198.18.3.2", 6443)
 LO = Backend.of("127.0.0.1", 6443)
+LO2 = Backend.of("127.0.0.2", 6443)
 V6 = Backend.of("2001:2::2", 6443)
 V6B = Backend.of("2001:2::3", 6443)
+V6LO = Backend.of("::1", 6443)
 
 
 def cand(b, healthy, tier=0):
-    return Candidate(b, healthy, tier if healthy else tier)
+    return Candidate(b, healthy, tier)
+
+
+def expected(cands):
+    """The rules of prism_kernel.core.selection for one family, written out
+    independently: (backends, mode, tier)."""
+    if not cands:
+        return set(), "empty", None
+    healthy = [c for c in cands if c.healthy]
+    if not healthy:
+        return {c.backend for c in cands}, "fail-open", None
+    loopback = [c for c in healthy if c.backend.is_loopback]
+    if loopback:
+        tiers = [c.tier for c in loopback if c.tier is not None]
+        return {c.backend for c in loopback}, "loopback", min(tiers) if tiers else None
+    tiers = [c.tier for c in healthy if c.tier is not None]
+    best = min(tiers) if tiers else None
+    return {c.backend for c in healthy if c.tier is None or c.tier == best}, "tier", best
+
+
+def check_family(s, cands):
+    """`s` (a Selection) is what the rules give for `cands`, in sorted order."""
+    backends, mode, tier = expected(cands)
+    assert (set(s.backends), s.mode, s.tier) == (backends, mode, tier), cands
+    assert list(s.backends) == sorted(s.backends) and len(s.backends) == len(backends)
 
 
 def test_empty_input_gives_empty_selection():
@@ -87,46 +113,35 @@ def test_families_filter_drops_unsteerable_family():
 def test_input_order_does_not_matter():
     cands = [cand(A, True, 1), cand(B, True, 1), cand(C, False, 0), cand(LO, False, 1)]
     results = {select(p).backends for p in itertools.permutations(cands)}
-    assert len(results) == 1
+    assert results == {(A, B)}
 
 
 def test_exhaustive_small_world():
-    """Every combination of health and tier for four backends (one loopback)."""
-    backends = [A, B, C, LO]
-    for healths in itertools.product([False, True], repeat=4):
-        for tiers in itertools.product([None, 0, 1, 2], repeat=4):
+    """Every combination of health and tier for five backends (two loopback)."""
+    backends = [A, B, C, LO, LO2]
+    modes = set()
+    for healths in itertools.product([False, True], repeat=len(backends)):
+        for tiers in itertools.product([None, 0, 1, 2], repeat=len(backends)):
             cands = [Candidate(b, h, t) for b, h, t in zip(backends, healths, tiers)]
             s = select_family(cands)
-            chosen = set(s.backends)
-            assert chosen, "never an empty set while backends are known"
-            assert list(s.backends) == sorted(s.backends)
-            healthy = {b for b, h in zip(backends, healths) if h}
-            if not healthy:
-                assert chosen == set(backends) and s.mode == "fail-open"
-                continue
-            assert chosen <= healthy, "only healthy backends while any is healthy"
-            if LO in healthy:
-                assert chosen == {LO}
-                continue
-            known = [t for b, h, t in zip(backends, healths, tiers) if h and t is not None]
-            best = min(known) if known else None
-            assert chosen == {b for b, h, t in zip(backends, healths, tiers) if h and (t is None or t == best)}
+            assert s.backends, "never an empty set while backends are known"
+            check_family(s, cands)
+            modes.add(s.mode)
+    assert modes == {"loopback", "tier", "fail-open"}  # the world reaches every rule
 
 
-addresses = st.sampled_from([A, B, C, LO, V6, V6B])
+addresses = st.sampled_from([A, B, C, LO, LO2, V6, V6B, V6LO])
 
 
 @given(st.dictionaries(addresses, st.tuples(st.booleans(), st.one_of(st.none(), st.integers(0, 4))), min_size=1))
 def test_properties(world):
     cands = [Candidate(b, h, t) for b, (h, t) in world.items()]
     sel = select(cands)
+    assert set(sel.by_family) == {b.family for b in world}
     for fam, s in sel.by_family.items():
-        fam_backends = {b for b in world if b.family == fam}
+        fam_cands = [c for c in cands if c.backend.family == fam]
         assert s.backends, "a known family never gets an empty set"
-        assert set(s.backends) <= fam_backends
-        healthy = {b for b in fam_backends if world[b][0]}
-        if healthy:
-            assert set(s.backends) <= healthy
-        else:
-            assert set(s.backends) == fam_backends
+        check_family(s, fam_cands)
+    assert sel.backends == tuple(sorted(b for s in sel.by_family.values() for b in s.backends))
+    assert sel.fail_open == all(not h for h, _ in world.values())
     assert select(list(reversed(cands))).backends == sel.backends
