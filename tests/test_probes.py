@@ -191,6 +191,9 @@ def test_probes_of_different_backends_do_not_wait_for_each_other(ca, ca_file):
     (b"HTTP/1.1 200 OK\r\n\r\nok", "ok"),  # close-delimited body
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", "bad http response"),
     (b"SSH-2.0-OpenSSH\r\n", "bad http response"),
+    # a declared body over the limit: refused before waiting for it (the server holds the connection)
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\nok", "bad http response"),
+    (b"", "closed by peer"),  # the request read, the connection closed without a word
 ])
 def test_readyz_http_edge_cases_are_stable_over_several_probes(ca, ca_file, raw, expect):
     """Leftovers of one response must never be read as the next one's status

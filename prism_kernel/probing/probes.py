@@ -21,8 +21,11 @@ import time
 from prism_kernel.config import ProbeConfig
 from prism_kernel.core.health import ProbeResult
 from prism_kernel.core.model import Backend
+from prism_kernel.probing.http_client import ConnectionClosed, HttpConnection, HttpError, ProtocolError
 
-_MAX_HEADER_BYTES = 16 * 1024
+# A /readyz answer is a few bytes (a verbose one a few kB): anything over these
+# is "bad http response", never memory the daemon holds.
+_MAX_HEAD_BYTES = 16 * 1024
 _MAX_BODY_BYTES = 64 * 1024
 
 
@@ -39,16 +42,10 @@ def make_ssl_context(cfg: ProbeConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-class ProbeFailed(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
 def classify(exc: BaseException, phase: str) -> str:
     """A short, stable reason for a failed probe (a metric label, a log field)."""
-    if isinstance(exc, ProbeFailed):
-        return exc.reason
+    if isinstance(exc, ProtocolError):
+        return "bad http response"
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return f"{phase} timeout"
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -59,7 +56,7 @@ def classify(exc: BaseException, phase: str) -> str:
         return "refused"
     if isinstance(exc, ConnectionResetError):
         return "reset"
-    if isinstance(exc, (asyncio.IncompleteReadError, EOFError, BrokenPipeError)):
+    if isinstance(exc, (ConnectionClosed, EOFError, BrokenPipeError)):
         return "closed by peer"
     if isinstance(exc, OSError):
         if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
@@ -84,7 +81,9 @@ class Prober:
         # What the certificate must name: the configured server name, else the
         # host the operator wrote (a DNS name, or the address itself).
         self.server_name = cfg.server_name or server_name or str(backend.address)
-        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        host = self.server_name if ":" not in self.server_name else f"[{self.server_name}]"
+        self._host_header = f"{host}:{backend.port}"
+        self._conn: HttpConnection | None = None
         self.reused = 0  # probes served on a kept-alive connection
 
     async def probe(self) -> ProbeResult:
@@ -109,7 +108,7 @@ class Prober:
     def abort(self) -> None:
         """Abort the kept-alive connection, if any (callable from sync code)."""
         if self._conn is not None:
-            self._conn[1].transport.abort()
+            self._conn.close()
             self._conn = None
 
     async def _open(self, phase: list[str], use_tls: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, float]:
@@ -131,101 +130,33 @@ class Prober:
             writer.transport.abort()  # no FIN handshake to wait for; a probe holds nothing
             return ProbeResult(True, latency, "ok")
         # readyz: reuse the kept-alive connection; if the server closed it while
-        # idle, the request fails before any response byte: retry once fresh.
-        if self._conn is not None:
+        # idle, the request fails before any answer: retry once fresh.
+        if self._conn is not None and self._conn.reusable:
             try:
-                status, latency = await self._request(*self._conn, phase)
+                result = await self._readyz(self._conn, phase)
                 self.reused += 1
-                return self._readyz_result(status, latency)
-            except (ConnectionError, asyncio.IncompleteReadError, EOFError, ssl.SSLError, OSError, ProbeFailed):
+                return result
+            except (OSError, HttpError):  # OSError: ConnectionError and ssl.SSLError too
                 # An idle connection the server closed, or leftovers on it:
                 # one fresh connection decides.
-                self.abort()
                 if time.monotonic() >= deadline:
                     raise
+        self.abort()
         reader, writer, _ = await self._open(phase, use_tls=True)
-        self._conn = (reader, writer)
-        status, latency = await self._request(reader, writer, phase)
-        return self._readyz_result(status, latency)
+        self._conn = HttpConnection(reader, writer, self._host_header, max_head_bytes=_MAX_HEAD_BYTES)
+        return await self._readyz(self._conn, phase)
 
-    def _readyz_result(self, status: int, latency: float) -> ProbeResult:
-        if status == 200:
-            return ProbeResult(True, latency, "ok")
-        return ProbeResult(False, None, f"http {status}")
-
-    async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, phase: list[str]) -> tuple[int, float]:
+    async def _readyz(self, conn: HttpConnection, phase: list[str]) -> ProbeResult:
         phase[0] = "readyz"
-        host = self.server_name if ":" not in self.server_name else f"[{self.server_name}]"
-        request = (
-            f"GET /readyz HTTP/1.1\r\nHost: {host}:{self.backend.port}\r\n"
-            "User-Agent: prism-kernel\r\nAccept: text/plain\r\n\r\n"
-        ).encode()
         start = time.monotonic()
-        writer.write(request)
-        await writer.drain()
-        latency: float | None = None
-        try:
-            while True:
-                status_line = await reader.readline()
-                if not status_line:
-                    raise asyncio.IncompleteReadError(b"", None)
-                if latency is None:
-                    latency = time.monotonic() - start
-                parts = status_line.split(None, 2)
-                if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-                    raise ProbeFailed("bad http response")
-                status = int(parts[1])
-                length, chunked, close = None, False, parts[0] == b"HTTP/1.0"
-                seen = len(status_line)
-                while True:
-                    line = await reader.readline()
-                    seen += len(line)
-                    if seen > _MAX_HEADER_BYTES:
-                        raise ProbeFailed("bad http response")
-                    if line in (b"\r\n", b"\n", b""):
-                        break
-                    name, _, value = line.partition(b":")
-                    name, value = name.strip().lower(), value.strip().lower()
-                    if name == b"content-length" and value.isdigit():
-                        length = int(value)
-                    elif name == b"transfer-encoding" and b"chunked" in value:
-                        chunked = True
-                    elif name == b"connection" and value == b"close":
-                        close = True
-                if 100 <= status < 200:
-                    continue  # 100 Continue and friends: the real answer follows
-                break
-        except (asyncio.LimitOverrunError, ValueError):
-            raise ProbeFailed("bad http response") from None
-        if chunked:
-            await self._skip_chunked(reader)
-        elif length is not None:
-            if length > _MAX_BODY_BYTES:
-                raise ProbeFailed("bad http response")
-            await reader.readexactly(length)
-        elif status not in (204, 304):
-            close = True  # the body runs to the end of the connection: never reuse it
-        if close:
-            self.abort()
-        return status, latency
-
-    @staticmethod
-    async def _skip_chunked(reader: asyncio.StreamReader) -> None:
-        total = 0
-        while True:
-            size_line = await reader.readline()
-            try:
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise ProbeFailed("bad http response") from None
-            total += size
-            if total > _MAX_BODY_BYTES:
-                raise ProbeFailed("bad http response")
-            if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass  # trailer fields
-                return
-            await reader.readexactly(size + 2)
+        resp = await conn.request("/readyz", [("User-Agent", "prism-kernel"), ("Accept", "text/plain")])
+        latency = resp.first_byte_at - start
+        # Read to its end (bounded): the connection then serves the next probe,
+        # or is closed when the server asked for that.
+        await conn.read_body(_MAX_BODY_BYTES)
+        if resp.status == 200:
+            return ProbeResult(True, latency, "ok")
+        return ProbeResult(False, None, f"http {resp.status}")
 
 
 def make_confirm_context() -> ssl.SSLContext:
