@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from prism_kernel.observe import doctor
+from prism_kernel.observe.doctor import check, host, ports
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 17457  # outside the ephemeral range: no client socket of another test can hold it
@@ -108,7 +109,7 @@ def test_doctor_reports_a_taken_port():
     assert [l["address"] for l in listeners] == [f"127.0.0.1:{PORT}"]
     assert listeners[0]["process"].endswith(f"(pid {os.getpid()})")
     alt = port["details"]["suggested_port"]
-    assert alt and alt != PORT and alt not in doctor._AVOID_PORTS
+    assert alt and alt != PORT and alt not in ports.AVOID_PORTS
     assert "instead of it" in port["action"] and f"--port {alt}" in port["action"]
     line = next(l for l in text.stdout.splitlines() if l.split()[1:2] == ["port"])
     assert line.startswith("warn") and f"port {PORT} is taken" in line and "Do:" in line
@@ -116,9 +117,9 @@ def test_doctor_reports_a_taken_port():
 
 def test_doctor_names_kubeprism_for_7445(monkeypatch):
     """On the default port the advice is about Talos KubePrism (listener faked)."""
-    monkeypatch.setattr(doctor, "_listeners", lambda p: [{"address": f"127.0.0.1:{p}", "inode": 1,
+    monkeypatch.setattr(ports, "listeners", lambda p: [{"address": f"127.0.0.1:{p}", "inode": 1,
                                                           "process": "machined (pid 1)"}] if p == 7445 else [])
-    c = doctor.check_port(7445, INSTANCE)
+    c = ports.check_port(7445, INSTANCE)
     assert c.verdict == "warn"
     assert "KubePrism" in c.summary
     assert "machine.features.kubePrism.enabled: false" in c.action and "KubePrismConfig" in c.action
@@ -230,34 +231,54 @@ def test_doctor_changes_no_kernel_state():
 # units (no root needed)
 
 
+@pytest.mark.parametrize("family,host_addr,shown", [
+    (socket.AF_INET, "127.0.0.1", "127.0.0.1"), (socket.AF_INET, "0.0.0.0", "0.0.0.0"),
+    (socket.AF_INET6, "::1", "[::1]"),
+])
+def test_port_check_finds_a_real_listener_and_its_process(family, host_addr, shown):
+    """What a connect to 127.0.0.1:PORT or [::1]:PORT would reach, read from
+    /proc as any user: this process's own listener, named with its pid."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host_addr, 0))
+        s.listen()
+        port = s.getsockname()[1]
+        c = ports.check_port(port, INSTANCE)
+    assert c.verdict == "warn" and f"port {port} is taken" in c.summary
+    assert [(l["address"], l["process"]) for l in c.details["listeners"]] == [
+        (f"{shown}:{port}", f"{Path('/proc/self/comm').read_text().strip()} (pid {os.getpid()})")]
+    alt = c.details["suggested_port"]
+    assert alt and alt != port and alt not in ports.AVOID_PORTS and ports.listeners(alt) == []
+    assert f"--port {alt}" in c.action
+
+
 def test_capabilities_verdicts():
     bit = lambda *caps: sum(1 << c for c in caps)  # noqa: E731
-    full = doctor.check_capabilities(bit(doctor.CAP_SYS_ADMIN, doctor.CAP_NET_ADMIN))
+    full = host.check_capabilities(bit(host.CAP_SYS_ADMIN, host.CAP_NET_ADMIN))
     assert full.verdict == "ok" and full.needed_by == ()
 
-    no_perfmon = doctor.check_capabilities(bit(doctor.CAP_BPF, doctor.CAP_NET_ADMIN))
+    no_perfmon = host.check_capabilities(bit(host.CAP_BPF, host.CAP_NET_ADMIN))
     assert no_perfmon.verdict == "warn" and no_perfmon.needed_by == ("ebpf",)
     assert "CAP_PERFMON" in no_perfmon.summary
 
-    no_sys_admin = doctor.check_capabilities(bit(doctor.CAP_BPF, doctor.CAP_NET_ADMIN, doctor.CAP_PERFMON))
+    no_sys_admin = host.check_capabilities(bit(host.CAP_BPF, host.CAP_NET_ADMIN, host.CAP_PERFMON))
     assert no_sys_admin.verdict == "warn" and no_sys_admin.needed_by == ()
     assert "adopt" in no_sys_admin.summary
 
-    none = doctor.check_capabilities(0)
+    none = host.check_capabilities(0)
     assert set(none.needed_by) == {"ebpf", "nftables"}
     assert "CAP_NET_ADMIN" in none.details["missing"]
 
 
 def test_settle_fails_only_when_nothing_can_run():
     def checks():
-        return [doctor.Check("headers", "warn", "x", "y", needed_by=("ebpf",)),
-                doctor.Check("bpffs", "warn", "x", "y"),
-                doctor.Check("kernel", "ok", "x")]
+        return [check.Check("headers", "warn", "x", "y", needed_by=("ebpf",)),
+                check.Check("bpffs", "warn", "x", "y"),
+                check.Check("kernel", "ok", "x")]
     some = checks()
-    doctor._settle(some, {"nftables"})
+    doctor.settle(some, {"nftables"})
     assert [c.verdict for c in some] == ["warn", "warn", "ok"]
     none = checks()
-    doctor._settle(none, set())
+    doctor.settle(none, set())
     assert [c.verdict for c in none] == ["fail", "warn", "ok"]
 
 
@@ -266,16 +287,16 @@ def test_one_line_keeps_the_verifier_verdict():
            "63: (63) *(u32 *)(r10 -4) = r1\n; act = lookup() @ main.c:266\n"
            "R1 tried to add from different maps, paths or scalars, pointer arithmetic with it prohibited for !root\n"
            "processed 458 insns (limit 1000000)")
-    one = doctor._one_line(log)
+    one = check.one_line(log)
     assert "\n" not in one
     assert one.startswith("Failed to load BPF program b'connect6'")
     assert one.endswith("prohibited for !root")
 
 
 def test_kernel_version_parse():
-    assert doctor.kernel_version("6.18.44-fc-v669") == (6, 18, 44)
-    assert doctor.kernel_version("5.4.0-150-generic") == (5, 4, 0)
-    assert doctor.kernel_version("6.1") == (6, 1, 0)
+    assert host.kernel_version("6.18.44-fc-v669") == (6, 18, 44)
+    assert host.kernel_version("5.4.0-150-generic") == (5, 4, 0)
+    assert host.kernel_version("6.1") == (6, 1, 0)
 
 
 def test_bad_arguments_exit_2(capsys):

@@ -1,98 +1,48 @@
-"""Prometheus metrics, /healthz and /readyz for the daemon.
+"""What the daemon records for /metrics, /healthz and /readyz.
 
-KubePrism exports no metrics at all; prism-kernel exports what an operator
-needs to see the endpoint work: backend health, latency and tiers, the active
-set, fail-open, failovers, kernel writes, and what the kernel itself counted
-(connections steered per backend, failed connects it saw).
+The daemon's loop never waits for a scrape (docs/design/metrics.md): the
+`observe_*` methods touch only prometheus_client counters and histograms
+(each with its own short lock); `publish()` swaps one reference to a
+snapshot that is never changed afterwards; the kernel is read at scrape time,
+in the scrape thread, through fresh data-path objects (`datapath_readers`).
+Each `Metrics` has a registry of its own, never prometheus_client's global one.
 
-Three sources, so that the daemon's asyncio loop never waits for a scrape:
-
-* events: the daemon calls cheap `observe_*` methods from its loop (probe
-  results, kernel writes); they update prometheus_client counters and
-  histograms (each has its own lock, never held for long);
-* state: the daemon publishes its `snapshot()` dict with `publish()`. It is
-  replaced by one attribute assignment, and a scrape reads the reference
-  once, so a scrape never sees half an update;
-* the kernel: read at scrape time, in the scrape thread, by callables the
-  daemon hands over (`set_kernel_readers`; `datapath_readers()` builds them
-  with a fresh data-path object per scrape, so the scrape thread shares no
-  file descriptor with the daemon's writer). A failed read is counted in
-  `prism_kernel_kernel_read_errors_total` and its metrics are left out: the
-  scrape itself never fails.
-
-Everything lives in a registry of its own (never prometheus_client's global
-one), so tests create as many as they like.
-
-The HTTP server (stdlib ThreadingHTTPServer in a daemon thread) listens on
-loopback by default, see DEFAULT_METRICS_PORT for the port, and serves
-/metrics (text format or OpenMetrics by content negotiation, gzip when asked,
-`name[]` filters, as prometheus_client does), /healthz and /readyz.
+The families built at scrape time are in metrics_scrape.py, the HTTP server
+in metrics_server.py; `MetricsServer` and `MetricsServerError` are imported
+here so that the daemon needs only this module.
 """
 
 from __future__ import annotations
 
-import gzip as _gzip
-import ipaddress
-import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import fields as dc_fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder, gzip_accepted
-from prometheus_client.registry import Collector
+from prometheus_client.core import Metric
 
 from prism_kernel import __version__
 from prism_kernel.core.health import ProbeResult
 from prism_kernel.core.model import Backend
 from prism_kernel.datapath.base import Datapath, DatapathSettings, KernelState, PassiveCounts
-from prism_kernel.errors import PrismError
+from prism_kernel.observe.metrics_scrape import ScrapeCollector
+from prism_kernel.observe.metrics_server import (  # noqa: F401 - the daemon's imports
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_METRICS_PORT,
+    MetricsServer,
+    MetricsServerError,
+    format_address,
+)
 
-# Where /metrics, /healthz and /readyz listen by default: loopback only (a
-# node-local Prometheus agent or a port-forward reaches it; exposing it is an
-# explicit choice: metrics.address 0.0.0.0).
-#
-# Port 7450, chosen to clash with none of:
-# * 7445: KubePrism, and prism-kernel's own steered listen port;
-# * 7446: taken by third-party software (with 7447-7448 also Eclipse Zenoh's
-#   scouting and router ports);
-# * 17445, 27445, 37445, 37446: the listen/backend ports of this repository's
-#   tests and benchmark (tests/harness.py, tests/test_datapath_*.py,
-#   bench/): connects to a listen port are steered by the kernel, so a
-#   metrics server there would be unreachable;
-# * the Prometheus default port allocations wiki
-#   (github.com/prometheus/prometheus/wiki/Default-port-allocations): 9090-9094
-#   for Prometheus itself, 9100-9999 for exporters. That range is allocated
-#   almost to the last port (the copy at hand: every port 9100-9745 but a
-#   dozen "FREE" gaps the wiki asks to be filled first, and 9901-9999 in use;
-#   9445, the obvious "x445", is the NVIDIA GPU exporter, which runs on GPU
-#   Kubernetes nodes), and a gap cannot be checked free without the live page.
-#   So prism-kernel stays out of the range, and off the ports the wiki's
-#   "outside the standard range" table lists (3903, 7300, 8080, 8082, 8088,
-#   8089, 8292, 8404, 9042, 9087, 9095, 9097, 9099, 16995, 19091, 19999,
-#   24231, 42004, 44322, 61091);
-# * what else listens on a Kubernetes node: API server 6443, etcd 2379-2381,
-#   kubelet 10248/10250, kube-proxy 10249/10256, controller-manager and
-#   scheduler 10257/10259, MetalLB 7472/7946, kube-vip 2112, Cilium 9962-9965
-#   and 4240/4244, Calico 9091/9099, node-local-dns 9253, CSI liveness 9808;
-# * the NodePort range 30000-32767 and the ephemeral range 32768-60999.
-DEFAULT_METRICS_ADDRESS = "127.0.0.1"
-DEFAULT_METRICS_PORT = 7450
 # /healthz turns 503 when the daemon loop has not called heartbeat() for this
-# long. The loop turns at least every STATE_WRITE_EVERY (2 s); a DNS
-# re-resolution awaited inside the loop can take a few resolver timeouts.
+# long: the loop turns at least every 2 s, but a DNS re-resolution awaited in
+# it can take a few resolver timeouts.
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 
-# Probe latency buckets (seconds): KubePrism's tier boundaries 1 ms, 10 ms,
-# 100 ms and 1 s are bucket edges, so the share of probes per tier is exact;
-# below 1 ms finer edges separate loopback (tens of microseconds) from a LAN
-# (hundreds); the largest edge above the probe timeout limit is 10 s.
+# Seconds. The latency tier boundaries (core.health.TIER_BOUNDS) are edges, so
+# the share of probes per tier is exact; finer below 1 ms (loopback vs LAN).
 PROBE_LATENCY_BUCKETS: tuple[float, ...] = (
     0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
     0.001, 0.0025, 0.005,
@@ -100,8 +50,7 @@ PROBE_LATENCY_BUCKETS: tuple[float, ...] = (
     0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
 )
-# Kernel write buckets (seconds): an eBPF map update takes tens of
-# microseconds, an nftables transaction about a millisecond, a slow one more.
+# Seconds: an eBPF map update takes tens of microseconds, an nftables transaction about 1 ms.
 KERNEL_WRITE_BUCKETS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005,
     0.001, 0.0025, 0.005,
@@ -109,33 +58,18 @@ KERNEL_WRITE_BUCKETS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1.0,
 )
 
-BACKEND_STATES = ("unknown", "up", "down")  # health.State
-DOWN_KINDS = ("dead", "unready")  # health.FailureKind
 TRANSITION_KINDS = ("up", "down", "tier", "held")  # health.Change.kind
-SELECTION_MODES = ("loopback", "tier", "fail-open", "empty")  # selection.Mode
 DATAPATHS = ("ebpf", "nftables")
 # Why `auto` fell back to another data path; why starting the data path failed.
 FALLBACK_REASONS = ("unavailable", "install_failed")
 START_STAGES = ("choose", "install")
-# Probe failure reasons are short and stable (probes.classify), but a few
-# carry free text (an OS error, a certificate message): a label value is
-# capped, and an endpoint with more distinct reasons than this gets "other".
+# Label values stay bounded: a reason is capped, and an endpoint with more
+# distinct reasons than this gets "other" (a few reasons carry free text).
 MAX_REASON_LEN = 64
 MAX_REASONS_PER_ENDPOINT = 20
-# PassiveCounts fields -> the `kind` label of prism_kernel_passive_failures_total;
-# `established` is not a failure: prism_kernel_passive_established_total.
-_PASSIVE_KINDS = {"refused": "refused", "syn_timeouts": "syn_timeout"}
 
 StateReader = Callable[[], KernelState]
 PassiveReader = Callable[[], Mapping[Backend, PassiveCounts]]
-
-
-class MetricsServerError(PrismError):
-    """The metrics HTTP server cannot listen where it was told to."""
-
-
-def _endpoint(backend: Backend | str) -> str:
-    return str(backend)
 
 
 def _reason_label(reason: str) -> str:
@@ -164,12 +98,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.heartbeat_timeout = heartbeat_timeout
         self._clock = clock
-        self._version = version
+        self.version = version
         self._snapshot: dict[str, Any] | None = None
         self._state_reader: StateReader | None = None
         self._passive_reader: PassiveReader | None = None
         self._last_beat = clock()  # being created counts as the first sign of life
-        self._last_beat_wall = time.time()
+        self.last_heartbeat_wall = time.time()  # unix time, for prism_kernel_last_heartbeat_timestamp_seconds
         self._lock = threading.Lock()  # guards the bookkeeping below
         self._read_errors: dict[str, int] = {"state": 0, "passive": 0}
         self._reasons: dict[str, set[str]] = {}  # endpoint -> reason labels in use
@@ -218,7 +152,7 @@ class Metrics:
             "stage: choose (no data path available) or install (install, adopt or the first write "
             "failed). The daemon retries with backoff (1 s doubling to 60 s) while the kernel keeps "
             "steering with what it holds.", ["stage"], registry=r)
-        r.register(_StateCollector(self))
+        r.register(ScrapeCollector(self))
         if process_metrics:
             # process_* (CPU, RSS, open fds, start time) and python_* (gc, info)
             prometheus_client.ProcessCollector(registry=r)
@@ -230,7 +164,7 @@ class Metrics:
     def heartbeat(self) -> None:
         """Once per turn of the daemon's loop: /healthz reports it alive."""
         self._last_beat = self._clock()
-        self._last_beat_wall = time.time()
+        self.last_heartbeat_wall = time.time()
 
     def publish(self, snapshot: dict[str, Any]) -> None:
         """Hand over the daemon's latest `snapshot()`. The dict must not be
@@ -246,7 +180,7 @@ class Metrics:
     def observe_probe(self, backend: Backend, result: ProbeResult, changes: Iterable[Any] = ()) -> None:
         """One probe result (call it where the daemon takes the result into
         its health state, with the changes that produced)."""
-        ep = _endpoint(backend)
+        ep = str(backend)
         self.probes.labels(ep).inc()
         if result.ok:
             if result.latency is not None:
@@ -258,7 +192,7 @@ class Metrics:
     def observe_changes(self, backend: Backend, changes: Iterable[Any]) -> None:
         """Health changes (health.Change) that did not come from a scheduled
         probe, e.g. a kernel-reported failure confirmed by a TCP connect."""
-        ep = _endpoint(backend)
+        ep = str(backend)
         for c in changes:
             kind = getattr(c, "kind", None)
             if kind in TRANSITION_KINDS:
@@ -294,7 +228,7 @@ class Metrics:
         self._state_reader = state
         self._passive_reader = passive
 
-    # ---- read by the HTTP server (its threads) ----------------------------
+    # ---- read by a scrape (the HTTP server's threads) ---------------------
 
     @property
     def snapshot(self) -> dict[str, Any] | None:
@@ -337,6 +271,18 @@ class Metrics:
                           f"backends, {snap['datapath']} data path")
         return False, f"no healthy backend ({len(backends)} known)"
 
+    def kernel_readers(self) -> tuple[StateReader | None, PassiveReader | None]:
+        return self._state_reader, self._passive_reader
+
+    def count_read_error(self, what: str) -> None:
+        """A scrape-time kernel read (`state` or `passive`) failed."""
+        with self._lock:
+            self._read_errors[what] += 1
+
+    def read_errors(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._read_errors)
+
     # ---- internals ---------------------------------------------------------
 
     def _reason(self, ep: str, reason: str) -> str:
@@ -366,167 +312,6 @@ class Metrics:
                 except KeyError:
                     pass
 
-    def _count_read_error(self, what: str) -> None:
-        with self._lock:
-            self._read_errors[what] += 1
-
-    def _read_errors_snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._read_errors)
-
-
-class _StateCollector(Collector):
-    """Builds the state and kernel metrics at scrape time."""
-
-    def __init__(self, m: Metrics):
-        self.m = m
-
-    def describe(self) -> Iterable[Metric]:
-        # Names only (for the registry's duplicate check and name[] filters);
-        # never reads the kernel.
-        return list(self._families().values())
-
-    def collect(self) -> Iterable[Metric]:
-        snap = self.m.snapshot  # read once: this scrape uses one consistent snapshot
-        fams = self._families()
-        self._fill_state(fams, snap)
-        self._fill_kernel(fams)
-        return list(fams.values())
-
-    # One place that names every family this collector exports.
-    @staticmethod
-    def _families() -> dict[str, Metric]:
-        g, c = GaugeMetricFamily, CounterMetricFamily
-        fams: list[Metric] = [
-            g("prism_kernel_build_info", "Version of the running daemon (value 1).",
-              labels=["version", "python_version"]),
-            g("prism_kernel_last_heartbeat_timestamp_seconds",
-              "When the daemon's loop last turned (unix time)."),
-            g("prism_kernel_datapath_info", "The kernel data path in use (value 1): ebpf or nftables.",
-              labels=["datapath"]),
-            g("prism_kernel_datapath_start_retrying", "1 while starting the data path fails and the "
-              "daemon retries (the kernel keeps steering with what it holds, if anything), else 0."),
-            g("prism_kernel_backend_up", "1 when the backend is healthy (state up), else 0.",
-              labels=["endpoint"]),
-            g("prism_kernel_backend_state", "Health state of the backend, one series per state, "
-              "1 for the current one: unknown (not probed yet), up, down.", labels=["endpoint", "state"]),
-            g("prism_kernel_backend_tier", "Latency tier of the backend: 0 (<1 ms), 1 (<10 ms), "
-              "2 (<100 ms), 3 (<1 s), 4 (>=1 s). Absent until the tier is known.", labels=["endpoint"]),
-            g("prism_kernel_backend_down_kind", "Why a down backend is down, 1 for the current kind: "
-              "dead (no TCP: its connections are aborted) or unready (answers but not ready, or its "
-              "certificate does not verify: existing connections drain). Absent while not down.",
-              labels=["endpoint", "kind"]),
-            g("prism_kernel_backend_flaps", "Recent flaps of the backend (down again soon after "
-              "coming back); decides how long it is held out.", labels=["endpoint"]),
-            g("prism_kernel_backend_held_out_seconds", "How much longer flap damping keeps the "
-              "backend out of the set (0 when not held).", labels=["endpoint"]),
-            g("prism_kernel_backend_latency_seconds", "Smoothed probe latency of the backend over "
-              "its last samples, the value its tier is decided on.", labels=["endpoint"]),
-            g("prism_kernel_backend_active", "1 when the backend is in the set written to the kernel "
-              "(new connections are steered to it), else 0.", labels=["endpoint"]),
-            g("prism_kernel_backend_info", "Where a backend address comes from (value 1): the "
-              "configured endpoint (HOST:PORT or NAME:PORT) as source.", labels=["endpoint", "source"]),
-            g("prism_kernel_fail_open", "1 when no backend of a family is healthy and the data path "
-              "steers to every known backend of it, else 0."),
-            g("prism_kernel_selection_mode", "How the set of each address family was chosen, one "
-              "series per mode, 1 for the current one: loopback (the local API server), tier (the "
-              "healthy backends of the lowest tier), fail-open, empty.", labels=["family", "mode"]),
-            g("prism_kernel_datapath_installed", "1 when the kernel holds the data path completely "
-              "(read from the kernel at scrape time), else 0."),
-            c("prism_kernel_steered_connections", "Connections the kernel steered to the backend "
-              "(read from the kernel at scrape time; restarts from 0 when the backend re-enters the "
-              "set or the data path is re-created).", labels=["endpoint"]),
-            c("prism_kernel_passive_failures", "Failed connects to the backend seen by the kernel "
-              "(eBPF: sock_ops; nftables: conntrack rules): kind refused (SYN answered by RST) or "
-              "syn_timeout (SYN retransmission timer fired, a black hole).", labels=["endpoint", "kind"]),
-            c("prism_kernel_passive_established", "Connects to the backend the kernel saw complete "
-              "the handshake (where observed).", labels=["endpoint"]),
-            c("prism_kernel_datapath_events", "Events counted by the data path in the kernel: eBPF "
-              "steered, no_backend (a connect found no backend), retry, peer_xlate; nftables "
-              "cve_2020_8558_drop (martian packets to 127.0.0.1 dropped).", labels=["event"]),
-            c("prism_kernel_kernel_read_errors", "Scrape-time reads of the kernel that failed "
-              "(their metrics are left out of that scrape): what state or passive.", labels=["what"]),
-            g("prism_kernel_kernel_read_duration_seconds", "How long this scrape's read of the "
-              "kernel state took."),
-        ]
-        return {f.name: f for f in fams}
-
-    def _fill_state(self, fams: dict[str, Metric], snap: dict[str, Any] | None) -> None:
-        m = self.m
-        fams["prism_kernel_build_info"].add_metric([m._version, platform.python_version()], 1)
-        fams["prism_kernel_last_heartbeat_timestamp_seconds"].add_metric([], m._last_beat_wall)
-        if snap is None:
-            return
-        if snap.get("datapath"):
-            fams["prism_kernel_datapath_info"].add_metric([snap["datapath"]], 1)
-        retrying = not snap.get("datapath") and bool((snap.get("datapath_start") or {}).get("failures_in_a_row"))
-        fams["prism_kernel_datapath_start_retrying"].add_metric([], 1 if retrying else 0)
-        for b in snap.get("backends", []):
-            ep = b["address"]
-            state = b.get("state", "unknown")
-            fams["prism_kernel_backend_up"].add_metric([ep], 1 if state == "up" else 0)
-            for s in BACKEND_STATES:
-                fams["prism_kernel_backend_state"].add_metric([ep, s], 1 if s == state else 0)
-            if state == "down" and b.get("down_kind") in DOWN_KINDS:
-                for k in DOWN_KINDS:
-                    fams["prism_kernel_backend_down_kind"].add_metric([ep, k], 1 if k == b["down_kind"] else 0)
-            if "flaps" in b:
-                fams["prism_kernel_backend_flaps"].add_metric([ep], b["flaps"] or 0)
-            if "held_out_for_s" in b:
-                fams["prism_kernel_backend_held_out_seconds"].add_metric([ep], b["held_out_for_s"] or 0.0)
-            if b.get("tier") is not None:
-                fams["prism_kernel_backend_tier"].add_metric([ep], b["tier"])
-            if b.get("latency_ms") is not None:
-                fams["prism_kernel_backend_latency_seconds"].add_metric([ep], b["latency_ms"] / 1000.0)
-            fams["prism_kernel_backend_active"].add_metric([ep], 1 if b.get("active") else 0)
-            for source in b.get("endpoints", []):
-                fams["prism_kernel_backend_info"].add_metric([ep, source], 1)
-        fams["prism_kernel_fail_open"].add_metric([], 1 if snap.get("fail_open") else 0)
-        for family, sel in (snap.get("selection") or {}).items():
-            mode = sel.get("mode")
-            for mo in SELECTION_MODES:
-                fams["prism_kernel_selection_mode"].add_metric([family, mo], 1 if mo == mode else 0)
-
-    def _fill_kernel(self, fams: dict[str, Metric]) -> None:
-        m = self.m
-        state_reader, passive_reader = m._state_reader, m._passive_reader
-        if state_reader is not None:
-            start = time.monotonic()
-            try:
-                ks = state_reader()
-            except Exception:  # noqa: BLE001 - a failed read must not fail the scrape
-                m._count_read_error("state")
-            else:
-                fams["prism_kernel_kernel_read_duration_seconds"].add_metric([], time.monotonic() - start)
-                fams["prism_kernel_datapath_installed"].add_metric([], 1 if ks.installed else 0)
-                for backend, cnt in sorted(ks.counters.items()):
-                    fams["prism_kernel_steered_connections"].add_metric([_endpoint(backend)], cnt.connections)
-                stats = ks.details.get("stats")
-                if isinstance(stats, dict):
-                    for event, value in sorted(stats.items()):
-                        if isinstance(value, int):
-                            fams["prism_kernel_datapath_events"].add_metric([event], value)
-                drops = ks.details.get("cve_2020_8558_drops")
-                if isinstance(drops, int):
-                    fams["prism_kernel_datapath_events"].add_metric(["cve_2020_8558_drop"], drops)
-        if passive_reader is not None:
-            try:
-                passive = dict(passive_reader())
-            except Exception:  # noqa: BLE001
-                m._count_read_error("passive")
-            else:
-                names = {f.name for f in dc_fields(PassiveCounts)}
-                for backend, pc in sorted(passive.items()):
-                    ep = _endpoint(backend)
-                    for field_name, kind in _PASSIVE_KINDS.items():
-                        if field_name in names:
-                            fams["prism_kernel_passive_failures"].add_metric([ep, kind], getattr(pc, field_name))
-                    if "established" in names:
-                        fams["prism_kernel_passive_established"].add_metric([ep], pc.established)
-        if state_reader is not None or passive_reader is not None:
-            for what, n in sorted(m._read_errors_snapshot().items()):
-                fams["prism_kernel_kernel_read_errors"].add_metric([what], n)
-
 
 def datapath_readers(dp_cls: type[Datapath], settings: DatapathSettings) -> tuple[StateReader, PassiveReader]:
     """Kernel readers for `Metrics.set_kernel_readers`: each call opens a
@@ -549,126 +334,6 @@ def datapath_readers(dp_cls: type[Datapath], settings: DatapathSettings) -> tupl
             dp.close()
 
     return read_state, read_passive
-
-
-# ---- HTTP ----------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    metrics: Metrics  # set on the per-server subclass
-    server_version = "prism-kernel"
-    timeout = 10  # a client that sends nothing cannot hold a thread for long
-    protocol_version = "HTTP/1.0"
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        url = urlparse(self.path)
-        if url.path == "/metrics":
-            self._metrics(parse_qs(url.query))
-        elif url.path == "/healthz":
-            self._text(*self.metrics.health())
-        elif url.path == "/readyz":
-            self._text(*self.metrics.readiness())
-        elif url.path == "/":
-            self._reply(200, b"prism-kernel: /metrics /healthz /readyz\n", "text/plain; charset=utf-8")
-        else:
-            self._reply(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain; charset=utf-8")
-
-    def _metrics(self, params: dict[str, list[str]]) -> None:
-        encoder, content_type = choose_encoder(self.headers.get("Accept"))
-        registry: Any = self.metrics.registry
-        if "name[]" in params:
-            registry = registry.restricted_registry(params["name[]"])
-        try:
-            body = encoder(registry)
-        except Exception as e:  # noqa: BLE001 - report, keep serving
-            self._reply(500, f"error collecting metrics: {e}\n".encode(), "text/plain; charset=utf-8")
-            return
-        headers = {}
-        if gzip_accepted(self.headers.get("Accept-Encoding")):
-            body = _gzip.compress(body)
-            headers["Content-Encoding"] = "gzip"
-        self._reply(200, body, content_type, headers)
-
-    def _text(self, ok: bool, reason: str) -> None:
-        self._reply(200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
-
-    def _reply(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        """No access log: a scrape every few seconds is not an event."""
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True  # a restarted daemon rebinds at once (TIME_WAIT)
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class MetricsServer:
-    """/metrics, /healthz and /readyz over HTTP, in a daemon thread."""
-
-    def __init__(self, metrics: Metrics, address: str = DEFAULT_METRICS_ADDRESS,
-                 port: int = DEFAULT_METRICS_PORT, poll_interval: float = 0.5):
-        self.metrics = metrics
-        self.host = address
-        self.port = port
-        self.poll_interval = poll_interval  # how soon stop() is noticed
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> str:
-        """host:port actually bound (the real port when asked for port 0)."""
-        port = self._server.server_address[1] if self._server else self.port
-        return format_address(self.host, port)
-
-    def start(self) -> None:
-        if self._server is not None:
-            return
-        try:
-            ip = ipaddress.ip_address(self.host)
-        except ValueError:
-            raise MetricsServerError(
-                f"metrics address {self.host!r} is not an IP address (use 127.0.0.1, ::1, 0.0.0.0 or ::)") from None
-        handler = type("MetricsHandler", (_Handler,), {"metrics": self.metrics})
-        server_cls = type("MetricsHTTPServer", (_Server,), {"address_family": _family(ip)})
-        try:
-            self._server = server_cls((self.host, self.port), handler)
-        except OSError as e:
-            raise MetricsServerError(
-                f"cannot serve metrics on {format_address(self.host, self.port)}: "
-                f"{e.strerror or e} (set metrics.port / --metrics-port to a free port, "
-                f"or metrics.enabled: false)") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": self.poll_interval},
-                                        name="prism-kernel-metrics", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-
-def _family(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
-    import socket
-
-    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
 def exported_metric_names(metrics: Metrics) -> set[str]:
