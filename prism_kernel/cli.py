@@ -129,7 +129,7 @@ def config_from_args(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    from prism_kernel.control.daemon import Daemon  # after validation: nothing heavy for a bad flag
+    from prism_kernel.control.supervisor import Daemon  # after validation: nothing heavy for a bad flag
 
     log = EventLog(config.log_format)
     route_logging(log)

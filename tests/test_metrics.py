@@ -525,7 +525,7 @@ def test_snapshot_contract_with_the_daemon(metrics, server):
     """Daemon.snapshot() has the keys the collector reads (no kernel: the
     daemon is built, fed probe results, never run)."""
     from prism_kernel.config import build_config
-    from prism_kernel.control.daemon import Daemon
+    from prism_kernel.control.supervisor import Daemon
     from prism_kernel.log import EventLog
 
     cfg = build_config({}, {"endpoints": [str(B1), str(B2)], "probe": {"mode": "tcp", "rise": 1, "fall": 1}})

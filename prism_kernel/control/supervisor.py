@@ -1,4 +1,4 @@
-"""The daemon: probe -> select -> apply, one writer of the kernel state.
+"""The daemon: probe -> select -> apply.
 
 Startup: take the lock, choose the data path, resolve the endpoints, run one
 round of probes (bounded by the probe timeout), then install or adopt the data
@@ -28,34 +28,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import os
 import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from prism_kernel import __version__
 from prism_kernel.config import Config
 from prism_kernel.control import sdnotify
+from prism_kernel.control.passive import PassiveFeedback
+from prism_kernel.control.reload import reload, settings_of
 from prism_kernel.control.runstate import DaemonLock, remove_state, write_state
-from prism_kernel.core.health import BackendHealth, Change, ProbeResult, failure_kind
+from prism_kernel.control.snapshot import DaemonStats, snapshot
+from prism_kernel.control.targets import Targets
+from prism_kernel.core.health import Change, ProbeResult
 from prism_kernel.core.model import Backend
-from prism_kernel.core.selection import Candidate, FullSelection, select
+from prism_kernel.core.selection import FullSelection, select
 from prism_kernel.datapath import ALL as ALL_DATAPATHS
-from prism_kernel.datapath import Choice, Datapath, DatapathSettings, choose, datapath_class, decide, installed
-from prism_kernel.datapath.base import PassiveCounts
-from prism_kernel.errors import ConfigError, DatapathError, DatapathUnavailable, PrismError
+from prism_kernel.datapath import Choice, Datapath, datapath_class, decide, installed
+from prism_kernel.errors import DatapathError, DatapathUnavailable, PrismError
 from prism_kernel.log import EventLog
 from prism_kernel.observe.metrics import Metrics, MetricsServer, datapath_readers
-from prism_kernel.probing.probes import Prober, confirm, make_confirm_context, make_ssl_context
 from prism_kernel.sources.discovery import EndpointSliceWatcher
-from prism_kernel.sources.endpoints import EndpointSpec, resolve
+from prism_kernel.sources.endpoints import EndpointSpec
 
 STATE_WRITE_EVERY = 2.0  # seconds: latency figures in the state file refresh this often
 RECONCILE_EVERY = 10.0  # seconds: re-assert the set, repairs state removed behind our back
-RESOLVE_TIMEOUT = 5.0  # seconds for one name's getaddrinfo
 PASSIVE_POLL_EVERY = 0.1  # seconds: reading the kernel's outcome counters costs a few syscalls
 # Retrying a data-path start that failed: 1 s, doubling to 60 s, each +-20 %.
 START_RETRY_MIN = 1.0
@@ -73,84 +72,47 @@ def _err(e: BaseException) -> str:
     return str(e) if isinstance(e, PrismError) else f"{type(e).__name__}: {e}"
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-@dataclass
-class _Target:
-    """A backend being probed: its health, where it came from, its prober."""
-
-    health: BackendHealth
-    origins: list[str]
-    prober: Prober
-    host: str = ""  # the host the operator wrote (a DNS name, or the address): the TLS name
-    task: asyncio.Task | None = None
-    since_wall: float | None = None
-
-
-@dataclass
-class DaemonStats:
-    kernel_writes: int = 0
-    kernel_write_errors: int = 0
-    last_write_wall: float | None = None
-    last_write_seconds: float | None = None
-    failovers: int = 0
-    connections_closed: int = 0
-    started_wall: float = field(default_factory=time.time)
-    # Starting the data path (choose + install/adopt + first write)
-    start_failures: int = 0  # in total
-    start_failures_in_a_row: int = 0
-    last_start_error: str | None = None
-    last_start_failure_wall: float | None = None
-    next_start_attempt_wall: float | None = None
-    fallback: str | None = None  # "ebpf -> nftables: why", when auto fell back
-
-
 class Daemon:
     def __init__(self, config: Config, log: EventLog, reload_config: Callable[[], Config] | None = None):
         self.config = config
         self.log = log
         # Re-reads the file and the flags (SIGHUP); None: reload unsupported.
         self.reload_config = reload_config
-        self.settings = DatapathSettings(
-            listen_port=config.port,
-            instance=config.instance,
-            nft_stable_tcp_timestamps=config.nftables.stable_tcp_timestamps,
-            ebpf_loader=config.ebpf.loader,
-        )
-        self.ssl_context = make_ssl_context(config.probe)
-        self.targets: dict[Backend, _Target] = {}
-        self.resolved: dict[EndpointSpec, list[Backend]] = {}
-        # (backend, result, passive): `passive` names the kernel's report a
-        # confirming probe answers, None for a scheduled probe.
-        self.results: asyncio.Queue[tuple[Backend, ProbeResult, str | None]] = asyncio.Queue()
-        self._confirming: set[Backend] = set()
-        self._tasks: set[asyncio.Task] = set()
-        self._confirm_tls = make_confirm_context() if config.probe.mode != "tcp" else None
-        self._passive_seen: dict[Backend, PassiveCounts] = {}
-        self._passive_primed = False
+        self.settings = settings_of(config)
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        if config.metrics.enabled:
+            self.metrics = Metrics(heartbeat_timeout=config.metrics.heartbeat_timeout)
+        self.targets = Targets(config, log, self.metrics)
+        self.passive = PassiveFeedback()
         self.datapath: Datapath | None = None
         self.datapath_reason = ""
+        self.dp_cls: type[Datapath] | None = None
         self.selection: FullSelection | None = None
         self.applied: tuple[Backend, ...] | None = None
         self.apply_pending = False
         self.stats = DaemonStats()
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
-        self._dp_cls: type[Datapath] | None = None
         self._choice: Choice | None = None
         self._other_removal_failed: type[Datapath] | None = None  # retried by _reconcile
-        self.metrics: Metrics | None = None
-        self.metrics_server: MetricsServer | None = None
         # Endpoint discovery: what the EndpointSlices name, next to the static endpoints.
-        self.discovered: list[EndpointSpec] = []
-        self.watcher: EndpointSliceWatcher | None = self._make_watcher(config)
+        self.watcher: EndpointSliceWatcher | None = self.make_watcher(config)
         self._watch_task: asyncio.Task | None = None
-        if config.metrics.enabled:
-            self.metrics = Metrics(heartbeat_timeout=config.metrics.heartbeat_timeout)
+
+    # The health side as the metrics contract test drives it (no kernel).
+    @property
+    def resolved(self) -> dict[EndpointSpec, list[Backend]]:
+        return self.targets.resolved
+
+    def _sync_targets(self) -> None:
+        self.targets.sync()
+
+    def _observe(self, backend: Backend, result: ProbeResult, passive: str | None = None) -> list[Change]:
+        return self.targets.observe(backend, result, passive)
+
+    def _select(self) -> bool:
+        return self.select()
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -180,25 +142,25 @@ class Daemon:
         try:
             if not await self._choose():
                 return 0
-            assert self._dp_cls is not None
+            assert self.dp_cls is not None
             self.log.info(
                 "start", version=__version__, pid=os.getpid(), instance=self.config.instance,
-                datapath=self._dp_cls.name, why=self.datapath_reason, port=self.config.port,
+                datapath=self.dp_cls.name, why=self.datapath_reason, port=self.config.port,
                 probe=self.config.probe.mode, interval=self.config.probe.interval,
             )
-            sdnotify.notify(STATUS=f"starting: {self._dp_cls.name} data path; probing the backends")
+            sdnotify.notify(STATUS=f"starting: {self.dp_cls.name} data path; probing the backends")
             if self.watcher is not None:
                 # The last discovered list: the API may be unreachable now.
-                self.discovered = self.watcher.load_cached()
-            await self._resolve_all()
-            while not self.targets and not self._stop.is_set():
+                self.targets.discovered = self.watcher.load_cached()
+            await self.targets.resolve_all()
+            while not self.targets.by_backend and not self._stop.is_set():
                 self._heartbeat()
                 self.log.error("no_backends", reason="no endpoint resolved to an address; retrying")
                 await self._sleep_or_stop(min(5.0, self.config.resolve_interval))
-                await self._resolve_all()
+                await self.targets.resolve_all()
             if self._stop.is_set():
                 return 0
-            await self._first_round()
+            await self.targets.first_round(self._stop, self._heartbeat)
             if not await self._start_datapath():
                 return 0
             # Load the netlink code (pyroute2's message classes) now, not on
@@ -207,28 +169,23 @@ class Daemon:
             import prism_kernel.datapath.netlink  # noqa: F401
             # An adopted data path may hold connections to a backend that
             # died while no daemon ran.
-            self._close_dead([b for b, t in self.targets.items()
-                              if t.health.state == "down" and t.health.down_kind == "dead"])
-            self._write_state()
+            self._close_dead(self.targets.dead())
+            self.write_state()
             # systemd: the steering is in place (units ordered after this one start now).
             sdnotify.notify(READY=1, STATUS=self._steering_status())
             # Only now: discovery goes through 127.0.0.1:PORT, which steers from here on.
-            self._start_discovery()
+            self.start_discovery()
             await self._main_loop()
             return 0
         finally:
-            await self._stop_discovery()
+            await self.stop_discovery()
             if self.metrics_server is not None:
                 self.metrics_server.stop()
-            for t in self.targets.values():
-                if t.task:
-                    t.task.cancel()
-            for t in self.targets.values():
-                await t.prober.close()
+            await self.targets.close()
             if self.datapath is not None:
                 self.datapath.close()
-            if self.config.cleanup_on_exit and self._dp_cls is not None:
-                for line in self._dp_cls.cleanup(self.settings):
+            if self.config.cleanup_on_exit and self.dp_cls is not None:
+                for line in self.dp_cls.cleanup(self.settings):
                     self.log.info("cleanup", removed=line)
             remove_state(self.config.state_dir)
             lock.release()
@@ -238,7 +195,7 @@ class Daemon:
 
     def _take_choice(self, choice: Choice) -> None:
         self._choice = choice
-        self._dp_cls, self.datapath_reason = choice.cls, choice.why
+        self.dp_cls, self.datapath_reason = choice.cls, choice.why
         if self.metrics is not None:
             self.metrics.set_kernel_readers(*datapath_readers(choice.cls, self.settings))
         if choice.fell_back_from is not None:
@@ -268,9 +225,9 @@ class Daemon:
         """Install (or adopt) the chosen data path and write the first set,
         retrying with backoff until it works; False when stopped first."""
         while not self._stop.is_set():
-            if self._dp_cls is None and not await self._choose():
+            if self.dp_cls is None and not await self._choose():
                 return False
-            cls = self._dp_cls
+            cls = self.dp_cls
             assert cls is not None and self._choice is not None
             failed = cls.name
             try:
@@ -283,7 +240,7 @@ class Daemon:
                 try:
                     nft = datapath_class("nftables")
                     await asyncio.to_thread(nft.check_available, self.settings)
-                    self._dp_cls = nft
+                    self.dp_cls = nft
                     self.datapath_reason = f"auto: eBPF install failed ({_err(error)}); using nftables"
                     if self.metrics is not None:
                         self.metrics.set_kernel_readers(*datapath_readers(nft, self.settings))
@@ -293,7 +250,7 @@ class Daemon:
                     failed, error = "nftables", e
             await self._start_failed("install", failed, error)
             if self._choice.installed is None:
-                self._dp_cls = None  # nothing of ours in the kernel: choose afresh next time
+                self.dp_cls = None  # nothing of ours in the kernel: choose afresh next time
         return False
 
     def _may_fall_back(self, failed: type[Datapath]) -> bool:
@@ -310,15 +267,15 @@ class Daemon:
     async def _install_and_write(self, cls: type[Datapath]) -> None:
         """install() (which adopts a current installed path without loading
         anything), then the first set written; self.datapath only on success."""
-        self._dp_cls = cls
-        self._select()
+        self.dp_cls = cls
+        self.select()
         assert self.selection is not None
         backends = self.selection.backends
         if not backends:
             raise PrismError(
                 f"no endpoint has an address the {cls.name} data path can steer to "
                 f"(it steers IPv{'/IPv'.join(map(str, sorted(cls.families)))}); "
-                f"known addresses: {', '.join(map(str, self.targets)) or 'none'}")
+                f"known addresses: {', '.join(map(str, self.targets.by_backend)) or 'none'}")
         sdnotify.notify(STATUS=f"installing the {cls.name} data path")
         dp = cls(self.settings)
         try:
@@ -344,7 +301,7 @@ class Daemon:
         loaded = getattr(dp, "last_load", None) or {}  # eBPF: which loader, why, its cost
         self.log.info("datapath_ready", datapath=cls.name, adopted=adopted,
                       **{k: loaded[k] for k in ("loader", "why", "load_s", "maxrss_kb") if k in loaded})
-        self._remove_other_datapaths(cls)
+        self.remove_other_datapaths(cls)
 
     async def _start_failed(self, stage: str, datapath: str, error: BaseException) -> None:
         """Log, count and show a failed start, then wait (probing) before the next try."""
@@ -362,7 +319,7 @@ class Daemon:
                                if present else "nothing of this instance in the kernel"))
         if self.metrics is not None:
             self.metrics.observe_datapath_start_failure(stage)
-        self._write_state()
+        self.write_state()
         sdnotify.notify(STATUS=f"data path start failed {st.start_failures_in_a_row}x ({stage} {datapath}: "
                                f"{_err(error)}); retrying in {delay:.0f}s")
         await self._pause_starting(delay)
@@ -382,11 +339,11 @@ class Daemon:
                 left = deadline - loop.time()
                 if left <= 0:
                     return
-                get = asyncio.ensure_future(self.results.get())
+                get = asyncio.ensure_future(self.targets.results.get())
                 done, _ = await asyncio.wait({get, stop_wait}, timeout=min(left, 5.0),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
-                    self._observe(*get.result())
+                    self.targets.observe(*get.result())
                 else:
                     get.cancel()
         finally:
@@ -398,7 +355,7 @@ class Daemon:
         return (f"steering 127.0.0.1:{self.config.port} via {self.datapath.name if self.datapath else '?'} "
                 f"to {n} backend{'s' if n != 1 else ''}{mode}")
 
-    def _remove_other_datapaths(self, chosen: type[Datapath]) -> None:
+    def remove_other_datapaths(self, chosen: type[Datapath]) -> None:
         """A node switched between data paths must not be steered by both.
         Every removal is logged, and so is every failure (then retried by
         the reconcile loop)."""
@@ -431,9 +388,9 @@ class Daemon:
         except asyncio.TimeoutError:
             pass
 
-    # ---- endpoints -------------------------------------------------------
+    # ---- discovery ---------------------------------------------------------
 
-    def _make_watcher(self, config: Config) -> EndpointSliceWatcher | None:
+    def make_watcher(self, config: Config) -> EndpointSliceWatcher | None:
         d = config.discovery
         if not d.enabled:
             return None
@@ -443,172 +400,36 @@ class Daemon:
             tls_server_name=d.tls_server_name, watch_timeout=d.watch_timeout,
         )
 
-    def _start_discovery(self) -> None:
+    def start_discovery(self) -> None:
         if self.watcher is not None and self._watch_task is None:
             self._watch_task = asyncio.create_task(self.watcher.run(self._on_discovered))
 
-    async def _stop_discovery(self) -> None:
+    async def stop_discovery(self) -> None:
         task, self._watch_task = self._watch_task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _all_specs(self) -> list[EndpointSpec]:
-        """Static endpoints (always kept), then the discovered ones not among them."""
-        static = set(self.config.endpoints)
-        return list(self.config.endpoints) + [s for s in self.discovered if s not in static]
-
     def _on_discovered(self, specs: list[EndpointSpec]) -> None:
-        """The watcher's callback (never called with an empty list): the
-        discovered endpoints are addresses, no DNS; new ones are probed before
-        they are chosen, gone ones leave the set at once."""
-        self.discovered = list(specs)
-        keep = set(self._all_specs())
-        self.resolved = {s: bs for s, bs in self.resolved.items() if s in keep}
-        for s in self.discovered:
-            self.resolved[s] = [Backend.of(s.host, s.port)]
-        self._sync_targets()
-        if self.datapath is not None and self._select():
-            self._apply()
-        self._write_state()
+        """The watcher's callback (never called with an empty list)."""
+        self.targets.set_discovered(specs)
+        if self.datapath is not None and self.select():
+            self.apply()
+        self.write_state()
 
-    async def _resolve_all(self) -> None:
-        specs = self._all_specs()
-        # getaddrinfo has no timeout of its own: a DNS server that does not
-        # answer must not hold the names back for long.
-        results = await asyncio.gather(*(asyncio.wait_for(resolve(s), RESOLVE_TIMEOUT) for s in specs),
-                                       return_exceptions=True)
-        for spec, res in zip(specs, results):
-            if isinstance(res, BaseException):
-                # Keep what the name resolved to before: a DNS outage must not
-                # take backends away.
-                self.log.warn("resolve_failed", endpoint=str(spec), error=str(res),
-                              keeping=",".join(map(str, self.resolved.get(spec, []))) or "nothing")
-                continue
-            if spec.is_name and res != self.resolved.get(spec):
-                self.log.info("resolved", endpoint=str(spec), addresses=",".join(map(str, res)))
-            self.resolved[spec] = res
-        self._sync_targets()
-
-    def _sync_targets(self) -> None:
-        origins: dict[Backend, list[str]] = {}
-        names: dict[Backend, str] = {}
-        static = set(self.config.endpoints)
-        for spec in self._all_specs():
-            for b in self.resolved.get(spec, []):
-                origins.setdefault(b, []).append(str(spec) if spec in static else "endpointslice")
-                names.setdefault(b, spec.host)
-        for b in list(self.targets):
-            if b not in origins:
-                t = self.targets.pop(b)
-                if t.task:
-                    t.task.cancel()
-                t.prober.abort()  # its kept-alive readyz connection goes too
-                self.log.info("backend_removed", address=str(b))
-        for b, orig in origins.items():
-            if b in self.targets:
-                self.targets[b].origins = orig
-                continue
-            prober = Prober(b, self.config.probe, self.ssl_context, server_name=names[b])
-            t = _Target(BackendHealth(b), orig, prober, host=names[b])
-            self.targets[b] = t
-            if self.selection is not None or self.datapath is not None:
-                t.task = asyncio.create_task(self._probe_loop(b, prober))
-
-    # ---- probing ---------------------------------------------------------
-
-    async def _probe_loop(self, backend: Backend, prober: Prober, first_delay: float = 0.0) -> None:
-        cfg = self.config.probe
-        loop = asyncio.get_running_loop()
-        if first_delay:
-            await asyncio.sleep(first_delay)
-        while True:
-            started = loop.time()
-            result = await prober.probe()
-            self.results.put_nowait((backend, result, None))
-            spread = cfg.interval * cfg.jitter
-            delay = cfg.interval + random.uniform(-spread, spread) - (loop.time() - started)
-            await asyncio.sleep(max(0.0, delay))
-
-    async def _first_round(self) -> None:
-        """Probe every backend once before the first write, so that a fresh
-        start does not steer to a dead backend for a whole interval."""
-        for b, t in self.targets.items():
-            t.task = asyncio.create_task(self._probe_loop(b, t.prober))
-        pending = set(self.targets)
-        deadline = time.monotonic() + self.config.probe.timeout + 0.5
-        while pending and not self._stop.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                backend, result, _ = await asyncio.wait_for(self.results.get(), left)
-            except asyncio.TimeoutError:
-                break
-            self._observe(backend, result)
-            pending.discard(backend)
-            self._heartbeat()
-
-    def _observe(self, backend: Backend, result: ProbeResult, passive: str | None = None) -> list[Change]:
-        t = self.targets.get(backend)
-        if t is None:  # removed by a re-resolution while its probe ran
-            return []
-        cfg = self.config.probe
-        if passive is not None:
-            if result.ok:
-                # Not confirmed: a lost SYN, or a live server that is only
-                # slow. The scheduled probes decide, as for any failure.
-                self.log.info("failure_unconfirmed", address=str(backend), saw=passive)
-                return []
-            changes = t.health.mark_down(f"{passive}, confirmed: {result.reason}", time.monotonic())
-        else:
-            changes = t.health.observe(result, time.monotonic(), cfg.rise, cfg.fall)
-            if (not result.ok and t.health.down_kind != "dead" and backend not in self._confirming
-                    and (failure_kind(result.reason) == "dead" or result.reason == "readyz timeout")):
-                # A fatal-looking failure: confirm it now rather than wait
-                # `fall` intervals (and tell a frozen server from a slow one).
-                self._start_confirm(backend, result.reason)
-        if self.metrics is not None:
-            if passive is None:
-                self.metrics.observe_probe(backend, result, changes)
-            else:
-                self.metrics.observe_changes(backend, changes)
-        for c in changes:
-            self._log_change(t, c)
-            if c.kind in ("up", "down"):
-                t.since_wall = time.time()
-        return changes
-
-    def _log_change(self, t: _Target, c: Change) -> None:
-        h = t.health
-        common = dict(address=str(c.backend), endpoint=",".join(t.origins))
-        if c.kind == "up":
-            self.log.info("backend_up", **common, reason=c.reason, previous=c.old,
-                          latency_ms=None if h.latency is None else round(h.latency * 1000, 3))
-        elif c.kind == "down":
-            self.log.warn("backend_down", **common, reason=c.reason, previous=c.old,
-                          kind="dead" if c.dead else "unready", failures=h.failures,
-                          held_out_s=None if h.held_until is None else round(h.held_until - time.monotonic(), 1))
-        elif c.kind == "held":
-            self.log.warn("backend_held_out", **common, reason="flapping", flaps=h.flaps,
-                          until_s=round(float(c.new) - time.monotonic(), 1))
-        else:
-            self.log.info("tier_change", **common, old=c.old, new=c.new, why=c.reason)
+    async def _resolve_and_apply(self) -> None:
+        await self.targets.resolve_all()
+        if self.select():
+            self.apply()
+            self.write_state()
 
     # ---- selection and the kernel ---------------------------------------
 
-    async def _resolve_and_apply(self) -> None:
-        await self._resolve_all()
-        if self._select():
-            self._apply()
-            self._write_state()
-
-    def _select(self) -> bool:
+    def select(self) -> bool:
         """Recompute the selection; True when the backend set changed."""
-        families = self._dp_cls.families if self._dp_cls else frozenset({4, 6})
-        cands = [Candidate(b, t.health.healthy, t.health.tier) for b, t in self.targets.items()]
-        new = select(cands, families)
+        families = self.dp_cls.families if self.dp_cls else frozenset({4, 6})
+        new = select(self.targets.candidates(), families)
         old = self.selection
         self.selection = new
         if old is not None and new.fail_open_families != old.fail_open_families and not new.fail_open:
@@ -622,7 +443,7 @@ class Daemon:
                 self.log.info("fail_open_ended")
         return old is None or old.backends != new.backends
 
-    def _apply(self, force: bool = False) -> None:
+    def apply(self, force: bool = False) -> None:
         assert self.datapath is not None and self.selection is not None
         backends = self.selection.backends
         if not backends:
@@ -698,9 +519,9 @@ class Daemon:
 
     async def _passive_loop(self) -> None:
         """Poll the kernel's per-backend outcome counters of steered connects
-        (eBPF: sock_ops; nftables: the rules `handshake` and `filter_output`)
-        and confirm each new failure with an immediate TCP connect: a refused backend is out within milliseconds, a black-holed
-        one as soon as its first SYN is retransmitted (~1 s)."""
+        and confirm each new failure with an immediate connect: a refused
+        backend is out within milliseconds, a black-holed one as soon as its
+        first SYN is retransmitted (~1 s)."""
         assert self.datapath is not None
         while True:
             await asyncio.sleep(PASSIVE_POLL_EVERY)
@@ -710,54 +531,8 @@ class Daemon:
                 self.log.warn("passive_read_failed", error=str(e))
                 await asyncio.sleep(5)
                 continue
-            # The first read (even an empty one) is the baseline; anything
-            # that appears after it is new.
-            primed = self._passive_primed
-            self._passive_primed = True
-            for b, c in counts.items():
-                prev = self._passive_seen.get(b)
-                self._passive_seen[b] = c
-                if prev is None:
-                    if not primed:
-                        continue  # the first read: counts from before this daemon
-                    prev = PassiveCounts()  # appeared since: everything in it is new
-                refused, timeouts = c.refused - prev.refused, c.syn_timeouts - prev.syn_timeouts
-                t = self.targets.get(b)
-                if (refused <= 0 and timeouts <= 0) or t is None or t.health.state == "down" or b in self._confirming:
-                    continue
-                kernel_saw = "kernel: refused" if refused > 0 else "kernel: SYN timeout"
-                self.log.info("passive_failure", address=str(b), kernel_saw=kernel_saw,
-                              refused=refused, syn_timeouts=timeouts)
-                self._start_confirm(b, kernel_saw)
-
-    def _start_confirm(self, backend: Backend, saw: str) -> None:
-        self._confirming.add(backend)
-        self._spawn(self._confirm(backend, saw), f"confirm {backend}")
-
-    def _spawn(self, coro, what: str) -> asyncio.Task:
-        """A background task that is kept referenced and whose failure is
-        logged, never silently lost."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                self.log.error("task_failed", task=what, error=f"{type(t.exception()).__name__}: {t.exception()}")
-
-        task.add_done_callback(done)
-        return task
-
-    async def _confirm(self, backend: Backend, saw: str) -> None:
-        t = self.targets.get(backend)
-        # At least 4x the backend's latency, so that a far endpoint is not
-        # judged by a near one's clock.
-        timeout = max(self.config.probe.confirm_timeout, 4 * ((t.health.latency if t else None) or 0))
-        try:
-            result = await confirm(backend, timeout, self._confirm_tls)
-            self.results.put_nowait((backend, result, saw))
-        finally:
-            self._confirming.discard(backend)
+            for f in self.passive.new_failures(counts):
+                self.targets.kernel_saw_failure(f.backend, f.saw, f.refused, f.syn_timeouts)
 
     async def _reconcile(self) -> None:
         """Re-assert the set: repairs kernel state changed behind our back (a
@@ -765,7 +540,7 @@ class Daemon:
         difference, so this is free when nothing drifted."""
         assert self.datapath is not None and self.selection is not None
         if self._other_removal_failed is not None:
-            self._remove_other_datapaths(self._other_removal_failed)
+            self.remove_other_datapaths(self._other_removal_failed)
         try:
             if self.datapath.apply(self.selection.backends):
                 self.log.warn("repaired", reason="kernel state differed from the selection")
@@ -796,32 +571,32 @@ class Daemon:
                 self._heartbeat()
                 now = loop.time()
                 wake = min(next_state, next_reconcile, next_resolve if has_names else now + 60)
-                get = asyncio.ensure_future(self.results.get())
+                get = asyncio.ensure_future(self.targets.results.get())
                 reload_wait = asyncio.ensure_future(self._reload_requested.wait())
                 done, _ = await asyncio.wait({get, stop_wait, reload_wait}, timeout=max(0.0, wake - now),
                                              return_when=asyncio.FIRST_COMPLETED)
                 reload_wait.cancel()
                 if get in done:
                     batch = [get.result()]
-                    while not self.results.empty():  # coalesce a burst into one write
-                        batch.append(self.results.get_nowait())
+                    while not self.targets.results.empty():  # coalesce a burst into one write
+                        batch.append(self.targets.results.get_nowait())
                     changes: list[Change] = []
                     for backend, result, passive in batch:
-                        changes += self._observe(backend, result, passive)
-                    if changes and self._select():
-                        self._apply()
+                        changes += self.targets.observe(backend, result, passive)
+                    if changes and self.select():
+                        self.apply()
                     elif self.apply_pending:
-                        self._apply()
+                        self.apply()
                     # After the write, so that a client whose connection is
                     # aborted retries onto the new set.
                     self._close_dead([c.backend for c in changes if c.dead])
                     if changes:  # up/down/tier: `status` shows it at once
-                        self._write_state()
+                        self.write_state()
                 else:
                     get.cancel()
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
-                    await self._reload()
+                    await reload(self)
                     has_names = any(s.is_name for s in self.config.endpoints)
                 now = loop.time()
                 if has_names and now >= next_resolve and (resolving is None or resolving.done()):
@@ -832,7 +607,7 @@ class Daemon:
                     next_reconcile = now + RECONCILE_EVERY
                     await self._reconcile()
                 if now >= next_state:
-                    self._write_state()
+                    self.write_state()
                     next_state = now + STATE_WRITE_EVERY
         finally:
             stop_wait.cancel()
@@ -840,187 +615,12 @@ class Daemon:
             if resolving is not None:
                 resolving.cancel()
 
-    # ---- reload (SIGHUP) -------------------------------------------------
-
-    async def _reload(self) -> None:
-        """Re-read the configuration. A valid one applies without a gap in
-        service (the kernel keeps steering with the current set until the new
-        one is written); an invalid one is rejected and the running one stays."""
-        if self.reload_config is None:
-            self.log.warn("reload_unsupported")
-            return
-        try:
-            new = self.reload_config()
-        except ConfigError as e:
-            self.log.error("reload_rejected", reason=str(e), kept="running configuration")
-            return
-        except Exception as e:  # noqa: BLE001 - a reload must never stop the daemon
-            self.log.error("reload_rejected", reason=f"{type(e).__name__}: {e}", kept="running configuration")
-            return
-        old = self.config
-        if new.instance != old.instance or new.state_dir != old.state_dir:
-            self.log.error("reload_rejected", reason="instance and run_dir name the lock and the kernel state; "
-                           "they cannot change on reload, restart the daemon", kept="running configuration")
-            return
-        changed = [k for k in type(new).model_fields if getattr(new, k) != getattr(old, k)]
-        if not changed:
-            self.log.info("reloaded", changed="nothing")
-            return
-        new_settings = DatapathSettings(
-            listen_port=new.port, instance=new.instance,
-            nft_stable_tcp_timestamps=new.nftables.stable_tcp_timestamps,
-            ebpf_loader=new.ebpf.loader,
-        )
-        if {"port", "datapath", "nftables", "ebpf"} & set(changed):
-            try:
-                dp_cls, why = choose(new.datapath, new_settings)
-                current = self.selection.backends if self.selection else ()
-                datapath = dp_cls(new_settings)
-                # In a thread: an eBPF install may compile with bcc (~1 s);
-                # probes and failover keep running meanwhile.
-                await asyncio.to_thread(datapath.install, current)  # atomic: port / table replaced in place
-                await asyncio.to_thread(datapath.apply, current)
-            except PrismError as e:
-                self.log.error("reload_rejected", reason=f"data path: {e}", kept="running configuration")
-                return
-            old_dp = self.datapath
-            self.datapath, self._dp_cls, self.datapath_reason, self.settings = datapath, dp_cls, why, new_settings
-            if old_dp is not None and old_dp.name != dp_cls.name:
-                old_dp.close()
-                self._remove_other_datapaths(dp_cls)
-            elif old_dp is not None:
-                old_dp.close()
-            self._passive_seen.clear()
-            self._passive_primed = False
-            if self.metrics is not None:
-                self.metrics.set_kernel_readers(*datapath_readers(dp_cls, new_settings))
-        if "metrics" in changed:
-            self._reload_metrics(old, new)
-        self.config = new
-        self.log.fmt = new.log_format
-        if "probe" in changed:
-            self.ssl_context = make_ssl_context(new.probe)
-            self._confirm_tls = make_confirm_context() if new.probe.mode != "tcp" else None
-            for b, t in self.targets.items():
-                if t.task:
-                    t.task.cancel()
-                await t.prober.close()
-                t.prober = Prober(b, new.probe, self.ssl_context, server_name=t.host)
-                t.task = asyncio.create_task(self._probe_loop(b, t.prober))
-        if "discovery" in changed or ("port" in changed and self.watcher is not None):
-            await self._stop_discovery()
-            self.watcher = self._make_watcher(new)
-            if self.watcher is None:
-                self.discovered = []
-            self._start_discovery()
-        if {"endpoints", "discovery"} & set(changed):
-            keep = set(self._all_specs())
-            self.resolved = {spec: bs for spec, bs in self.resolved.items() if spec in keep}
-            await self._resolve_all()
-        if self._select() or {"port", "datapath"} & set(changed):
-            self._apply(force=True)
-        self.log.info("reloaded", changed=",".join(changed))
-        self._write_state()
-
-    def _reload_metrics(self, old: Config, new: Config) -> None:
-        """Apply a changed `metrics` section: rebind the server when its
-        address, port or on/off changed; on a bind error keep the old one."""
-        if self.metrics is None:
-            if new.metrics.enabled:
-                self.log.warn("reload_partial", reason="metrics were off at start; restart the daemon to serve them")
-            return
-        self.metrics.heartbeat_timeout = new.metrics.heartbeat_timeout
-        where = lambda m: (m.enabled, m.address, m.port)  # noqa: E731
-        if where(old.metrics) == where(new.metrics):
-            return
-        old_server = self.metrics_server
-        if old_server is not None:
-            old_server.stop()
-        self.metrics_server = None
-        if new.metrics.enabled:
-            server = MetricsServer(self.metrics, new.metrics.address, new.metrics.port)
-            try:
-                server.start()
-            except PrismError as e:
-                self.log.error("reload_partial", reason=str(e), kept="the previous metrics address")
-                if old_server is not None:
-                    old_server.start()
-                    self.metrics_server = old_server
-                return
-            self.metrics_server = server
-            self.log.info("metrics_listening", address=server.address)
-
     # ---- state for `status` ---------------------------------------------
 
     def snapshot(self) -> dict:
-        active = set(self.applied or ())
-        backends = []
-        for b in sorted(self.targets):
-            t = self.targets[b]
-            h = t.health
-            backends.append({
-                "address": str(b),
-                "family": b.family,
-                "endpoints": t.origins,
-                "state": h.state,
-                "reason": h.reason,
-                "latency_ms": None if h.latency is None else round(h.latency * 1000, 3),
-                "tier": h.tier,
-                "active": b in active,
-                "since": _iso(t.since_wall),
-                "probes": h.probes,
-                "failures": dict(h.failures_total),
-                "kept_alive_probes": t.prober.reused,
-                "down_kind": h.down_kind,
-                "flaps": h.flaps,
-                "held_out_for_s": None if h.held_until is None else max(0.0, round(h.held_until - time.monotonic(), 1)),
-            })
-        sel = self.selection
-        return {
-            "schema": 1,
-            "version": __version__,
-            "pid": os.getpid(),
-            "instance": self.config.instance,
-            "started_at": _iso(self.stats.started_wall),
-            "updated_at": _iso(time.time()),
-            "datapath": self.datapath.name if self.datapath else None,
-            "datapath_reason": self.datapath_reason,
-            # eBPF: which loader put the programs in the kernel at this start, and why
-            "datapath_loader": {k: v for k, v in (getattr(self.datapath, "last_load", None) or {}).items()
-                                if k in ("loader", "why", "load_s", "maxrss_kb")} or None,
-            "datapath_start": {
-                "state": "ok" if self.datapath else "retrying" if self.stats.start_failures_in_a_row else "starting",
-                "datapath": self._dp_cls.name if self._dp_cls else None,
-                "failures": self.stats.start_failures,
-                "failures_in_a_row": self.stats.start_failures_in_a_row,
-                "last_error": self.stats.last_start_error,
-                "last_failure_at": _iso(self.stats.last_start_failure_wall),
-                "next_attempt_at": None if self.datapath else _iso(self.stats.next_start_attempt_wall),
-                "fallback": self.stats.fallback,
-            },
-            "listen_port": self.config.port,
-            "probe": {
-                "mode": self.config.probe.mode,
-                "interval_s": self.config.probe.interval,
-                "timeout_s": self.config.probe.timeout,
-                "rise": self.config.probe.rise,
-                "fall": self.config.probe.fall,
-            },
-            "fail_open": bool(sel and sel.fail_open),
-            "fail_open_families": [f"ipv{f}" for f in (sel.fail_open_families if sel else ())],
-            "selection": {f"ipv{f}": {"mode": s.mode, "tier": s.tier, "backends": [str(x) for x in s.backends]}
-                          for f, s in (sel.by_family.items() if sel else [])},
-            "active": [str(b) for b in (self.applied or ())],
-            "backends": backends,
-            "kernel_writes": self.stats.kernel_writes,
-            "kernel_write_errors": self.stats.kernel_write_errors,
-            "last_write_at": _iso(self.stats.last_write_wall),
-            "failovers": self.stats.failovers,
-            "connections_closed": self.stats.connections_closed,
-            "discovery": self.watcher.status() if self.watcher is not None else None,
-        }
+        return snapshot(self)
 
-    def _write_state(self) -> None:
+    def write_state(self) -> None:
         snap = self.snapshot()
         if self.metrics is not None:
             self.metrics.publish(snap)  # a new dict each time, never changed after this

@@ -1,0 +1,132 @@
+"""SIGHUP: re-read the configuration, diff it against the running one,
+validate, and swap what changed. A valid one applies without a gap in
+service (the kernel keeps steering with the current set until the new one is
+written); an invalid one is rejected and the running one stays."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from prism_kernel.config import Config
+from prism_kernel.datapath import DatapathSettings, choose
+from prism_kernel.errors import ConfigError, PrismError
+from prism_kernel.observe.metrics import MetricsServer, datapath_readers
+
+if TYPE_CHECKING:
+    from prism_kernel.control.supervisor import Daemon
+
+# Sections whose change needs a new data-path object (installed in place).
+DATAPATH_SECTIONS = {"port", "datapath", "nftables", "ebpf"}
+
+
+def settings_of(config: Config) -> DatapathSettings:
+    return DatapathSettings(
+        listen_port=config.port,
+        instance=config.instance,
+        nft_stable_tcp_timestamps=config.nftables.stable_tcp_timestamps,
+        ebpf_loader=config.ebpf.loader,
+    )
+
+
+def _read(d: Daemon) -> Config | None:
+    """The new configuration, or None (logged) when there is none to apply."""
+    if d.reload_config is None:
+        d.log.warn("reload_unsupported")
+        return None
+    try:
+        new = d.reload_config()
+    except ConfigError as e:
+        d.log.error("reload_rejected", reason=str(e), kept="running configuration")
+        return None
+    except Exception as e:  # noqa: BLE001 - a reload must never stop the daemon
+        d.log.error("reload_rejected", reason=f"{type(e).__name__}: {e}", kept="running configuration")
+        return None
+    old = d.config
+    if new.instance != old.instance or new.state_dir != old.state_dir:
+        d.log.error("reload_rejected", reason="instance and run_dir name the lock and the kernel state; "
+                    "they cannot change on reload, restart the daemon", kept="running configuration")
+        return None
+    return new
+
+
+async def reload(d: Daemon) -> None:
+    new = _read(d)
+    if new is None:
+        return
+    old = d.config
+    changed = [k for k in type(new).model_fields if getattr(new, k) != getattr(old, k)]
+    if not changed:
+        d.log.info("reloaded", changed="nothing")
+        return
+    if DATAPATH_SECTIONS & set(changed):
+        new_settings = settings_of(new)
+        try:
+            dp_cls, why = choose(new.datapath, new_settings)
+            current = d.selection.backends if d.selection else ()
+            datapath = dp_cls(new_settings)
+            # In a thread: an eBPF install may compile with bcc (~1 s);
+            # probes and failover keep running meanwhile.
+            await asyncio.to_thread(datapath.install, current)  # atomic: port / table replaced in place
+            await asyncio.to_thread(datapath.apply, current)
+        except PrismError as e:
+            d.log.error("reload_rejected", reason=f"data path: {e}", kept="running configuration")
+            return
+        old_dp = d.datapath
+        d.datapath, d.dp_cls, d.datapath_reason, d.settings = datapath, dp_cls, why, new_settings
+        if old_dp is not None and old_dp.name != dp_cls.name:
+            old_dp.close()
+            d.remove_other_datapaths(dp_cls)
+        elif old_dp is not None:
+            old_dp.close()
+        d.passive.reset()
+        if d.metrics is not None:
+            d.metrics.set_kernel_readers(*datapath_readers(dp_cls, new_settings))
+    if "metrics" in changed:
+        reload_metrics(d, old, new)
+    d.config = d.targets.config = new
+    d.log.fmt = new.log_format
+    if "probe" in changed:
+        await d.targets.use_probe_config(new.probe)
+    if "discovery" in changed or ("port" in changed and d.watcher is not None):
+        await d.stop_discovery()
+        d.watcher = d.make_watcher(new)
+        if d.watcher is None:
+            d.targets.discovered = []
+        d.start_discovery()
+    if {"endpoints", "discovery"} & set(changed):
+        d.targets.keep_only_current_specs()
+        await d.targets.resolve_all()
+    if d.select() or {"port", "datapath"} & set(changed):
+        d.apply(force=True)
+    d.log.info("reloaded", changed=",".join(changed))
+    d.write_state()
+
+
+def reload_metrics(d: Daemon, old: Config, new: Config) -> None:
+    """Apply a changed `metrics` section: rebind the server when its
+    address, port or on/off changed; on a bind error keep the old one."""
+    if d.metrics is None:
+        if new.metrics.enabled:
+            d.log.warn("reload_partial", reason="metrics were off at start; restart the daemon to serve them")
+        return
+    d.metrics.heartbeat_timeout = new.metrics.heartbeat_timeout
+    where = lambda m: (m.enabled, m.address, m.port)  # noqa: E731
+    if where(old.metrics) == where(new.metrics):
+        return
+    old_server = d.metrics_server
+    if old_server is not None:
+        old_server.stop()
+    d.metrics_server = None
+    if new.metrics.enabled:
+        server = MetricsServer(d.metrics, new.metrics.address, new.metrics.port)
+        try:
+            server.start()
+        except PrismError as e:
+            d.log.error("reload_partial", reason=str(e), kept="the previous metrics address")
+            if old_server is not None:
+                old_server.start()
+                d.metrics_server = old_server
+            return
+        d.metrics_server = server
+        d.log.info("metrics_listening", address=server.address)
