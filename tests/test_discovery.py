@@ -1,7 +1,9 @@
 """Endpoint discovery from the EndpointSlices of Service `kubernetes`
-(prism_kernel.sources.discovery).
+(prism_kernel.sources: discovery, endpointslices, kubeconfig, kubeapi,
+jsonstream, discovery_cache).
 
-Unit tests (no network): slices -> endpoints, kubeconfig variants, the cache.
+Unit tests (no network): slices -> endpoints, kubeconfig variants, the cache,
+the slice store, the watch stream framing.
 Integration tests (root): the watcher against the testbed's fake API servers
 directly (no prism-kernel daemon, no kernel state), and kubectl as a real
 client-go against the same fake.
@@ -29,17 +31,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prism_kernel.sources.discovery import (
-    EndpointSliceWatcher,
-    KubeconfigError,
-    _Backoff,
-    _tune_socket,
-    atomic_write,
-    endpoints_from_slices,
-    load_kubeconfig,
-    spec_sort_key,
-)
+from prism_kernel.sources.discovery import MAX_EVENT_BYTES, Backoff, EndpointSliceWatcher
+from prism_kernel.sources.discovery_cache import atomic_write
 from prism_kernel.sources.endpoints import EndpointSpec
+from prism_kernel.sources.endpointslices import SliceStore, endpoints_from_slices, spec_sort_key
+from prism_kernel.sources.jsonstream import JsonObjectStream
+from prism_kernel.sources.kubeapi import ApiError, Gone, tune_socket
+from prism_kernel.sources.kubeconfig import KubeconfigError, load_kubeconfig
 
 PREFIX = "pkg"
 NET_OFFSET = 60
@@ -394,7 +392,7 @@ def test_atomic_write_replaces(tmp_path):
 
 
 def test_backoff_capped_with_jitter():
-    b = _Backoff(0.5, 30.0)
+    b = Backoff(0.5, 30.0)
     delays = [b.next() for _ in range(40)]
     assert 0.25 <= delays[0] <= 0.5
     assert all(d <= 30.0 for d in delays) and max(delays) >= 15.0
@@ -405,39 +403,103 @@ def test_backoff_capped_with_jitter():
 
 def test_tcp_keepalive_options():
     with socket.socket() as s:
-        _tune_socket(s)
+        tune_socket(s)
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60000
 
 
-def test_watch_events_applied(tmp_path):
+def test_watch_events_applied():
     """ADDED/MODIFIED/DELETED/BOOKMARK/ERROR as a watch delivers them."""
-    from prism_kernel.sources.discovery import DiscoveryError, _Gone
-
-    w = EndpointSliceWatcher(tmp_path / "kc", "https://127.0.0.1:7445", log=ListLog())
+    log = ListLog()
+    st = SliceStore("kubernetes", log)
     s1 = es(["10.0.0.1"])
     s1["metadata"]["resourceVersion"] = "5"
-    assert w._event({"type": "ADDED", "object": s1}) and w.resource_version == "5"
+    assert st.apply({"type": "ADDED", "object": s1}) and st.resource_version == "5"
     s1b = es(["10.0.0.2"])
     s1b["metadata"]["resourceVersion"] = "6"
-    assert w._event({"type": "MODIFIED", "object": s1b})
-    assert strs(endpoints_from_slices(w._store.values())) == ["10.0.0.2:6443"]
-    assert not w._event({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}})
-    assert w.resource_version == "9" and w.bookmarks == 1
+    assert st.apply({"type": "MODIFIED", "object": s1b})
+    assert strs(st.endpoints()) == ["10.0.0.2:6443"] and st.events == 2
+    assert not st.apply({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}})
+    assert st.resource_version == "9" and st.bookmarks == 1 and st.events == 2
     unlabeled = es(["10.0.0.3"])
     unlabeled["metadata"]["labels"] = {"kubernetes.io/service-name": "other"}
-    assert w._event({"type": "MODIFIED", "object": unlabeled})  # left the selector: dropped
-    assert w._store == {}
-    assert not w._event({"type": "DELETED", "object": s1})  # already gone
-    with pytest.raises(_Gone):
-        w._event({"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}})
-    with pytest.raises(DiscoveryError, match="500"):
-        w._event({"type": "ERROR", "object": {"kind": "Status", "code": 500, "message": "boom"}})
-    with pytest.raises(DiscoveryError):
-        w._event({"type": "ADDED"})
-    assert not w._event({"type": "WHATEVER", "object": {}})
+    assert st.apply({"type": "MODIFIED", "object": unlabeled})  # left the selector: dropped
+    assert st.slices == {}
+    assert not st.apply({"type": "DELETED", "object": s1})  # already gone
+    with pytest.raises(Gone):
+        st.apply({"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}})
+    with pytest.raises(ApiError, match="500") as e:
+        st.apply({"type": "ERROR", "object": {"kind": "Status", "code": 500, "message": "boom"}})
+    assert not isinstance(e.value, Gone)
+    with pytest.raises(ApiError):
+        st.apply({"type": "ADDED"})
+    with pytest.raises(ApiError):
+        st.apply(["not", "an", "object"])
+    assert not st.apply({"type": "WHATEVER", "object": {}})
+    assert log.events("discovery_unknown_event") == [{"type": "WHATEVER"}]
+    # a list replaces everything, non-objects among its items skipped
+    st.replace([es(["10.0.0.7"], name="x"), "junk"], "42")
+    assert strs(st.endpoints()) == ["10.0.0.7:6443"] and st.resource_version == "42"
+
+
+def _events(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        sl = es([f"10.0.{i // 250}.{i % 250 + 1}"], name=f"s{i}")
+        sl["metadata"]["annotations"] = {"quote": 'a "quoted" {brace} [bracket] \\ back\\slash', "u": "é☃"}
+        out.append({"type": "ADDED", "object": sl})
+    return out
+
+
+@pytest.mark.parametrize("sep", [b"\n", b"", b" \r\n\t"])
+def test_watch_stream_framing_whatever_the_pieces(sep):
+    """Events split anywhere (inside strings, escapes, multi-byte UTF-8),
+    concatenated with or without whitespace: each comes out once, whole."""
+    import random as _random
+
+    evs = _events(40)
+    data = sep.join(json.dumps(e, ensure_ascii=False).encode() for e in evs) + sep
+    rng = _random.Random(7)
+    for _ in range(30):
+        js, got, pos = JsonObjectStream(MAX_EVENT_BYTES), [], 0
+        while pos < len(data):
+            n = rng.choice([1, 2, 3, 7, 64, 1000])
+            got += js.feed(data[pos:pos + n])
+            pos += n
+        assert got == evs
+    assert JsonObjectStream(MAX_EVENT_BYTES).feed(data) == evs  # all at once
+
+
+def test_watch_stream_framing_rejects_what_is_not_an_event_stream():
+    for bad in (b"[1, 2]", b"42", b'"s"', b"{} x", b'{"a": 1]', b'{"a": "\xff"}'):
+        with pytest.raises(ValueError):
+            JsonObjectStream(1000).feed(bad)
+    # an object over the limit fails once the bytes held pass it, before it ends
+    js = JsonObjectStream(1000)
+    js.feed(b'{"a": "' + b"x" * 900)
+    with pytest.raises(ValueError, match="larger than 1000"):
+        js.feed(b"x" * 200)
+    # the limit is per object: many small ones in one piece are fine
+    assert len(JsonObjectStream(1000).feed(b'{"a": 1}' * 500)) == 500
+
+
+@pytest.mark.timing
+def test_watch_stream_framing_is_linear():
+    """A server that cuts one large event into 64-byte pieces costs about what
+    it costs whole. A framing that parses the whole buffer again for every
+    piece (as json.JSONDecoder.raw_decode on the buffer would) is quadratic:
+    about 2,000 parses of 60 kB on average here, seconds instead of
+    milliseconds."""
+    one = json.dumps({"type": "ADDED", "object": es(["10.0.0.1"] * 4500)}).encode()
+    assert 120_000 < len(one) < MAX_EVENT_BYTES
+    js, got = JsonObjectStream(MAX_EVENT_BYTES), []
+    t0 = time.perf_counter()
+    for i in range(0, len(one), 64):
+        got += js.feed(one[i:i + 64])
+    took = time.perf_counter() - t0
+    assert len(got) == 1 and took < 0.5, took
 
 
 # --------------------------------------------------------------------------------
@@ -506,6 +568,12 @@ class Run:
         return await self.until(lambda: self.reports and self.reports[-1][1] == expected, timeout,
                                 f"report {expected}")
 
+    async def seen(self, rv: int, timeout: float = 1.0) -> float:
+        """Wait until the watcher has applied the events up to resourceVersion
+        `rv` (what tb.set_endpointslices returned): after that, what it did
+        not report it never will for them."""
+        return await self.until(lambda: self.w.resource_version == str(rv), timeout, f"resourceVersion {rv}")
+
 
 def run_watcher(tb, scenario, *, server=None, kubeconfig=None, cache=True, **kw):
     """Run `scenario(run)` with a watcher against `server` (default be0); the
@@ -530,7 +598,7 @@ def run_watcher(tb, scenario, *, server=None, kubeconfig=None, cache=True, **kw)
             r.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await r.task
-            assert w._conn is None
+            assert w.api.conn is None
 
     return asyncio.run(main())
 
@@ -583,13 +651,14 @@ def test_empty_list_is_never_reported(tb):
     async def scenario(r: Run):
         await r.report(eps(tb, 0, 1, 2), timeout=3)
         saved = cache.read_text()
-        await switch(tb.set_endpointslices, [])
-        await asyncio.sleep(1.0)
+        await r.seen(await switch(tb.set_endpointslices, []))
         assert len(r.reports) == 1 and strs(r.w.endpoints) == eps(tb, 0, 1, 2)
+        assert not r.w.store.endpoints()  # it did see the empty slice
         # all not ready is empty too; a deleted slice as well
-        await switch(tb.set_endpointslices, addrs(tb, 0), not_ready=addrs(tb, 0))
-        await switch(tb.set_endpointslices, slices=[])
-        await asyncio.sleep(0.5)
+        await r.seen(await switch(tb.set_endpointslices, addrs(tb, 0), not_ready=addrs(tb, 0)))
+        assert r.w.store.slices and not r.w.store.endpoints()
+        await r.seen(await switch(tb.set_endpointslices, slices=[]))
+        assert not r.w.store.slices
         assert len(r.reports) == 1 and cache.read_text() == saved
         empties = r.w.log.events("discovery_empty")
         assert len(empties) == 1 and empties[0]["keeping"] == ",".join(eps(tb, 0, 1, 2))
@@ -598,9 +667,11 @@ def test_empty_list_is_never_reported(tb):
         await r.report(eps(tb, 1))
         # a relist that finds nothing keeps the list as well
         await switch(tb.set_endpointslices, [])
+        lists = r.w.lists
         await switch(tb.expire_endpointslice_watches)
-        await r.until(lambda: r.w.relists_gone >= 1 and r.w.state == "watching", 2, "relist")
-        await asyncio.sleep(0.3)
+        # the relist done and reported on (a list reports before the watch starts)
+        await r.until(lambda: r.w.lists == lists + 1 and r.w.state == "watching", 2, "relist")
+        assert r.w.relists_gone == 1 and r.w.store.slices and not r.w.store.endpoints()
         assert r.reports[-1][1] == eps(tb, 1) and strs(r.w.endpoints) == eps(tb, 1)
 
     run_watcher(tb, scenario)
@@ -640,10 +711,12 @@ def test_reconnect_after_the_server_is_stopped_and_started(tb):
         await r.report(eps(tb, 0, 1, 2), timeout=3)
         await switch(be.stop)
         await r.until(lambda: r.w.errors >= 3, 2, "failed reconnects")
-        # the cluster changes while this server is down
+        # the cluster changes while this server is down: more failed attempts
+        # after the change, nothing reported
         await switch(tb.set_endpointslices, addrs(tb, 1, 2))
-        await asyncio.sleep(0.5)
-        assert len(r.reports) == 1 and r.w.state in ("backoff", "watching", "listing")
+        failed = r.w.errors
+        await r.until(lambda: r.w.errors >= failed + 2, 2, "failed reconnects after the change")
+        assert len(r.reports) == 1
         errors = r.w.errors
         await switch(be.start)
         took = await r.report(eps(tb, 1, 2), timeout=2)
@@ -670,10 +743,12 @@ def test_freeze_is_noticed_by_the_watch_timeout(tb):
         await r.report(eps(tb, 0, 1, 2), timeout=3)
         await switch(be.freeze)
         await switch(tb.set_endpointslices, addrs(tb, 1))
+        # A pause shorter than the watch's grace, for the watcher to ride out
+        # (the scenario's condition, not a wait for anything).
         await asyncio.sleep(1.0)
-        assert len(r.reports) == 1
-        await switch(be.thaw)  # the thawed server sends the change on the open watch
+        await switch(be.thaw)  # the thawed server sends the change
         await r.report(eps(tb, 1), timeout=2)
+        assert r.w.errors == 0 and r.w.lists == 1, r.w.status()  # no reconnect, no relist
         await switch(be.freeze)
         await r.until(lambda: r.w.errors >= 1, 12, "stalled watch dropped")
         await switch(be.thaw)
@@ -726,8 +801,9 @@ def test_cache_written_and_loaded(tb):
         await r.until(lambda: r.w.errors >= 3, 2, "failures")
         assert r.reports == [] and cache.read_text() == saved
         await switch(be.start)
-        await r.until(lambda: r.w.lists >= 1, 2, "list after start")
-        await asyncio.sleep(0.2)
+        # listed and compared with the cache (a list reports before the watch starts)
+        await r.until(lambda: r.w.lists >= 1 and r.w.state == "watching", 2, "list after start")
+        assert r.w.source == "api" and strs(r.w.store.endpoints()) == eps(tb, 0, 1, 2)
         assert r.reports == []  # same as the cache: nothing new to report
         await switch(tb.set_endpointslices, addrs(tb, 2))
         await r.report(eps(tb, 2))
@@ -845,14 +921,17 @@ def test_raw_slices_fqdn_deleted_slice_and_per_server_state(tb):
         await r.report(["10.1.0.1:6443", "10.1.0.2:6443"])
         await switch(tb.set_endpointslices, slices=slices[1:])  # slice a deleted
         await r.report(["10.1.0.2:6443"])
-        # only be1 changes: the watcher on be0 sees nothing
+        # only be1 changes: the watcher on be0 sees nothing of it, as a later
+        # change on be0 shows (its events come in order)
         await switch(tb.set_endpointslices, ["10.2.0.1"], servers=[be1])
-        await asyncio.sleep(0.5)
-        assert r.reports[-1][1] == ["10.1.0.2:6443"]
+        await switch(tb.set_endpointslices, ["10.3.0.1"], servers=[be0])
+        await r.report(["10.3.0.1:6443"])
+        assert all("10.2.0.1:6443" not in rep for _t, rep in r.reports), r.reports
 
     run_watcher(tb, scenario)
-    assert [s["metadata"]["name"] for s in tb.endpointslices(be0)] == ["b", "c"]
-    assert [s["metadata"]["name"] for s in tb.endpointslices(be1)] == ["kubernetes"]
+    assert [s["metadata"]["name"] for s in tb.endpointslices(be0)] == ["kubernetes"]
+    assert [s["addressType"] for s in tb.endpointslices(be1)] == ["IPv4"]
+    assert strs(endpoints_from_slices(tb.endpointslices(be1))) == ["10.2.0.1:6443"]
 
 
 @needs_root
