@@ -30,6 +30,25 @@ def _instance(value: str) -> str:
     return value
 
 
+def _port(value: str) -> int:
+    """A TCP port as typed: ASCII digits only (int() also reads '١٢' and
+    ' 12'), 1-65535."""
+    if not re.fullmatch(r"[0-9]{1,5}", value) or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: a port is a whole number 1-65535")
+    return int(value)
+
+
+def _watch_seconds(value: str) -> float:
+    """--watch: seconds, finite and positive (float() also reads 'nan' and 'inf')."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= 3600:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"{value!r}: the interval is seconds, more than 0 and at most 3600")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prism-kernel",
@@ -74,13 +93,13 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show health, the active set and what the kernel holds")
     st.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
-    st.add_argument("-w", "--watch", nargs="?", const=2.0, type=float, metavar="S",
+    st.add_argument("-w", "--watch", nargs="?", const=2.0, type=_watch_seconds, metavar="S",
                     help="repeat every S seconds (default 2) until interrupted")
     st.add_argument("--instance", type=_instance, default="prism-kernel", metavar="NAME")
     st.add_argument("--run-dir", metavar="DIR", help="the daemon's run directory, when its config sets one (default /run/NAME)")
 
     dr = sub.add_parser("doctor", help="check this node: kernel features, capabilities, port; which data path auto would use")
-    dr.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT", help="local port the daemon would use (default 7445)")
+    dr.add_argument("--port", type=_port, default=DEFAULT_PORT, metavar="PORT", help="local port the daemon would use (default 7445)")
     dr.add_argument("--instance", type=_instance, default="prism-kernel", metavar="NAME")
     dr.add_argument("-o", "--output", choices=["text", "json"], default="text")
 
@@ -92,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
+    """The configuration of `run`: the file, then the flags as typed (text;
+    config.build_config reads each by its field's type). Called again on
+    SIGHUP, so a reload passes exactly the checks a start does."""
     file_data: dict[str, Any] = load_yaml(args.config) if args.config else {}
     flags = {
         "endpoints": args.endpoints,
@@ -199,8 +221,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "status":
             from prism_kernel.observe.status import run_status
 
-            if args.watch is not None and args.watch <= 0:
-                raise ConfigError("--watch: the interval must be > 0 seconds")
             return run_status(args.instance, Path(args.run_dir or f"/run/{args.instance}"), args.output,
                               watch=args.watch)
         if args.command == "cleanup":

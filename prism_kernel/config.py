@@ -2,6 +2,12 @@
 validated by pydantic. Every problem is reported at once, each naming the
 field (and its flag) and the reason; nothing touches the kernel before the
 configuration is valid.
+
+Types are strict: a YAML `true` is not the integer 1, `"7445"` is not a
+number. Only durations take text ("500ms", "2s", "1m", "2"), and a flag's
+text is converted to the field's type by the rule of that type
+(typed_flags). The YAML document itself is bounded (size, depth, values,
+no duplicate keys: load_yaml) before a single value reaches the models.
 """
 
 from __future__ import annotations
@@ -10,10 +16,15 @@ import ipaddress
 import os
 import re
 import ssl
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode, ScalarNode
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -29,6 +40,22 @@ from prism_kernel.sources.endpoints import EndpointSpec, parse_endpoint
 
 DEFAULT_PORT = 7445
 INSTANCE_PATTERN = r"^[a-z][a-z0-9-]{0,30}$"
+
+# Backends per address family that both data paths hold: the eBPF maps have
+# PK_MAX_BACKENDS (bpf/prism_sock.bpf.c, datapath.ebpf.datapath.MAX_BACKENDS)
+# slots per family; nftables has no fixed size but builds N chains of N + 1
+# rules (nft/README.md), and 64 is what the eBPF path can take.
+MAX_BACKENDS_PER_FAMILY = 64
+# Every entry gives at least one address, so more entries than both families
+# together can hold can never all be steered.
+MAX_ENDPOINT_ENTRIES = 2 * MAX_BACKENDS_PER_FAMILY
+# The YAML document, checked before and while it is parsed. A real file is a
+# few KiB, 3 levels and a few hundred values; SIGHUP parses it in the daemon.
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CONFIG_DEPTH = 16
+MAX_CONFIG_VALUES = 1024
+# A CA bundle or client certificate: Debian's whole trust store is ~200 KiB.
+MAX_PEM_BYTES = 4 * 1024 * 1024
 
 _DURATION_RE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*$")
 
@@ -48,22 +75,44 @@ def _parse_duration(value: Any) -> Any:
 
 Duration = Annotated[float, BeforeValidator(_parse_duration)]
 
+# Every model: unknown keys are errors, no lax conversions (bool is not int,
+# text is not a number: Duration converts its text itself), no NaN/infinity.
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
 
 def _readable_file(path: str | None, what: str) -> str | None:
     if path is None:
         return None
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{what} {path!r} does not exist")
-    if not p.is_file():
-        raise ValueError(f"{what} {path!r} is not a file")
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ValueError(f"{what} {_short(path)} does not exist") from None
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, a loop of links
+        raise ValueError(f"{what} {_short(path)}: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {_short(path)} is not a file")
     if not os.access(p, os.R_OK):
-        raise ValueError(f"{what} {path!r} is not readable")
+        raise ValueError(f"{what} {_short(path)} is not readable")
+    if st.st_size > MAX_PEM_BYTES:
+        raise ValueError(f"{what} {_short(path)} is larger than {MAX_PEM_BYTES // (1024 * 1024)} MiB: not a PEM file")
     return str(p)
 
 
+def _exists(path: str) -> bool:
+    """Path.exists() that answers for any text: a name too long or with a
+    NUL byte does not exist (Path.exists() raises for those)."""
+    try:
+        os.stat(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # there is something to report: the reader names it
+
+
 class ProbeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     mode: Literal["tcp", "tls", "readyz"] = Field(
         "readyz",
@@ -148,7 +197,7 @@ class ProbeConfig(BaseModel):
 
 
 class NftablesConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     stable_tcp_timestamps: bool = Field(
         True,
@@ -161,7 +210,7 @@ class NftablesConfig(BaseModel):
 
 
 class EbpfConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     loader: Literal["auto", "libbpf", "bcc"] = Field(
         "auto",
@@ -174,7 +223,7 @@ class EbpfConfig(BaseModel):
 
 
 class MetricsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     enabled: bool = Field(True, description="Serve /metrics (Prometheus), /healthz and /readyz over HTTP.")
     address: str = Field(
@@ -199,7 +248,7 @@ _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 
 
 class DiscoveryConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     enabled: bool = Field(
         False,
@@ -230,21 +279,28 @@ class DiscoveryConfig(BaseModel):
     def _kubeconfig_usable(self) -> "DiscoveryConfig":
         # A kubeconfig that is not there yet (kubelet TLS bootstrap) is waited
         # for at run time; one that is there must be usable now.
-        if self.enabled and Path(self.kubeconfig).exists():
+        if self.enabled and _exists(self.kubeconfig):
             from prism_kernel.sources.discovery import KubeconfigError, load_kubeconfig
 
             try:
                 load_kubeconfig(self.kubeconfig, self.context)
             except KubeconfigError as e:
                 raise ValueError(e.problems[0]) from None
+            except Exception as e:  # noqa: BLE001 - e.g. a RecursionError from a hostile file's YAML:
+                # whatever the reader fails with, the file is not usable, and
+                # validation must end in a named problem, never a traceback.
+                raise ValueError(f"kubeconfig {_short(self.kubeconfig)} cannot be read: "
+                                 f"{type(e).__name__}: {_short(str(e), 200)}") from None
         return self
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     endpoints: list[EndpointSpec] = Field(
-        ..., description="API server endpoints: HOST:PORT, [IPv6]:PORT or NAME:PORT (DNS names are re-resolved)."
+        ..., description="API server endpoints: HOST:PORT, [IPv6]:PORT, NAME:PORT or https://HOST:PORT "
+        "(DNS names are re-resolved). Normalised, duplicates rejected, at most "
+        f"{MAX_BACKENDS_PER_FAMILY} addresses per family and {MAX_ENDPOINT_ENTRIES} entries: see Endpoints above."
     )
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="Local port: clients connect to 127.0.0.1:PORT (and [::1]:PORT on eBPF).")
     datapath: Literal["auto", "ebpf", "nftables"] = Field(
@@ -273,18 +329,51 @@ class Config(BaseModel):
             raise ValueError("must be a list of HOST:PORT strings")
         if not v:
             raise ValueError("no endpoints: give at least one HOST:PORT (--endpoint)")
-        out = []
+        if len(v) > MAX_ENDPOINT_ENTRIES:
+            raise ValueError(f"{len(v)} endpoints: at most {MAX_ENDPOINT_ENTRIES} entries "
+                             f"({MAX_BACKENDS_PER_FAMILY} addresses per family, the limit of the data paths)")
+        spellings: dict[EndpointSpec, list[str]] = {}
         for item in v:
             if isinstance(item, EndpointSpec):
-                out.append(item)
+                spellings.setdefault(item, []).append(str(item))
             elif isinstance(item, str):
-                out.append(parse_endpoint(item))
+                spellings.setdefault(parse_endpoint(item), []).append(item.strip())
             else:
-                raise ValueError(f"{item!r} is not a HOST:PORT string")
-        if len(set(out)) != len(out):
-            dups = sorted({str(e) for e in out if out.count(e) > 1})
+                raise ValueError(f"{_short(item)} is not a HOST:PORT string")
+        # Rejected, not merged: two entries for one endpoint are a copy or a
+        # typo for another address, and the operator should see which.
+        dups = [f"{spec} (written {' and '.join(map(repr, dict.fromkeys(texts)))})"
+                if len(set(texts)) > 1 else str(spec)
+                for spec, texts in spellings.items() if len(texts) > 1]
+        if dups:
             raise ValueError(f"duplicate endpoints: {', '.join(dups)}")
+        out = list(spellings)
+        for family in (4, 6):
+            n = sum(1 for e in out if e.family == family)
+            if n > MAX_BACKENDS_PER_FAMILY:
+                raise ValueError(f"{n} IPv{family} addresses: at most {MAX_BACKENDS_PER_FAMILY} per family "
+                                 "(the eBPF data path's map size, PK_MAX_BACKENDS)")
         return out
+
+    @model_validator(mode="after")
+    def _steerable(self) -> "Config":
+        """What the data path can be known to be unable to serve, from the
+        literal addresses alone (names and discovery are known at run time)."""
+        listen = {EndpointSpec("127.0.0.1", self.port), EndpointSpec("::1", self.port)}
+        looped = [str(e) for e in self.endpoints if e in listen]
+        if looped:
+            raise ValueError(f"endpoints (--endpoint): {', '.join(looped)} is the listen address "
+                             f"(port {self.port}) itself: connections would be steered back to it")
+        if (self.datapath == "nftables" and not self.discovery.enabled
+                and all(e.family == 6 for e in self.endpoints)):
+            raise ValueError(
+                "datapath 'nftables' (--datapath) steers IPv4 only, and every endpoint is an IPv6 address: "
+                "nothing could be steered; give an IPv4 endpoint or a DNS name, or use datapath ebpf")
+        m = self.metrics
+        if m.enabled and m.port == self.port and m.address in ("127.0.0.1", "0.0.0.0", "::1", "::"):
+            raise ValueError(f"metrics.port (--metrics-port) {m.port} is the listen port: connections to "
+                             f"{m.address}:{m.port} would be steered away from the metrics server")
+        return self
 
     @model_validator(mode="after")
     def _tls_needs_trust(self) -> "Config":
@@ -346,6 +435,39 @@ FLAG_NAMES = {
 }
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() of a value an operator wrote, cut to a readable length (a
+    64 KiB string, or an int too long for repr())."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Strict type errors, said in the file's terms (a YAML `true`, not Python's True).
+_EXPECTED = {
+    "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list", "model_type": "a mapping of keys",
+    "dict_type": "a mapping of keys",
+}
+
+
+def _as_written(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the string {_short(value)}"
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    if isinstance(value, int):
+        return _short(value) if value.bit_length() > 64 else f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    return f"{type(value).__name__} {_short(value)}"
+
+
 def _describe(err: dict[str, Any]) -> str:
     loc = tuple(str(p) for p in err["loc"])
     field = ".".join(loc)
@@ -355,13 +477,28 @@ def _describe(err: dict[str, Any]) -> str:
         return _strip_prefix(err["msg"])
     if err["type"] == "extra_forbidden":
         return f"{where}: unknown key"
+    if err["type"] == "invalid_key":
+        return f"key {_short(err.get('input'))}: keys must be strings"
     if err["type"] == "missing":
         return f"{where}: required" + (f", give {flag}" if flag else "")
-    msg = _strip_prefix(err["msg"])
     got = err.get("input")
+    if err["type"] in _EXPECTED:
+        hint = ""
+        if isinstance(got, str) and err["type"] in ("int_type", "float_type") and _looks_numeric(got):
+            hint = " (write the number without quotes)"
+        return f"{where}: must be {_EXPECTED[err['type']]}, not {_as_written(got)}{hint}"
+    msg = _strip_prefix(err["msg"])
     if err["type"] not in ("value_error",) and not isinstance(got, (dict, list)) and got is not None:
-        msg = f"{msg} (got {got!r})"
+        msg = f"{msg} (got {_short(got)})"
     return f"{where}: {msg}"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _strip_prefix(msg: str) -> str:
@@ -371,21 +508,102 @@ def _strip_prefix(msg: str) -> str:
     return msg
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml's safe loader, bounded. The composer recurses once per level, so
+    depth is checked there, long before Python's recursion limit; aliases
+    count as the values they stand for, so a "billion laughs" document stops
+    at MAX_CONFIG_VALUES; a key given twice is an error, not a silent
+    override (a merge key `<<` may still be overridden, as YAML intends)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0
+        self._anchor_values: dict[str, int] = {}
+
+    def _count(self, n: int, mark: Any) -> None:
+        self._values += n
+        if self._values > MAX_CONFIG_VALUES:
+            raise ComposerError(None, None, f"more than {MAX_CONFIG_VALUES} values (aliases count as what "
+                                "they repeat)", mark)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, AliasEvent):
+            if event.anchor in self.anchors and event.anchor not in self._anchor_values:
+                raise ComposerError(None, None, f"alias *{event.anchor} is inside its own anchor (a cycle)",
+                                    event.start_mark)
+            node = super().compose_node(parent, index)
+            self._count(self._anchor_values.get(event.anchor, 1), event.start_mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_CONFIG_DEPTH:
+            raise ComposerError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels", event.start_mark)
+        before = self._values
+        self._count(1, event.start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if event.anchor is not None:
+            self._anchor_values[event.anchor] = self._values - before
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, MappingNode):
+            seen: set[tuple[str, str]] = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = (key_node.tag, key_node.value)
+                    if key in seen:
+                        raise ConstructorError("while reading a mapping", node.start_mark,
+                                               f"key {key_node.value!r} is given twice", key_node.start_mark)
+                    seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as e:
+            # yaml's scalar constructors hand the file's text to int(),
+            # datetime() or a dict lookup (`!!int abc`, `!!bool x`, a month
+            # 13, a 5,000-digit number) and let their exceptions through.
+            raise ConstructorError(None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value "
+                                   f"{_short(getattr(node, 'value', None))}: {_short(e, 100)}",
+                                   node.start_mark) from None
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A YAML document read by the bounded safe loader; ConfigError names
+    `where` and the problem. For any YAML an operator or a cluster hands us."""
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"config file {path!r}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start})") from None
-    try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """The file's top-level mapping; ConfigError for a file that is not a
+    bounded YAML mapping (docs/configuration.md, "The file")."""
+    where = f"config file {path!r}"
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"{where} is not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{where}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES // 1024} KiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {e.start})") from None
+    data = parse_yaml(text, where)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r}: top level must be a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(f"{where}: top level must be a mapping of keys, not {type(data).__name__}")
     return data
 
 
@@ -408,9 +626,45 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_FLAG_INT_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits; int() would also take '١٢' and '1_000'
+
+
+def typed_flags(flag_data: dict[str, Any], model: type[BaseModel] | None = None,
+                path: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+    """Flags arrive as text; the models are strict. The text of an integer
+    field's flag becomes an int (digits only); everything else is passed on
+    as it is (durations convert their own text, switches are already bool).
+    Returns the converted flags and a problem per flag that is not a number."""
+    model = model or Config
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in flag_data.items():
+        field = model.model_fields.get(key)
+        sub = field.annotation if field is not None else None
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            out[key], more = typed_flags(value, sub, path + (key,))
+            problems += more
+        elif sub is int and isinstance(value, str):
+            if _FLAG_INT_RE.fullmatch(value):
+                out[key] = int(value)
+            else:
+                name = ".".join(path + (key,))
+                flag = FLAG_NAMES.get(path + (key,))
+                problems.append(f"{name} ({flag}): {_short(value)} is not a whole number" if flag
+                                else f"{name}: {_short(value)} is not a whole number")
+        else:
+            out[key] = value
+    return out, problems
+
+
 def build_config(file_data: dict[str, Any], flag_data: dict[str, Any]) -> Config:
-    """Validate the merged configuration; ConfigError lists every problem."""
+    """Validate the merged configuration; ConfigError lists every problem.
+    `flag_data` is what the command line gave (text; None: not given)."""
+    flags, problems = typed_flags(flag_data)
     try:
-        return Config.model_validate(merge(file_data, flag_data))
+        config = Config.model_validate(merge(file_data, flags))
     except ValidationError as e:
-        raise ConfigError([_describe(err) for err in e.errors()]) from None
+        problems += [_describe(err) for err in e.errors()]
+    if problems:
+        raise ConfigError(problems)
+    return config
