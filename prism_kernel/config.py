@@ -8,6 +8,9 @@ number. Only durations take text ("500ms", "2s", "1m", "2"), and a flag's
 text is converted to the field's type by the rule of that type
 (typed_flags). The YAML document itself is bounded (size, depth, values,
 no duplicate keys: load_yaml) before a single value reaches the models.
+
+Longer than the usual module: the models carry the descriptions from which
+docs/configuration.md is generated.
 """
 
 from __future__ import annotations
@@ -20,11 +23,6 @@ import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from yaml.composer import ComposerError
-from yaml.constructor import ConstructorError
-from yaml.events import AliasEvent
-from yaml.nodes import MappingNode, ScalarNode
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -35,25 +33,22 @@ from pydantic import (
     model_validator,
 )
 
+# The file's limits are bounded_yaml's; named here for the reference and the tests.
+from prism_kernel.bounded_yaml import MAX_BYTES as MAX_CONFIG_BYTES
+from prism_kernel.bounded_yaml import MAX_DEPTH as MAX_CONFIG_DEPTH  # noqa: F401
+from prism_kernel.bounded_yaml import MAX_VALUES as MAX_CONFIG_VALUES  # noqa: F401
+from prism_kernel.bounded_yaml import YamlError, parse_yaml
 from prism_kernel.errors import ConfigError
-from prism_kernel.sources.endpoints import EndpointSpec, parse_endpoint
+from prism_kernel.sources.endpoints import (
+    MAX_BACKENDS_PER_FAMILY,
+    MAX_ENDPOINT_ENTRIES,
+    EndpointSpec,
+    parse_endpoint_list,
+)
 
 DEFAULT_PORT = 7445
 INSTANCE_PATTERN = r"^[a-z][a-z0-9-]{0,30}$"
 
-# Backends per address family that both data paths hold: the eBPF maps have
-# PK_MAX_BACKENDS (bpf/prism_sock.bpf.c, datapath.ebpf.datapath.MAX_BACKENDS)
-# slots per family; nftables has no fixed size but builds N chains of N + 1
-# rules (nft/README.md), and 64 is what the eBPF path can take.
-MAX_BACKENDS_PER_FAMILY = 64
-# Every entry gives at least one address, so more entries than both families
-# together can hold can never all be steered.
-MAX_ENDPOINT_ENTRIES = 2 * MAX_BACKENDS_PER_FAMILY
-# The YAML document, checked before and while it is parsed. A real file is a
-# few KiB, 3 levels and a few hundred values; SIGHUP parses it in the daemon.
-MAX_CONFIG_BYTES = 64 * 1024
-MAX_CONFIG_DEPTH = 16
-MAX_CONFIG_VALUES = 1024
 # A CA bundle or client certificate: Debian's whole trust store is ~200 KiB.
 MAX_PEM_BYTES = 4 * 1024 * 1024
 
@@ -325,35 +320,7 @@ class Config(BaseModel):
     @field_validator("endpoints", mode="before")
     @classmethod
     def _parse_endpoints(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            raise ValueError("must be a list of HOST:PORT strings")
-        if not v:
-            raise ValueError("no endpoints: give at least one HOST:PORT (--endpoint)")
-        if len(v) > MAX_ENDPOINT_ENTRIES:
-            raise ValueError(f"{len(v)} endpoints: at most {MAX_ENDPOINT_ENTRIES} entries "
-                             f"({MAX_BACKENDS_PER_FAMILY} addresses per family, the limit of the data paths)")
-        spellings: dict[EndpointSpec, list[str]] = {}
-        for item in v:
-            if isinstance(item, EndpointSpec):
-                spellings.setdefault(item, []).append(str(item))
-            elif isinstance(item, str):
-                spellings.setdefault(parse_endpoint(item), []).append(item.strip())
-            else:
-                raise ValueError(f"{_short(item)} is not a HOST:PORT string")
-        # Rejected, not merged: two entries for one endpoint are a copy or a
-        # typo for another address, and the operator should see which.
-        dups = [f"{spec} (written {' and '.join(map(repr, dict.fromkeys(texts)))})"
-                if len(set(texts)) > 1 else str(spec)
-                for spec, texts in spellings.items() if len(texts) > 1]
-        if dups:
-            raise ValueError(f"duplicate endpoints: {', '.join(dups)}")
-        out = list(spellings)
-        for family in (4, 6):
-            n = sum(1 for e in out if e.family == family)
-            if n > MAX_BACKENDS_PER_FAMILY:
-                raise ValueError(f"{n} IPv{family} addresses: at most {MAX_BACKENDS_PER_FAMILY} per family "
-                                 "(the eBPF data path's map size, PK_MAX_BACKENDS)")
-        return out
+        return parse_endpoint_list(v)
 
     @model_validator(mode="after")
     def _steerable(self) -> "Config":
@@ -508,80 +475,6 @@ def _strip_prefix(msg: str) -> str:
     return msg
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml's safe loader, bounded. The composer recurses once per level, so
-    depth is checked there, long before Python's recursion limit; aliases
-    count as the values they stand for, so a "billion laughs" document stops
-    at MAX_CONFIG_VALUES; a key given twice is an error, not a silent
-    override (a merge key `<<` may still be overridden, as YAML intends)."""
-
-    def __init__(self, stream: str):
-        super().__init__(stream)
-        self._depth = 0
-        self._values = 0
-        self._anchor_values: dict[str, int] = {}
-
-    def _count(self, n: int, mark: Any) -> None:
-        self._values += n
-        if self._values > MAX_CONFIG_VALUES:
-            raise ComposerError(None, None, f"more than {MAX_CONFIG_VALUES} values (aliases count as what "
-                                "they repeat)", mark)
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, AliasEvent):
-            if event.anchor in self.anchors and event.anchor not in self._anchor_values:
-                raise ComposerError(None, None, f"alias *{event.anchor} is inside its own anchor (a cycle)",
-                                    event.start_mark)
-            node = super().compose_node(parent, index)
-            self._count(self._anchor_values.get(event.anchor, 1), event.start_mark)
-            return node
-        self._depth += 1
-        if self._depth > MAX_CONFIG_DEPTH:
-            raise ComposerError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels", event.start_mark)
-        before = self._values
-        self._count(1, event.start_mark)
-        try:
-            node = super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-        if event.anchor is not None:
-            self._anchor_values[event.anchor] = self._values - before
-        return node
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        if isinstance(node, MappingNode):
-            seen: set[tuple[str, str]] = set()
-            for key_node, _ in node.value:
-                if isinstance(key_node, ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                    key = (key_node.tag, key_node.value)
-                    if key in seen:
-                        raise ConstructorError("while reading a mapping", node.start_mark,
-                                               f"key {key_node.value!r} is given twice", key_node.start_mark)
-                    seen.add(key)
-        return super().construct_mapping(node, deep)
-
-    def construct_object(self, node: Any, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as e:
-            # yaml's scalar constructors hand the file's text to int(),
-            # datetime() or a dict lookup (`!!int abc`, `!!bool x`, a month
-            # 13, a 5,000-digit number) and let their exceptions through.
-            raise ConstructorError(None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value "
-                                   f"{_short(getattr(node, 'value', None))}: {_short(e, 100)}",
-                                   node.start_mark) from None
-
-
-def parse_yaml(text: str, where: str) -> Any:
-    """A YAML document read by the bounded safe loader; ConfigError names
-    `where` and the problem. For any YAML an operator or a cluster hands us."""
-    try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {e}") from None
-
-
 def load_yaml(path: str) -> dict[str, Any]:
     """The file's top-level mapping; ConfigError for a file that is not a
     bounded YAML mapping (docs/configuration.md, "The file")."""
@@ -599,7 +492,10 @@ def load_yaml(path: str) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{where} is not UTF-8 text (byte {e.start})") from None
-    data = parse_yaml(text, where)
+    try:
+        data = parse_yaml(text)
+    except YamlError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -287,9 +287,9 @@ def test_more_endpoints_than_the_data_paths_hold_are_rejected(endpoints, expecte
 def test_ipv6_only_endpoints_on_nftables_are_a_configuration_error():
     with pytest.raises(ConfigError) as e:
         cfg(datapath="nftables", endpoints=["[2001:2::2]:6443", "[2001:2::3]:6443"])
-    assert e.value.problems == [
+    assert e.value.problems == [(
         "datapath 'nftables' (--datapath) steers IPv4 only, and every endpoint is an IPv6 address: nothing "
-        "could be steered; give an IPv4 endpoint or a DNS name, or use datapath ebpf"]
+        "could be steered; give an IPv4 endpoint or a DNS name, or use datapath ebpf")]
     # What can be served, or cannot be known before run time, stays valid.
     cfg(datapath="nftables", endpoints=["[2001:2::2]:6443", "198.18.1.2:6443"])
     cfg(datapath="nftables", endpoints=["[2001:2::2]:6443", "cp.example.com:6443"])
@@ -330,8 +330,8 @@ def _run_config(tmp_path, capsys, text: str | bytes) -> tuple[int, str]:
     ("endpoints: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested deeper than 16 levels"),
     ("".join("  " * i + "k:\n" for i in range(10_000)), "is larger than 64 KiB"),
     ("endpoints: [198.18.1.2:6443]\n" + "#" * 70_000 + "\n", "is larger than 64 KiB"),
-    ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nendpoints: *c\n", "more than 1024 values"),
+    (("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+      "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nendpoints: *c\n"), "more than 1024 values"),
     ("endpoints: &e [198.18.1.2:6443, *e]\n", "alias *e is inside its own anchor (a cycle)"),
     ("endpoints: [198.18.1.2:6443]\nport: 1\nport: 7445\n", "key 'port' is given twice"),
     ("endpoints: [198.18.1.2:6443]\ncleanup_on_exit: !!bool maybe\n", "cannot read bool value 'maybe'"),

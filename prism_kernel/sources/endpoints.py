@@ -28,6 +28,15 @@ _MAX_NAME = 253  # RFC 1035: a name in text form, without the trailing dot
 _PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() also takes '²' and '١'
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
+# Backends per address family that both data paths hold: the eBPF maps have
+# PK_MAX_BACKENDS (bpf/prism_sock.bpf.c, datapath.ebpf.datapath.MAX_BACKENDS)
+# slots per family; nftables has no fixed size but builds N chains of N + 1
+# rules (nft/README.md), and 64 is what the eBPF path can take.
+MAX_BACKENDS_PER_FAMILY = 64
+# Every entry gives at least one address, so more entries than both families
+# together can hold can never all be steered.
+MAX_ENDPOINT_ENTRIES = 2 * MAX_BACKENDS_PER_FAMILY
+
 
 @dataclass(frozen=True)
 class EndpointSpec:
@@ -110,6 +119,41 @@ def parse_endpoint(text: str) -> EndpointSpec:
     if not 1 <= port <= 65535:
         raise ValueError(f"{raw!r}: port {port} is out of range 1-65535")
     return EndpointSpec(host, port)
+
+
+def parse_endpoint_list(items: object) -> list[EndpointSpec]:
+    """The configured list: every entry parsed, none twice, within the
+    limits; ValueError names the first problem."""
+    if not isinstance(items, list):
+        raise ValueError("must be a list of HOST:PORT strings")
+    if not items:
+        raise ValueError("no endpoints: give at least one HOST:PORT (--endpoint)")
+    if len(items) > MAX_ENDPOINT_ENTRIES:
+        raise ValueError(f"{len(items)} endpoints: at most {MAX_ENDPOINT_ENTRIES} entries "
+                         f"({MAX_BACKENDS_PER_FAMILY} addresses per family, the limit of the data paths)")
+    spellings: dict[EndpointSpec, list[str]] = {}
+    for item in items:
+        if isinstance(item, EndpointSpec):
+            spellings.setdefault(item, []).append(str(item))
+        elif isinstance(item, str):
+            spellings.setdefault(parse_endpoint(item), []).append(item.strip())
+        else:
+            text = repr(item) if not isinstance(item, int) or item.bit_length() <= 64 else "an integer"
+            raise ValueError(f"{text[:60]} is not a HOST:PORT string")
+    # Rejected, not merged: two entries for one endpoint are a copy or a typo
+    # for another address, and the operator should see which.
+    dups = [f"{spec} (written {' and '.join(map(repr, dict.fromkeys(texts)))})" if len(set(texts)) > 1
+            else str(spec)
+            for spec, texts in spellings.items() if len(texts) > 1]
+    if dups:
+        raise ValueError(f"duplicate endpoints: {', '.join(dups)}")
+    out = list(spellings)
+    for family in (4, 6):
+        n = sum(1 for e in out if e.family == family)
+        if n > MAX_BACKENDS_PER_FAMILY:
+            raise ValueError(f"{n} IPv{family} addresses: at most {MAX_BACKENDS_PER_FAMILY} per family "
+                             "(the eBPF data path's map size, PK_MAX_BACKENDS)")
+    return out
 
 
 def _url_authority(raw: str, scheme: str, rest: str) -> str:
