@@ -274,6 +274,29 @@ def test_delay(testbed, be):
     assert time.monotonic() - t0 < 0.3
 
 
+def test_link_delay_delays_the_tcp_handshake_itself(testbed, be):
+    other = next(b for b in testbed.backends if b is not be)
+
+    def handshake_s(b) -> float:
+        t0 = time.monotonic()
+        tcp_connect(b.address, b.port, timeout=3).close()
+        return time.monotonic() - t0
+
+    assert handshake_s(be) < 0.04
+    be.link_delay(0.08)
+    try:
+        # the SYN-ACK itself is late: what set_delay (the server answering
+        # late) cannot do
+        assert min(handshake_s(be) for _ in range(3)) >= 0.08
+        assert handshake_s(other) < 0.04  # only this host's link
+        assert testbed.get(be, timeout=3).status == 200
+    finally:
+        be.link_delay(0)
+    assert handshake_s(be) < 0.04
+    rules = _sys.run(["ip", "-n", be.netns, "rule", "show"]).stdout
+    assert "lookup 100" not in rules, rules
+
+
 def test_kubectl_get_raw_readyz(testbed, be):
     kc = testbed.write_kubeconfig(f"https://{be.address}:6443")
     cmd = ["/usr/bin/kubectl", "--kubeconfig", kc, "--cache-dir", f"{testbed.tmpdir}/kube-cache"]

@@ -27,6 +27,7 @@ from tests.testbed._sys import TestbedError, ip
 DEFAULT_PREFIX = "pkt"
 ES_SERVICE_LABEL = "kubernetes.io/service-name"
 ES_START_RV = 1000  # resourceVersions of the fake cluster start here
+DELAY_TABLE = 100  # routing table (and rule preference) of a backend's link delay
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,5}")  # short: veth names are {prefix}h{N} (<= 15 chars)
 
 # Prefixes with a live Testbed in this process (a second one would deadlock on the flock).
@@ -159,6 +160,8 @@ class FakeApiServer:
         self._blackholed = False
         self._frozen = False
         self._es_stale = False  # EndpointSlice changes it missed while frozen
+        self._link_delay = 0.0
+        self._delay_relay: subprocess.Popen | None = None
 
     # --- addresses ---------------------------------------------------------------
 
@@ -339,6 +342,65 @@ class FakeApiServer:
         """/readyz answers 503 while everything else keeps serving."""
         self._draining = bool(on)
         self._control({"op": "set", "draining": self._draining})
+
+    def link_delay(self, seconds: float) -> None:
+        """Delay every packet this host sends by `seconds` (0 = off): a far
+        link, the TCP handshake included (tests/testbed/delaylink.py; IPv4).
+        A backend only; persists across stop()/start() (it is the host's)."""
+        if self.netns is None:
+            raise TestbedError("link_delay needs a backend host (a namespace of its own)")
+        if self._delay_relay is not None:
+            self._link_delay_off()
+        if seconds > 0:
+            self._link_delay_on(seconds)
+        self._link_delay = max(0.0, seconds)
+
+    @property
+    def link_delay_s(self) -> float:
+        return self._link_delay
+
+    def _link_delay_dev(self) -> str:
+        return f"{self._tb.prefix}d{self.index}"
+
+    def _link_delay_on(self, seconds: float) -> None:
+        ns, dev = self.netns, self._link_delay_dev()
+        relay = subprocess.Popen(
+            _sys.ns_python(ns, "tests.testbed.delaylink", ["--dev", dev, "--delay", repr(seconds)]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=str(_sys.REPO_ROOT), env=_sys.python_env(), close_fds=True)
+        self._delay_relay = relay
+        assert relay.stdout is not None
+        line = relay.stdout.readline().strip()  # "ready" once the device exists
+        if line != b"ready":
+            err = relay.stderr.read().decode(errors="replace") if relay.stderr else ""
+            self._link_delay_off()
+            raise TestbedError(f"{self.name}: the delay relay did not start: {line!r} {err.strip()}")
+        _sys.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+                  "net.ipv4.conf.all.rp_filter=0", f"net.ipv4.conf.{dev}.rp_filter=0",
+                  f"net.ipv4.conf.{dev}.accept_local=1"])
+        ip("-n", ns, "link", "set", dev, "up")
+        # Packets this host originates (iif lo) to other hosts go to the relay;
+        # what the relay writes back comes in on the TUN device and is
+        # forwarded by the main table. Own addresses match the local table first.
+        ip("-n", ns, "route", "replace", "default", "dev", dev, "table", str(DELAY_TABLE))
+        ip("-n", ns, "rule", "add", "pref", str(DELAY_TABLE), "iif", "lo", "lookup", str(DELAY_TABLE))
+
+    def _link_delay_off(self) -> None:
+        ns = self.netns
+        ip("-n", ns, "rule", "del", "pref", str(DELAY_TABLE), check=False)
+        ip("-n", ns, "route", "flush", "table", str(DELAY_TABLE), check=False)
+        relay, self._delay_relay = self._delay_relay, None
+        if relay is not None:
+            with contextlib.suppress(OSError):
+                relay.stdin.close()  # the relay exits; its TUN device goes with its fd
+            try:
+                relay.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+                relay.wait(5)
+            for f in (relay.stdout, relay.stderr):
+                if f is not None:
+                    f.close()
 
     def set_delay(self, seconds: float, accept: bool | float = False) -> None:
         """Delay every response by `seconds` (0 = off). `accept=True` also delays
@@ -906,6 +968,8 @@ class Testbed:
                 srv.start()
             elif srv._draining:
                 srv.drain(False)
+            if srv.link_delay_s:
+                srv.link_delay(0)
 
     def backend(self, name: str) -> FakeApiServer:
         for s in self.servers:
