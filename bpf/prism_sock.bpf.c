@@ -2,132 +2,44 @@
 /*
  * prism-kernel: connect-time steering of 127.0.0.1:PORT / [::1]:PORT to a
  * healthy Kubernetes API server (cgroup sock_addr programs at the cgroup v2
- * root).
- *
- * Built once, at install time, into an ELF object with BTF (clang -target bpf
- * -O2 -g; bpf/build.sh) and loaded with libbpf by a short-lived loader process
- * (prism_kernel/datapath/ebpf/loader.py). The programs read only uapi context
- * fields (struct bpf_sock_addr, struct bpf_sock_ops): no CO-RE relocations and
- * no kernel headers, so one object serves every kernel from 5.10 on. The same
- * source also compiles with bcc (-DPK_BCC), the fallback loader for a source
- * checkout without the object; the two flavours differ only in the block of
- * map declarations and accessors below.
+ * root). Design notes: docs/design/ebpf-program.md (hooks, sock_ops, suspect
+ * exclusion, the two loaders) and docs/design/ebpf-update-protocol.md (how
+ * the daemon changes the set under running connects).
  *
  * Programs (one per hook):
- *   connect4      BPF_CGROUP_INET4_CONNECT      127.0.0.1:PORT      -> IPv4 backend
- *   connect6      BPF_CGROUP_INET6_CONNECT      [::1]:PORT          -> IPv6 backend
+ *   connect4      BPF_CGROUP_INET4_CONNECT      127.0.0.1:PORT          -> IPv4 backend
+ *   connect6      BPF_CGROUP_INET6_CONNECT      [::1]:PORT              -> IPv6 backend
  *                                              [::ffff:127.0.0.1]:PORT -> [::ffff:v4 backend]
  *   getpeername4  BPF_CGROUP_INET4_GETPEERNAME  backend -> address the socket connected to
  *   getpeername6  BPF_CGROUP_INET6_GETPEERNAME  (same, AF_INET6 sockets)
- *   sockops       BPF_CGROUP_SOCK_OPS           steered sockets only, until established:
- *                                              outcome counters (refused / SYN timeouts /
- *                                              established), suspect marks
+ *   sockops       BPF_CGROUP_SOCK_OPS           steered sockets until established: outcome
+ *                                              counters, suspect marks
  *
- * Only TCP connects, only to exactly the listen address and port, and only
- * in the host network namespace (netns cookie == pk_config.host_netns_cookie:
- * inside a pod 127.0.0.1:PORT is the pod's own loopback and is left alone).
- * With an empty backend set, or before the loader wrote the config, a connect
- * is left untouched (return 1): this program never fails a connect.
+ * Invariants:
+ *   - only TCP connects to exactly the listen address and port, from the host
+ *     network namespace, are touched;
+ *   - a connect is never failed: no backend (an empty set, no config yet, a
+ *     pick that lost every retry) leaves it untouched (return 1);
+ *   - a connect is steered to a backend of one set that was committed while
+ *     it ran, never a mix of two sets (pk_pick(); the protocol and its model
+ *     test: docs/design/ebpf-update-protocol.md);
+ *   - user space writes pk_config, pk_commit, pk_sets, pk_slots, pk_counters
+ *     (create/delete) and nothing else; pk_passive and pk_suspect are written
+ *     by sockops only.
  *
- * Maps (all declared here; the loader pins them in /sys/fs/bpf/<instance>/maps-v<layout>):
- *   pk_config    ARRAY[1]        {host netns cookie, listen port}: written by the
- *                                daemon at install, read on every matching connect.
- *                                Cookie 0: the initial network namespace (a kernel
- *                                before 5.14 cannot tell the daemon its own cookie).
- *   pk_active    HASH[1]         key 0 -> {generation, count4, count6, buf}: the
- *                                selector. THE commit point of an update.
- *   pk_slots     HASH            key PK_SLOT_KEY(family, buf, index) -> backend.
- *   pk_counters  PERCPU_HASH     backend -> connections steered to it.
- *   pk_stats     PERCPU_ARRAY    PK_STAT_* global counters.
- *   pk_peers     SK_STORAGE      per socket {original dst, backend address as the socket
- *                                sees it, backend key}: reverse translation for
- *                                getpeername(), THE mark of a steered socket for sockops,
- *                                and how user space finds the sockets steered to a backend
- *                                (a sock_diag dump that asks for this map's values,
- *                                INET_DIAG_REQ_SK_BPF_STORAGES); freed with the socket.
- *   pk_passive   PERCPU_HASH     backend -> {refused, syn_timeouts, established}:
- *                                cumulative outcome counters of steered connects, created
- *                                by sockops on first use; never reset by updates.
- *   pk_suspect   LRU_HASH        backend -> u64 deadline (bpf_ktime_get_ns(), CLOCK_MONOTONIC):
- *                                the backend is suspect until then (in-kernel exclusion,
- *                                below). Written by sockops only, read by connect4/6; an
- *                                entry expires by its value, LRU-bounded (PK_MAX_PASSIVE),
- *                                never written by user space.
- *   pk_suspect_until ARRAY[1]    u64: the latest deadline written into pk_suspect (0: never).
- *                                connect4/6 read it first, so that while no backend is
- *                                suspect a connect costs neither a clock read nor a hash
- *                                lookup (an array lookup is inlined by the verifier).
- *
- * pk_active, pk_slots and pk_counters are hash maps created with
- * BPF_F_NO_PREALLOC on purpose: a hash update from user space builds a new
- * element and swaps it in under RCU, and the old one is freed only after a
- * grace period, so a program never sees a half-written value. An ARRAY
- * update is a plain memcpy into the live value (a concurrent reader can see
- * a torn entry), and a preallocated hash recycles an old element at once.
- *
- * Update protocol (one writer, the daemon; prism_kernel/datapath/ebpf/datapath.py
- * _write_set() follows it step by step):
- *   0. create zeroed pk_counters entries for the new backends (BPF_NOEXIST);
- *   1. write the new set into the INACTIVE buffer: pk_slots[(fam, !buf, i)];
- *   2. replace pk_active (one hash element, RCU swap) with
- *      {gen + 1, count4, count6, !buf}: from here every new connect sees the
- *      complete new set, before it the complete old one;
- *   3. delete stale slots: the old buffer and anything past the new counts;
- *   4. delete pk_counters entries of backends that left the set.
- * A connect that read the selector before step 2 and reaches a slot removed in
- * step 3 re-reads the selector (pk_pick(), at most PK_PICK_TRIES times), so it
- * picks from the new set; it never sees a mix of two sets.
- *
- * sockops (fast failover, issue 4). Runs for every TCP socket of the machine at
- * a few points; only a socket connect4/connect6 steered (it has a pk_peers entry
- * and is still connected to that backend) is acted on, and only while it is in
- * SYN_SENT: everything the failover needs from the kernel happens there.
- *   TCP_CONNECT_CB       (in tcp_connect(), SYN about to leave): OR in STATE_CB |
- *                        RTO_CB for this socket; the ones it turned on are kept in
- *                        pk_peers (cb_added).
- *   ACTIVE_ESTABLISHED_CB  established++ (the handshake completed), and the
- *                        callbacks it turned on switched off again: nothing more to see.
- *   RTO_CB in SYN_SENT   syn_timeouts++ and the backend marked suspect (every firing:
- *                        1 s after the SYN of a black-holed connect, then every
- *                        second while tcp_syn_linear_timeouts lasts, then doubling).
- *   STATE_CB -> CLOSE    refused++ and the backend marked suspect (the mark first)
- *                        when it leaves SYN_SENT after a segment came
- *                        in (segs_in > 0: the RST; a SYN-ACK would have made it
- *                        ESTABLISHED). A SYN_SENT socket closed by its owner, aborted
- *                        by SOCK_DESTROY, failed by ICMP or timed out has segs_in == 0
- *                        and is not counted.
- * The cb flags are ORed into the socket's current ones, and only the ones this
- * program added are cleared again: a flag another sock_ops program set before
- * ours ran at TCP_CONNECT_CB is kept (tested). The flags are one word per
- * socket shared by all sock_ops programs, so one that sets STATE or RTO only
- * after ours did (later in the chain at connect, or at ESTABLISHED before ours)
- * loses it at ESTABLISHED: such a program would have to set it again there.
- *
- * In-kernel exclusion of suspect backends (since layout 3). The daemon learns of a
- * refusal by polling pk_passive (100 ms); a client retries within microseconds.
- * So the kernel reacts itself:
- *   sockops  a steered connect REFUSED (the STATE_CB above) or an RTO in SYN_SENT
- *            sets pk_suspect[backend] = now + PK_SUSPECT_NS (2 s; each new failure
- *            moves the deadline on). The STATE_CB of SYN_SENT -> CLOSE runs in
- *            tcp_done() -> tcp_set_state(), before sk_state becomes CLOSE and
- *            before sk_state_change()/sk_error_report() wake the connecting
- *            process, so its immediate retry already sees the mark. (sk_err is
- *            written just before tcp_done(): a poller on another CPU could see
- *            the error a few hundred ns before the mark, but its retry still has
- *            getsockopt/close/socket/connect to do; measured: 0 of 200 retries
- *            refused, blocking and poll() clients, tests/test_datapath_suspect.py.)
- *   connect  pk_pick() draws a random slot as before; unless pk_suspect_until
- *            is in the past, it looks the backend up in pk_suspect, and when it is
- *            suspect (deadline > now) it walks the other slots of the same buffer
- *            from there, in a random direction (the suspect's share goes to both
- *            neighbours, not all to one), at most count - 1 steps, and takes the
- *            first backend that is not suspect (skipped_suspect++). All suspect:
- *            the original pick (all_suspect++): a connect is never failed and never
- *            left untouched because of the marks. A slot missing during the walk is
- *            the same race as above: the selector is re-read (PK_PICK_TRIES).
- * The mark expires by itself: the daemon removes a confirmed-dead backend from
- * the set; an unconfirmed one (a single lost SYN) is drawn again after 2 s.
- * Direct connections have no pk_peers entry: they never mark a backend.
+ * Maps (pinned in /sys/fs/bpf/<instance>/maps-v<PK_LAYOUT>):
+ *   pk_config        ARRAY[1]      {host netns cookie, listen port}
+ *   pk_commit        ARRAY[1]      u64 seq: THE commit point; buffer seq & 1 is live
+ *   pk_sets          ARRAY[2]      per buffer {gen, count4, count6}
+ *   pk_slots         ARRAY         PK_SLOT(buf, family, i) -> {gen, backend}
+ *   pk_counters      PERCPU_HASH   backend -> connections steered to it
+ *   pk_stats         PERCPU_ARRAY  PK_STAT_* global counters
+ *   pk_peers         SK_STORAGE    per steered socket {original dst, backend as the socket
+ *                                  sees it, backend key}: getpeername(), the mark sockops
+ *                                  acts on, and how the daemon finds a backend's sockets
+ *   pk_passive       PERCPU_HASH   backend -> {refused, syn_timeouts, established}
+ *   pk_suspect       LRU_HASH      backend -> deadline (bpf_ktime_get_ns()) it is avoided until
+ *   pk_suspect_until ARRAY[1]      the latest deadline in pk_suspect (0: never)
  */
 
 #ifdef PK_BCC
@@ -138,28 +50,30 @@
 #endif
 
 #ifndef PK_LAYOUT
-#define PK_LAYOUT 4
+#define PK_LAYOUT 5
 #endif
 #define PK_MAX_BACKENDS 64 /* per family; the daemon refuses more */
-#define PK_PICK_TRIES 3
+#define PK_PICK_TRIES 4  /* attempts of a pick before the connect is left alone */
 #define PK_MAX_PASSIVE 1024  /* pk_passive: backends with outcome counters */
 #define PK_CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG)
 #define PK_IPPROTO_TCP 6
 
 #define PK_FAMILY4 4
 #define PK_FAMILY6 6
-#define PK_SLOT_KEY(fam, buf, idx) (((__u32)(fam) << 24) | ((__u32)(buf) << 16) | (__u32)(idx))
+/* pk_slots index: buffer-major, then family (ebpf_plan.slot_index) */
+#define PK_SLOT(buf, fam, idx) ((buf) * 2 * PK_MAX_BACKENDS + ((fam) == PK_FAMILY6 ? PK_MAX_BACKENDS : 0) + (idx))
 
 enum {
 	PK_STAT_STEERED = 0,  /* connects rewritten to a backend */
 	PK_STAT_NO_BACKEND,   /* matching connects left alone: empty set for the family */
-	PK_STAT_RETRY,        /* selector re-read because a slot vanished under an update */
+	PK_STAT_RETRY,        /* pick started over: a commit came between its two reads of pk_commit */
 	PK_STAT_PEER_XLATE,   /* getpeername() answers rewritten */
 	PK_STAT_PASSIVE_FULL, /* outcomes not counted: pk_passive full */
 	PK_STAT_SKIPPED_SUSPECT, /* connects moved off a suspect pick to another backend */
 	PK_STAT_ALL_SUSPECT,  /* connects steered to a suspect backend: every one was suspect */
 	PK_STAT_SUSPECT_MARK, /* backends marked suspect (refused / RTO in SYN_SENT) */
 	PK_STAT_SUSPECT_FAILED, /* ... and pk_suspect updates that failed */
+	PK_STAT_PICK_EXHAUSTED, /* matching connects left alone: every attempt of the pick raced a commit */
 	PK_STAT_MAX,
 };
 
@@ -189,11 +103,17 @@ struct pk_backend {
 	__u8 pad;
 };
 
-struct pk_active {
-	__u64 gen;
+/* pk_sets[buf]: the set held by one buffer of pk_slots. */
+struct pk_set {
+	__u64 gen;     /* the pk_commit value under which this buffer is live */
 	__u32 count4;
 	__u32 count6;
-	__u32 buf;  /* 0 or 1: which half of pk_slots is live */
+};
+
+/* pk_slots[PK_SLOT(buf, family, i)]. gen first: it is read before the copy. */
+struct pk_slot {
+	__u64 gen;             /* the pk_commit value of the set this slot belongs to */
+	struct pk_backend be;
 	__u32 pad;
 };
 
@@ -229,8 +149,9 @@ struct pk_outcome {
 	}
 
 PK_MAP(BPF_MAP_TYPE_ARRAY, __u32, struct pk_config, 1, 0) pk_config SEC(".maps");
-PK_MAP(BPF_MAP_TYPE_HASH, __u32, struct pk_active, 1, BPF_F_NO_PREALLOC) pk_active SEC(".maps");
-PK_MAP(BPF_MAP_TYPE_HASH, __u32, struct pk_backend, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC) pk_slots SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_ARRAY, __u32, __u64, 1, 0) pk_commit SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_ARRAY, __u32, struct pk_set, 2, 0) pk_sets SEC(".maps");
+PK_MAP(BPF_MAP_TYPE_ARRAY, __u32, struct pk_slot, 4 * PK_MAX_BACKENDS, 0) pk_slots SEC(".maps");
 PK_MAP(BPF_MAP_TYPE_PERCPU_HASH, struct pk_backend, __u64, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC) pk_counters SEC(".maps");
 PK_MAP(BPF_MAP_TYPE_PERCPU_ARRAY, __u32, __u64, PK_STAT_MAX, 0) pk_stats SEC(".maps");
 PK_MAP(BPF_MAP_TYPE_SK_STORAGE, int, struct pk_peer, 0, BPF_F_NO_PREALLOC) pk_peers SEC(".maps");
@@ -254,7 +175,8 @@ const volatile struct {
 char _license[] SEC("license") = "Apache-2.0";
 
 static __always_inline void *pk_config_get(__u32 *k) { return bpf_map_lookup_elem(&pk_config, k); }
-static __always_inline void *pk_active_get(__u32 *k) { return bpf_map_lookup_elem(&pk_active, k); }
+static __always_inline void *pk_commit_get(__u32 *k) { return bpf_map_lookup_elem(&pk_commit, k); }
+static __always_inline void *pk_sets_get(__u32 *k) { return bpf_map_lookup_elem(&pk_sets, k); }
 static __always_inline void *pk_slots_get(__u32 *k) { return bpf_map_lookup_elem(&pk_slots, k); }
 static __always_inline void *pk_counters_get(struct pk_backend *k) { return bpf_map_lookup_elem(&pk_counters, k); }
 static __always_inline void *pk_stats_get(__u32 *k) { return bpf_map_lookup_elem(&pk_stats, k); }
@@ -293,8 +215,9 @@ static __always_inline void *pk_peers_get(struct bpf_sock *sk, __u64 flags) { re
 #endif
 
 PK_MAP("array", __u32, struct pk_config, pk_config, 1, 0);
-PK_MAP("hash", __u32, struct pk_active, pk_active, 1, BPF_F_NO_PREALLOC);
-PK_MAP("hash", __u32, struct pk_backend, pk_slots, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC);
+PK_MAP("array", __u32, __u64, pk_commit, 1, 0);
+PK_MAP("array", __u32, struct pk_set, pk_sets, 2, 0);
+PK_MAP("array", __u32, struct pk_slot, pk_slots, 4 * PK_MAX_BACKENDS, 0);
 PK_MAP("percpu_hash", struct pk_backend, __u64, pk_counters, 4 * PK_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 PK_MAP("percpu_array", __u32, __u64, pk_stats, PK_STAT_MAX, 0);
 PK_SK_STORAGE(pk_peers, struct pk_peer);
@@ -307,7 +230,8 @@ PK_MAP("array", __u32, __u64, pk_suspect_until, 1, 0);
 
 /* bcc rewrites map.op() calls, but not inside macros: one function each. */
 static __always_inline void *pk_config_get(__u32 *k) { return pk_config.lookup(k); }
-static __always_inline void *pk_active_get(__u32 *k) { return pk_active.lookup(k); }
+static __always_inline void *pk_commit_get(__u32 *k) { return pk_commit.lookup(k); }
+static __always_inline void *pk_sets_get(__u32 *k) { return pk_sets.lookup(k); }
 static __always_inline void *pk_slots_get(__u32 *k) { return pk_slots.lookup(k); }
 static __always_inline void *pk_counters_get(struct pk_backend *k) { return pk_counters.lookup(k); }
 static __always_inline void *pk_stats_get(__u32 *k) { return pk_stats.lookup(k); }
@@ -336,7 +260,10 @@ static __always_inline void pk_count_backend(struct pk_backend *be)
 
 	if (v)
 		*v += 1;
-	/* No entry: the writer removed this backend a moment ago; not counted. */
+	/* No entry: the writer removed this backend a moment ago; not counted.
+	 * (A hash element can be handed out again at once, so a removal racing
+	 * this increment can count it for the next backend added: off by one,
+	 * never a steering decision.) */
 }
 
 /* The config when this connect is ours to steer: TCP to the listen port from
@@ -385,77 +312,124 @@ static __always_inline int pk_any_suspect(__u64 *now)
 	return *until > *now;
 }
 
-/* One random backend of `family` from the live buffer, copied to *out; a
- * backend that is not suspect when there is one. Returns 0, or -1 when the
- * set of that family is empty or a slot vanished under an update (*raced). */
-static __always_inline int pk_pick_once(__u8 family, struct pk_backend *out, int *raced)
+/* pk_pick(): one backend of the set committed in pk_commit, copied out of
+ * maps the daemon may be writing at the same moment. Every map here is an
+ * ARRAY: elements are never freed, but a daemon's write is a copy into the
+ * live element that this program can see half done. So (a seqlock read, with
+ * the writer only ever writing the buffer that is not live):
+ *   seq = pk_commit; use buffer seq & 1, its header and slots only when their
+ *   gen is seq; copy; read pk_commit again: unchanged means no write touched
+ *   what was copied, else start over (PK_STAT_RETRY).
+ * The model test (tests/test_update_protocol_model.py) follows these loads
+ * one by one; keep the two in step. */
+
+#define PK_PICKED 0
+#define PK_EMPTY 1   /* the committed set has no backend of the family */
+#define PK_RACED 2   /* a commit came between the two reads of pk_commit */
+
+/* Volatile: the compiler keeps exactly one load of pk_commit where it is
+ * written, and the barrier keeps the copies between the two. x86-64 does not
+ * reorder loads with loads; the writer's bpf() calls are ordered. */
+#define pk_read_commit(p) (*(volatile __u64 *)(p))
+#define pk_barrier() asm volatile("" ::: "memory")
+
+/* Slot idx of buffer buf, when it was written under seq, copied to *out. */
+static __always_inline int pk_copy_slot(__u32 buf, __u8 family, __u32 idx, __u64 seq,
+					struct pk_backend *out)
 {
-	__u32 zero = 0, count, buf, idx, step, key;
-	struct pk_active *act;
-	struct pk_backend *be;
-	struct pk_backend cand;
-	__u64 now;
+	__u32 key = PK_SLOT(buf, family, idx);
+	struct pk_slot *slot = pk_slots_get(&key);
 
-	act = pk_active_get(&zero);
-	if (!act)
+	if (!slot || *(volatile __u64 *)&slot->gen != seq)
 		return -1;
-	count = family == PK_FAMILY4 ? act->count4 : act->count6;
-	buf = act->buf & 1;
-	if (count == 0 || count > PK_MAX_BACKENDS)
-		return -1;
-	idx = bpf_get_prandom_u32() % count;
-	key = PK_SLOT_KEY(family, buf, idx);
-	be = pk_slots_get(&key);
-	if (!be) {
-		*raced = 1;  /* slot removed by an update after we read the selector */
-		return -1;
-	}
-	__builtin_memcpy(out, be, sizeof(*out));
-	if (!pk_any_suspect(&now) || !pk_is_suspect(out, now))
-		return 0;
-
-	/* Suspect: the other slots, walking from idx in a random direction.
-	 * Bounded by the constant (the verifier walks it at most 63 times); the
-	 * empty asm keeps clang from replacing i by a trip count computed from
-	 * count, a value whose bounds the verifier does not follow through. */
-	step = (bpf_get_prandom_u32() & 1) ? 1 : count - 1;
-	for (__u32 i = 1; i < PK_MAX_BACKENDS; i++) {
-		asm volatile("" : "+r"(i));
-		if (i >= count)
-			break;
-		idx += step;
-		if (idx >= count)
-			idx -= count;
-		key = PK_SLOT_KEY(family, buf, idx);
-		be = pk_slots_get(&key);
-		if (!be) {
-			*raced = 1;
-			return -1;
-		}
-		__builtin_memcpy(&cand, be, sizeof(cand));
-		if (!pk_is_suspect(&cand, now)) {
-			__builtin_memcpy(out, &cand, sizeof(*out));
-			pk_stat_inc(PK_STAT_SKIPPED_SUSPECT);
-			return 0;
-		}
-	}
-	pk_stat_inc(PK_STAT_ALL_SUSPECT);  /* every backend suspect: the original pick */
+	__builtin_memcpy(out, &slot->be, sizeof(*out));
 	return 0;
 }
 
+/* One attempt: a random backend of `family`, or when it is suspect the next
+ * one that is not, walking from it in a random direction (the suspect's share
+ * goes to both neighbours). *stat: a suspect counter to bump if this attempt
+ * is the one that counts. */
+static __always_inline int pk_pick_once(__u64 *commit, __u8 family, struct pk_backend *out,
+					__u32 *stat)
+{
+	__u32 buf, count, idx, step;
+	struct pk_backend cand;
+	struct pk_set *set;
+	__u64 seq, now;
+
+	seq = pk_read_commit(commit);
+	pk_barrier();
+	buf = seq & 1;
+	set = pk_sets_get(&buf);
+	if (!set)
+		return PK_EMPTY;
+	if (*(volatile __u64 *)&set->gen != seq)
+		return PK_RACED;
+	count = family == PK_FAMILY4 ? set->count4 : set->count6;
+	if (count == 0 || count > PK_MAX_BACKENDS) {
+		pk_barrier();
+		return pk_read_commit(commit) == seq ? PK_EMPTY : PK_RACED;
+	}
+	idx = bpf_get_prandom_u32() % count;
+	if (pk_copy_slot(buf, family, idx, seq, out) < 0)
+		return PK_RACED;
+	*stat = PK_STAT_MAX;
+	if (pk_any_suspect(&now) && pk_is_suspect(out, now)) {
+		/* Bounded by the constant (the verifier walks it at most 63 times);
+		 * the empty asm keeps clang from replacing i by a trip count
+		 * computed from count, whose bounds the verifier does not follow. */
+		*stat = PK_STAT_ALL_SUSPECT;  /* every backend suspect: the original pick */
+		step = (bpf_get_prandom_u32() & 1) ? 1 : count - 1;
+		for (__u32 i = 1; i < PK_MAX_BACKENDS; i++) {
+			asm volatile("" : "+r"(i));
+			if (i >= count)
+				break;
+			idx += step;
+			if (idx >= count)
+				idx -= count;
+			if (pk_copy_slot(buf, family, idx, seq, &cand) < 0)
+				return PK_RACED;
+			if (!pk_is_suspect(&cand, now)) {
+				__builtin_memcpy(out, &cand, sizeof(*out));
+				*stat = PK_STAT_SKIPPED_SUSPECT;
+				break;
+			}
+		}
+	}
+	pk_barrier();
+	if (pk_read_commit(commit) != seq)
+		return PK_RACED;
+	return PK_PICKED;
+}
+
+/* 0 and *out set, or -1 (counted): leave the connect alone. A pick loses an attempt
+ * only to a commit during it, so PK_PICK_TRIES lost in a row take a writer
+ * committing that often within one connect: the connect is left alone then
+ * (counted), never sent to a backend read from a half-written copy. */
 static __always_inline int pk_pick(__u8 family, struct pk_backend *out)
 {
-	int raced;
+	__u32 zero = 0, stat;
+	__u64 *commit = pk_commit_get(&zero);
+	int rc;
 
-#pragma unroll
+	if (!commit)
+		return -1;
 	for (int i = 0; i < PK_PICK_TRIES; i++) {
-		raced = 0;
-		if (pk_pick_once(family, out, &raced) == 0)
+		stat = PK_STAT_MAX;
+		rc = pk_pick_once(commit, family, out, &stat);
+		if (rc == PK_PICKED) {
+			if (stat != PK_STAT_MAX)
+				pk_stat_inc(stat);
 			return 0;
-		if (!raced)
+		}
+		if (rc == PK_EMPTY) {
+			pk_stat_inc(PK_STAT_NO_BACKEND);
 			return -1;
+		}
 		pk_stat_inc(PK_STAT_RETRY);
 	}
+	pk_stat_inc(PK_STAT_PICK_EXHAUSTED);
 	return -1;
 }
 
@@ -483,10 +457,8 @@ int connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	if (!pk_config_for(ctx))
 		return 1;
-	if (pk_pick(PK_FAMILY4, &be) < 0) {
-		pk_stat_inc(PK_STAT_NO_BACKEND);
+	if (pk_pick(PK_FAMILY4, &be) < 0)
 		return 1;
-	}
 	peer.orig_addr[0] = ctx->user_ip4;
 	peer.orig_port = (__u16)ctx->user_port;
 	peer.backend_addr[0] = be.addr[0];
@@ -521,10 +493,8 @@ int connect6(struct bpf_sock_addr *ctx)
 		return 1;
 	if (!pk_config_for(ctx))
 		return 1;
-	if (pk_pick(family, &be) < 0) {
-		pk_stat_inc(PK_STAT_NO_BACKEND);
+	if (pk_pick(family, &be) < 0)
 		return 1;
-	}
 	peer.orig_addr[2] = w2;
 	peer.orig_addr[3] = w3;
 	peer.orig_port = (__u16)ctx->user_port;
@@ -676,6 +646,8 @@ int pk_sockops(struct bpf_sock_ops *skops)
 	struct pk_outcome *o;
 	struct pk_peer *p;
 
+	/* The flags are one word per socket shared by every sock_ops program:
+	 * OR ours in, and later clear only the ones we turned on (cb_added). */
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
 		__u32 cur = skops->bpf_sock_ops_cb_flags;
 
@@ -708,6 +680,7 @@ int pk_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	if (op == BPF_SOCK_OPS_RTO_CB) {
+		/* every firing in SYN_SENT: a black hole, first ~1 s after the SYN */
 		if (skops->state == BPF_TCP_SYN_SENT) {
 			pk_mark_suspect(&p->be);
 			o = pk_outcome_for(&p->be);
@@ -716,7 +689,10 @@ int pk_sockops(struct bpf_sock_ops *skops)
 		}
 		return 1;
 	}
-	/* BPF_SOCK_OPS_STATE_CB: args[0] old state, args[1] new state */
+	/* BPF_SOCK_OPS_STATE_CB: args[0] old state, args[1] new state. It runs
+	 * in tcp_done() before the connecting process is woken, so its retry
+	 * already sees the mark. segs_in > 0: an RST came (refused); a socket
+	 * closed by its owner, by SOCK_DESTROY, ICMP or a timeout has none. */
 	if (skops->args[1] != BPF_TCP_CLOSE)
 		return 1;
 	if (skops->args[0] == BPF_TCP_SYN_SENT && skops->segs_in > 0) {

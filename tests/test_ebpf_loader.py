@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from prism_kernel.datapath.base import DatapathSettings
-from prism_kernel.datapath.ebpf import datapath as ebpf
+from prism_kernel.datapath.ebpf import loading
+from prism_kernel.datapath.ebpf import maps as pkmaps
 from prism_kernel.datapath.ebpf.datapath import EbpfDatapath
 from prism_kernel.errors import DatapathError
 from tests.harness import TEST_INSTANCE, TEST_PORT, Daemon, build_program, plain_backend, prism, tcp_connect
@@ -100,7 +101,7 @@ def test_auto_falls_back_to_bcc_when_libbpf_cannot_load(testbed, dp, tmp_path, m
     out-of-bounds read in connect4): `auto` compiles the good source with bcc,
     says why, and the meta map records the loader; a restart adopts that
     program without loading anything (bcc's hash counts under auto)."""
-    source = ebpf.default_source().read_text()
+    source = loading.default_source().read_text()
     assert VERIFIER_REJECTS[0] in source
     if broken == "not-elf":
         prog = build_program(tmp_path, source, build=False)
@@ -118,7 +119,7 @@ def test_auto_falls_back_to_bcc_when_libbpf_cannot_load(testbed, dp, tmp_path, m
         raise AssertionError(f"a loader was started: {req}")
 
     with monkeypatch.context() as m:
-        m.setattr(ebpf, "_run_loader", no_loader)
+        m.setattr(loading, "run_loader", no_loader)
         again = dp(**prog)
         assert again.install([be]) is True and again.last_load["why"].startswith("adopted")
     # with nothing installed, an explicit libbpf loader does not fall back
@@ -141,7 +142,7 @@ def test_a_restart_adopts_without_loading(testbed, dp, monkeypatch):
     def no_loader(req, raise_on_error=True):
         raise AssertionError(f"a loader was started: {req}")
 
-    monkeypatch.setattr(ebpf, "_run_loader", no_loader)
+    monkeypatch.setattr(loading, "run_loader", no_loader)
     again = dp()
     assert again.install([be]) is True
     assert again.last_load["why"].startswith("adopted")
@@ -153,11 +154,11 @@ def test_the_object_has_btf_and_no_kernel_dependency():
     """The shipped object: BPF ELF with BTF-defined maps (sk_storage needs BTF
     for its key and value) and nothing that needs a kernel's headers (no
     CO-RE relocations: .BTF.ext holds line info only)."""
-    obj = ebpf.default_object()
+    obj = loading.default_object()
     assert obj.exists(), "bpf/build.sh did not run (packaging/dev.sh setup builds the object)"
     r = subprocess.run(["bpftool", "btf", "dump", "file", str(obj)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    for name in ("pk_peers", "pk_config", "pk_active", "pk_params"):
+    for name in ("pk_peers", "pk_config", "pk_commit", "pk_sets", "pk_slots", "pk_params"):
         assert f"'{name}'" in r.stdout, name
     assert "'.maps'" in r.stdout
 
@@ -168,7 +169,7 @@ def test_check_available_starts_no_loader(monkeypatch):
     def no_loader(req, raise_on_error=True):
         raise AssertionError(f"a loader was started: {req}")
 
-    monkeypatch.setattr(ebpf, "_run_loader", no_loader)
+    monkeypatch.setattr(loading, "run_loader", no_loader)
     EbpfDatapath.check_available(DatapathSettings(listen_port=TEST_PORT, instance=TEST_INSTANCE))
 
 
@@ -178,7 +179,7 @@ def test_the_object_needs_no_kernel_btf():
     the same on every kernel."""
     import struct
 
-    data = ebpf.default_object().read_bytes()
+    data = loading.default_object().read_bytes()
     assert data[:4] == b"\x7fELF" and data[4] == 2  # ELF64
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
@@ -203,7 +204,7 @@ def test_cookie_0_steers_the_initial_netns_only(testbed, dp, monkeypatch):
     (bpf_get_netns_cookie(NULL)). The host is steered; a connect to
     127.0.0.1:PORT inside another namespace is not (refused: nothing listens
     there), as with the daemon's own cookie."""
-    monkeypatch.setattr(ebpf, "host_netns_cookie", lambda: 0)
+    monkeypatch.setattr(pkmaps, "host_netns_cookie", lambda: 0)
     d = dp()
     be = plain_backend(testbed.backends[0])
     d.install([be])

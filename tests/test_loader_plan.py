@@ -1,5 +1,5 @@
-"""Which eBPF loader is tried, in which order, and why (ebpf.loader_plan):
-pure logic, no root."""
+"""Which eBPF loader is tried, in which order, and why
+(prism_kernel/datapath/ebpf/loading.py, loader_plan): pure logic, no root."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from prism_kernel.datapath.ebpf import datapath as ebpf
+from prism_kernel.datapath.ebpf import loading as ebpf
 from prism_kernel.errors import DatapathUnavailable
 
 
