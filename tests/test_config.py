@@ -360,3 +360,41 @@ def test_merge_keys_and_anchors_within_the_limits_still_work(tmp_path):
                  "metrics: {port: &p 600}\ndiscovery: {watch_timeout: *p}\n")
     c = config_from_args(_parser().parse_args(["run", "--config", str(f)]))
     assert (c.probe.mode, c.probe.rise, c.metrics.port, c.discovery.watch_timeout) == ("tcp", 4, 600, 600.0)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("datapath", ["nftables", "ebpf"])
+def test_the_endpoint_limit_fits_both_data_paths(datapath):
+    """The validation limit is what each data path really holds: the most
+    the configuration lets through is written and read back from the kernel
+    (nftables steers IPv4 only; eBPF both families). `-s` prints the time of
+    the set change."""
+    import time
+
+    from prism_kernel.config import MAX_BACKENDS_PER_FAMILY
+    from prism_kernel.core.model import Backend
+    from prism_kernel.datapath import datapath_class
+    from prism_kernel.datapath.base import DatapathSettings
+    from prism_kernel.errors import DatapathError
+    from tests.harness import TEST_INSTANCE, TEST_PORT
+
+    n = MAX_BACKENDS_PER_FAMILY
+    v4 = [Backend.of(e.rsplit(":", 1)[0], 6443) for e in _addresses(4, n + 1)]
+    v6 = [Backend.of(e.rsplit(":", 1)[0].strip("[]"), 6443) for e in _addresses(6, n)]
+    most = v4[:n] + (v6 if datapath == "ebpf" else [])
+    settings = DatapathSettings(listen_port=TEST_PORT, instance=TEST_INSTANCE)
+    cls = datapath_class(datapath)
+    dp = cls(settings)
+    try:
+        dp.install(most[:1])
+        t = time.perf_counter()
+        dp.apply(most)
+        took = time.perf_counter() - t
+        assert set(dp.read_state().backends) == set(most)
+        print(f"{datapath}: 1 -> {len(most)} backends written in {took * 1000:.0f} ms")
+        if datapath == "ebpf":
+            with pytest.raises(DatapathError, match=f"at most {n} per family"):
+                dp.apply(v4)  # one more: the maps cannot hold it
+    finally:
+        dp.close()
+        cls.cleanup(settings)
