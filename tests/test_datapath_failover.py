@@ -607,7 +607,7 @@ def test_nftables_close_connections_also_deletes_their_conntrack_entries(tb, nft
     the entry would stay in SYN_SENT for 120 s and catch a new connect that
     reuses its source port)."""
     dp = nft_dp
-    from prism_kernel.datapath import netlink as _netlink
+    from prism_kernel.datapath.netlink import conntrack
 
     b0 = tb.backends[0]
     dp.install([be(b0)])
@@ -624,7 +624,7 @@ def test_nftables_close_connections_also_deletes_their_conntrack_entries(tb, nft
     ports = {held.sock.getsockname()[1], stuck.sock.getsockname()[1], gave_up_port}
 
     def entries() -> list:
-        return [e for e in _netlink.dnat_entries("127.0.0.1", PORT)
+        return [e for e in conntrack.dnat_entries("127.0.0.1", PORT)
                 if str(e.reply_src) == b0.address and e.orig_sport in ports]
 
     assert len(entries()) == 3

@@ -46,9 +46,11 @@ TABLE = table_name(INSTANCE)
 LOCAL_TLS_PORT, LOCAL_HTTP_PORT = 27457, 27458
 SUSPECT = template().suspect_seconds  # 2
 REPO = Path(__file__).resolve().parents[1]
-# The last commit with the layout-1 nftables data path (one DNAT rule with
-# an anonymous map, no passive counters): what a node runs before this change.
+# Earlier releases whose tables a node may hold: the last commit with the
+# layout-1 nftables data path (one DNAT rule with an anonymous map, no passive
+# counters), and with layout 2 (the draw as a numgen vmap, three outcome sets).
 LAYOUT1_COMMIT = "afe2601"
+LAYOUT2_COMMIT = "49d3ce6"
 
 
 # --- fixtures -------------------------------------------------------------------
@@ -338,21 +340,24 @@ def test_set_changes_under_load_with_a_refusing_backend(tb, dp):
 OLD_INSTALL = """
 import sys
 from prism_kernel.datapath.base import DatapathSettings
-from prism_kernel.datapath.nftables import NftablesDatapath
-from prism_kernel.model import Backend
+from prism_kernel.datapath.{module} import NftablesDatapath
+from prism_kernel.{model} import Backend
 dp = NftablesDatapath(DatapathSettings(listen_port=int(sys.argv[1]), instance=sys.argv[2]))
 dp.install([Backend.of(a, int(p)) for a, p in (x.split(":") for x in sys.argv[3:])])
 print(dp.read_state().details["marker"])
 """
 
 
-def test_layout1_table_is_replaced_without_a_failed_connect(tb, dp, tmp_path):
-    old_tree = old_release(LAYOUT1_COMMIT, tmp_path / "old", "prism_kernel", "nft")
+@pytest.mark.parametrize("layout, commit, module, model", [
+    (1, LAYOUT1_COMMIT, "nftables", "model"), (2, LAYOUT2_COMMIT, "nft.datapath", "core.model")],
+    ids=["layout1", "layout2"])
+def test_older_table_is_replaced_without_a_failed_connect(tb, dp, tmp_path, layout, commit, module, model):
+    old_tree = old_release(commit, tmp_path / "old", "prism_kernel", "nft")
     b0, b1, _ = tb.backends
-    r = run_old_release(old_tree, OLD_INSTALL, str(PORT), INSTANCE,
+    r = run_old_release(old_tree, OLD_INSTALL.format(module=module, model=model), str(PORT), INSTANCE,
                         f"{b0.address}:{b0.http_port}", f"{b1.address}:{b1.http_port}")
-    assert "layout=1 " in r.stdout
-    assert dp.passive_failures() == {}  # layout 1 has no counters: nothing to read
+    assert f"layout={layout} " in r.stdout
+    assert dp.passive_failures() == {}  # its counters (none, or other sets) are not read
     with Hammer(lambda: connect().close()) as load:
         time.sleep(0.3)
         assert dp.install([be(tb.backends[2])]) is True  # replaced, keeping what it steered to
@@ -361,7 +366,7 @@ def test_layout1_table_is_replaced_without_a_failed_connect(tb, dp, tmp_path):
     assert load.failures == []
     assert load.ok > n > 0
     st = dp.read_state()
-    assert st.details["current_layout"] is True and "layout=2 " in st.details["marker"]
+    assert st.details["current_layout"] is True and f"layout={template().layout} " in st.details["marker"]
     assert st.backends == tuple(sorted([be(b0), be(b1)]))
     b0.stop()
     connect_until_refused()

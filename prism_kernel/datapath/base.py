@@ -120,10 +120,11 @@ class Datapath(ABC):
 
 
 def import_netlink():
-    """prism_kernel.datapath.netlink, imported on first use: it loads
-    pyroute2 (~10 MB, ~90 ms), which only closing connections needs."""
+    """prism_kernel.datapath.netlink.sockets (sock_diag), imported on first
+    use: it loads pyroute2 (~10 MB, ~90 ms), which only closing connections
+    needs."""
     try:
-        from prism_kernel.datapath import netlink as _netlink  # noqa: PLC0415
+        from prism_kernel.datapath.netlink import sockets as _netlink  # noqa: PLC0415
     except ImportError as e:
         from prism_kernel.errors import DatapathError
 
