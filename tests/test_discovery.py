@@ -743,9 +743,10 @@ def test_freeze_is_noticed_by_the_watch_timeout(tb):
         await r.report(eps(tb, 0, 1, 2), timeout=3)
         await switch(be.freeze)
         await switch(tb.set_endpointslices, addrs(tb, 1))
-        # A pause shorter than the watch's grace, for the watcher to ride out
-        # (the scenario's condition, not a wait for anything).
-        await asyncio.sleep(1.0)
+        # Frozen past the watch's timeoutSeconds (1 s) but within its grace
+        # (5 s): the watcher must ride it out. The length of the freeze is the
+        # scenario's condition, not a wait for anything.
+        await asyncio.sleep(2.0)
         await switch(be.thaw)  # the thawed server sends the change
         await r.report(eps(tb, 1), timeout=2)
         assert r.w.errors == 0 and r.w.lists == 1, r.w.status()  # no reconnect, no relist

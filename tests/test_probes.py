@@ -36,6 +36,7 @@ class Server:
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(self.ctx)
         self.connections = 0
         self.requests = 0
+        self.closed_by_server = 0
         self.raw_closes = raw is not None and b"Content-Length" not in raw and b"chunked" not in raw
 
     async def handle(self, reader, writer):
@@ -65,6 +66,8 @@ class Server:
                 served += 1
                 if self.close_after and served >= self.close_after:
                     writer.close()
+                    await writer.wait_closed()
+                    self.closed_by_server += 1
                     return
         except (ConnectionError, ssl.SSLError):
             return
@@ -145,11 +148,14 @@ def test_readyz_reconnects_when_server_closed_the_idle_connection(ca, ca_file):
     async def go():
         async with Server(ca, close_after=1) as srv:
             p = prober(srv.port, mode="readyz", ca_file=ca_file)
-            for _ in range(3):
+            for i in range(3):
                 r = await p.probe()
                 assert r.ok, r
-                await asyncio.sleep(0.05)
-            assert srv.connections >= 2
+                # the server has closed the connection the probe keeps
+                async with asyncio.timeout(2):
+                    while srv.closed_by_server < i + 1:
+                        await asyncio.sleep(0.01)
+            assert srv.connections == 3 and srv.requests == 3
     run(go())
 
 
