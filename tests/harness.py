@@ -87,6 +87,44 @@ class Daemon:
     def metrics_url(self) -> str:
         return f"http://{self.wait_event('metrics_listening')['address']}"
 
+    def metric_samples(self, name: str) -> dict[frozenset, float]:
+        """{labels: value} of the samples called `name` in one scrape of the
+        daemon's /metrics (prometheus-client's own parser)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url() + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {frozenset(s.labels.items()): s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == name}
+
+    def probe_counts(self) -> dict[str, int]:
+        """Probe results the daemon has taken into its health state so far,
+        per backend address (prism_kernel_probes_total)."""
+        return {dict(labels)["endpoint"]: int(v) for labels, v in self.metric_samples("prism_kernel_probes_total").items()}
+
+    def wait_probe_rounds(self, n: int, backends: set[str] | None = None, timeout: float = 15) -> None:
+        """Until the daemon has taken `n` more probe results of every backend
+        in `backends` (default: every backend probed so far) into its health
+        state than at the call: the positive marker after which the absence
+        of a reaction (no set written, no backend down) means something."""
+        start = self.probe_counts()
+        want = set(start) if backends is None else set(backends)
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self.probe_counts()
+            behind = {b: now.get(b, 0) - start.get(b, 0) for b in want if now.get(b, 0) - start.get(b, 0) < n}
+            if not behind:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode} waiting for probe rounds:\n"
+                                     f"{self.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not {n} probe results of each of {sorted(want)} within {timeout}s "
+                                     f"(got {behind})\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
     def wait_ready(self, timeout: float = 30) -> dict:
         return self.wait_event("datapath_ready", timeout)
 
@@ -288,6 +326,19 @@ class RecordingClient:
         self._stop.set()
         for t in self._workers:
             t.join(self.timeout * 2 + 5)
+
+    def wait_requests(self, n: int, since: float | None = None, timeout: float = 15.0) -> None:
+        """Until `n` requests that started at or after `since` (monotonic;
+        default: any) have completed, successful or not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                done = sum(1 for r in self.requests if since is None or r.t0 >= since)
+            if done >= n:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {done} of {n} requests completed within {timeout}s")
+            time.sleep(0.02)
 
     # --- what the fault tests assert on -------------------------------------
 
