@@ -112,18 +112,6 @@ def _reload(d: Daemon, conf: Path, content: str | bytes) -> dict:
     raise AssertionError(f"no answer to SIGHUP within 15 s:\n{d.log_path.read_text()}")
 
 
-def _wait_kernel_set(d: Daemon, datapath: str, expected: set[str], timeout: float = 10) -> None:
-    """Until the kernel holds `expected` (status reads it from the kernel;
-    the daemon's own state may be written a moment before)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        held = set(d.status()["kernel"][datapath]["backends"])
-        if held == expected:
-            return
-        assert time.monotonic() < deadline, f"the kernel holds {sorted(held)}, not {sorted(expected)}"
-        time.sleep(0.05)
-
-
 @st.composite
 def _mutations(draw, base: dict) -> str:
     doc = copy.deepcopy(base)
@@ -152,10 +140,8 @@ def test_invalid_reloads_are_rejected_and_steering_goes_on(testbed, datapath):
     d.argv = [sys.executable, "-m", "prism_kernel", "run", "--config", str(conf), "--log-format", "json"]
     d.start()
     with d:
-        d.wait_ready()
+        d.wait_ready()  # the first set is written
         everyone = {b.endpoint for b in tb.backends}
-        d.wait_active(everyone)
-        _wait_kernel_set(d, datapath, everyone)
         t0 = time.monotonic()
         answers: dict[str, dict] = {}
 
@@ -187,12 +173,14 @@ def test_invalid_reloads_are_rejected_and_steering_goes_on(testbed, datapath):
         assert not [e for e in d.events() if e.get("event") == "reloaded"]
         assert elapsed < BATCH_SECONDS, elapsed
 
-        # Nothing changed: the same set in the kernel, a real connection
-        # through the listen address, and the original file is what runs.
+        # Nothing changed: the kernel steers the listen address to the test
+        # hosts (which of them depends on their latency tiers, which move
+        # under load), a real connection through it reaches one, and the
+        # original file is what runs.
         st_ = d.status()
-        assert st_["daemon"]["running"] and set(st_["state"]["active"]) == everyone
-        assert st_["kernel"][datapath]["installed"]
-        _wait_kernel_set(d, datapath, everyone)
+        assert st_["daemon"]["running"] and st_["kernel"][datapath]["installed"]
+        assert st_["state"]["listen_port"] == TEST_PORT
+        assert set(st_["kernel"][datapath]["backends"]) <= everyone and st_["kernel"][datapath]["backends"]
         assert who(ctx) in {"be0", "be1", "be2"}
         ev = _reload(d, conf, original)
         assert (ev["event"], ev.get("changed")) == ("reloaded", "nothing"), ev
