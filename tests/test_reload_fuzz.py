@@ -3,8 +3,8 @@
 Each file is one the validation refuses (the cases of issue 12 and
 hypothesis-mutated configurations, checked with the same pure validation the
 daemon runs); each must end in a `reload_rejected` line and change nothing:
-afterwards the daemon still runs, the kernel still holds the same backend set
-and a real connection to 127.0.0.1:PORT reaches a backend, and the original
+afterwards the daemon still runs, the kernel still steers the same listen
+port to test hosts only, a real connection to 127.0.0.1:PORT reaches one, and the original
 file reloads as `changed=nothing` (the running configuration is the original).
 """
 
