@@ -151,7 +151,7 @@ def test_slow_first_sample_does_not_decide_the_tier():
 
 # ---- dead versus unready, passive evidence, flap damping -----------------
 
-from prism_kernel.core.health import FLAP_BASE_HOLD, FLAP_WINDOW, failure_kind  # noqa: E402
+from prism_kernel.core.health import FLAP_BASE_HOLD, FLAP_MAX_HOLD, FLAP_WINDOW, failure_kind  # noqa: E402
 
 
 @pytest.mark.parametrize("reason,kind", [
@@ -220,6 +220,25 @@ def test_flapping_backend_is_held_out_with_a_growing_penalty():
     h.observe(FAIL, now, 2, 2); h.observe(FAIL, now + 1, 2, 2)
     assert h.flaps == 2 and h.held_until == pytest.approx(now + 1 + 2 * FLAP_BASE_HOLD)
     assert h.reason == "refused"
+
+
+def test_the_flap_hold_doubles_up_to_its_limit():
+    h = BackendHealth(B)
+    h.observe(OK, 0, 2, 2)
+    t = _cycle(h, 1)
+    holds = []
+    for _ in range(10):  # down again right after each return: a flap every time
+        h.observe(FAIL, t, 2, 2)
+        h.observe(FAIL, t + 1, 2, 2)
+        holds.append(h.held_until - (t + 1))
+        t = h.held_until + 1
+        h.observe(OK, t, 2, 2)
+        h.observe(OK, t + 1, 2, 2)
+        assert h.state == "up"
+        t += 2
+    doubling = [FLAP_BASE_HOLD * 2 ** i for i in range(10)]
+    assert holds == pytest.approx([min(FLAP_MAX_HOLD, d) for d in doubling])
+    assert holds[-1] == FLAP_MAX_HOLD < doubling[-1]  # the limit was reached
 
 
 def test_stable_backend_is_forgiven():
