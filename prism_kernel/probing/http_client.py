@@ -45,7 +45,11 @@ class ConnectionClosed(HttpError):
 class Response:
     status: int
     headers: dict[str, str]  # names in lower case; a repeated field's values joined by ", "
-    first_byte_at: float  # time.monotonic() when the first byte of the answer arrived
+    # time.monotonic() when the request was handed to the transport, and when
+    # the first byte of the answer arrived: their difference is one round trip
+    # plus the server's time, without our own encoding and parsing.
+    sent_at: float
+    first_byte_at: float
 
 
 class HttpConnection:
@@ -95,6 +99,7 @@ class HttpConnection:
         out = self._h11.send(h11.Request(method=method, target=target,
                                          headers=[("Host", self._host_header), *headers]))
         out += self._h11.send(h11.EndOfMessage())
+        sent_at = time.monotonic()
         self._writer.write(out)
         await self._writer.drain()
         while True:
@@ -115,7 +120,7 @@ class HttpConnection:
                 length = hdrs.get("content-length", "")
                 self._declared = int(length) if length.isdigit() else None
                 assert self._first_at is not None  # an event came from bytes read
-                return Response(ev.status_code, hdrs, self._first_at)
+                return Response(ev.status_code, hdrs, sent_at, self._first_at)
             raise ProtocolError(f"bad HTTP response: {type(ev).__name__} before the status line")
 
     async def read_some(self) -> bytes | None:

@@ -148,9 +148,8 @@ class Prober:
 
     async def _readyz(self, conn: HttpConnection, phase: list[str]) -> ProbeResult:
         phase[0] = "readyz"
-        start = time.monotonic()
         resp = await conn.request("/readyz", [("User-Agent", "prism-kernel"), ("Accept", "text/plain")])
-        latency = resp.first_byte_at - start
+        latency = resp.first_byte_at - resp.sent_at
         # Read to its end (bounded): the connection then serves the next probe,
         # or is closed when the server asked for that.
         await conn.read_body(_MAX_BODY_BYTES)
