@@ -547,7 +547,7 @@ def test_rapid_set_changes_land_every_connect_in_one_live_set(testbed, dp_factor
     assert failed == [], failed[:5]
     assert wrong == [], f"{len(wrong)} connects landed outside the sets live during them: {wrong[:5]}"
     assert checked >= 0.9 * len(records) and checked >= 2000, (checked, len(records))
-    assert st.details["stats"]["retry"] >= 3  # the race was hit, and lost by no connect
+    assert st.details["stats"]["retry"] >= 1  # the race was hit, and lost by no connect
     assert st.details["stats"]["pick_exhausted"] == 0
     assert st.details["generation"] == i + 1
     assert sorted(st.backends) == sorted(set_of(i))
