@@ -9,8 +9,8 @@ upgrade, fast failover), docs/design/ebpf-update-protocol.md (how a set is
 written under running connects), docs/design/ebpf-program.md (the programs).
 The modules: maps.py (map layout, encodings, reads and writes), links.py
 (bpffs pins, cgroup links), loading.py (which loader, the loader child),
-failover.py (steered sockets), and this class, which puts them together
-behind the Datapath interface.
+availability.py (can it run here), failover.py (steered sockets), and this
+class, which puts them together behind the Datapath interface.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import struct
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -35,13 +34,10 @@ from prism_kernel.datapath.base import (
     PassiveCounts,
 )
 from prism_kernel.datapath.ebpf import bpfsys as bpf
-from prism_kernel.datapath.ebpf import failover, loading
+from prism_kernel.datapath.ebpf import availability, failover, loading
 from prism_kernel.datapath.ebpf import links as links_mod
 from prism_kernel.datapath.ebpf import maps as pkmaps
-from prism_kernel.datapath.ebpf.cgroup import (
-    check_exclusive_attachments,
-    find_cgroup2_root,
-)
+from prism_kernel.datapath.ebpf.cgroup import find_cgroup2_root
 from prism_kernel.datapath.ebpf.links import (
     BPFFS,
     HOOKS,
@@ -71,7 +67,7 @@ from prism_kernel.datapath.ebpf.maps import (
     encode_backend,
     host_netns_cookie,
 )
-from prism_kernel.errors import DatapathError, DatapathUnavailable
+from prism_kernel.errors import DatapathError
 
 log = logging.getLogger(__name__)
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -116,61 +112,13 @@ class EbpfDatapath(Datapath):
 
     @classmethod
     def check_available(cls, settings: DatapathSettings) -> None:
-        """Capabilities, the cgroup root, the kernel's features (probed) and a
-        loader that can run here. In-process and cheap (no program of ours is
-        loaded: install() would be the second load at every start); a verifier
-        that rejects the object shows at install(), or in check_load()."""
-        def unavailable(reason: str) -> DatapathUnavailable:
-            return DatapathUnavailable(cls.name, reason)
-
-        if sys.platform != "linux":
-            raise unavailable("needs Linux")
-        try:
-            bpf._nr()
-        except OSError as e:
-            raise unavailable(str(e)) from None
-        try:
-            validate_instance(settings.instance)
-        except DatapathError as e:
-            raise unavailable(str(e)) from None
-        cap = bpf.cap_eff()
-        cap_sys_admin, cap_net_admin, cap_bpf = 1 << 21, 1 << 12, 1 << 39
-        if not (cap & cap_sys_admin or (cap & cap_bpf and cap & cap_net_admin)):
-            raise unavailable("missing capability: needs CAP_SYS_ADMIN, or CAP_BPF and "
-                              "CAP_NET_ADMIN, to load and attach cgroup BPF programs")
-        try:
-            root = find_cgroup2_root()
-        except DatapathError as e:
-            raise unavailable(str(e)) from None
-        if not os.path.isdir(BPFFS) and not os.path.isdir(os.path.dirname(BPFFS)):
-            raise unavailable(f"no {BPFFS} to mount bpffs on")
-        # What the kernel can do, probed (never a version number: distributions
-        # backport); each probe loads a tiny program or sends a request that
-        # changes nothing.
-        from prism_kernel.datapath.ebpf import features as bpf_features  # noqa: PLC0415
-
-        missing = bpf_features.missing()
-        if missing:
-            raise unavailable("; ".join(missing))
-        check_exclusive_attachments(root, cls.name)  # another program's non-multi attach at the root
-        loader_plan(settings.ebpf_loader)  # raises when no loader can run here
+        """availability.check_available: touches nothing in the kernel."""
+        availability.check_available(cls.name, settings)
 
     @classmethod
     def check_load(cls, settings: DatapathSettings) -> dict:
-        """Load the programs as install() would, with private maps, in the
-        loader child, and let them go (nothing pinned, nothing attached):
-        whether this kernel's verifier accepts them. `doctor` runs it."""
-        failures = []
-        for loader, why in loader_plan(settings.ebpf_loader):
-            req = {"loader": loader, "mode": "check", "layout": LAYOUT, "suspect_ns": SUSPECT_NS,
-                   "object": str(default_object()), "source": str(default_source())}
-            res = loading.run_loader(req, raise_on_error=False)
-            if res.get("ok"):
-                res["why"] = why
-                res["failed_before"] = failures
-                return res
-            failures.append(f"{loader} ({res.get('stage')}): {res.get('error')}")
-        raise DatapathUnavailable(cls.name, "no loader could load the programs: " + " | ".join(failures))
+        """availability.check_load: whether this kernel's verifier accepts the programs."""
+        return availability.check_load(cls.name, settings)
 
     # --- what is attached, and what would be ------------------------------
 
