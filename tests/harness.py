@@ -142,6 +142,25 @@ class Daemon:
             time.sleep(0.05)
         raise AssertionError(f"active set never became {expected}: {self.status()}\n{self.log_path.read_text()}")
 
+    def wait_serving(self, expected: set[str], timeout: float = 10) -> dict:
+        """Until every backend in `expected` is up and the written set is the
+        ones of them in the lowest latency tier among them (all of them when
+        their tiers agree), nothing else; returns the daemon's state. For
+        tests that are not about tiers: on a loaded machine two equal test
+        hosts can land in different tiers (a first tier from a 1.1 ms probe)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.status().get("state") or {}
+            rows = {b["address"]: b for b in state.get("backends", [])}
+            if all(rows.get(e, {}).get("state") == "up" for e in expected):
+                tiers = {e: rows[e].get("tier") for e in expected}
+                best = min((t for t in tiers.values() if t is not None), default=None)
+                if set(state.get("active", [])) == {e for e, t in tiers.items() if t is None or t == best}:
+                    return state
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the daemon never served {sorted(expected)}: {state}\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
         if self.proc is None:
             return None
