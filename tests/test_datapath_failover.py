@@ -287,13 +287,15 @@ def test_close_aborts_a_connect_stuck_in_syn_sent(tb, dp):
     before = dp.passive_failures().get(be(b0), PassiveCounts())
     b0.blackhole(True)
     steered = Connecting("127.0.0.1", PORT, timeout=10)
-    direct = Connecting(b0.address, b0.http_port, timeout=1.5)
+    # Its own timeout must outlast the setup below (about 2 s in a TCG guest).
+    direct = Connecting(b0.address, b0.http_port, timeout=4)
     if dp.name == "ebpf":  # the socket connects to the backend itself
         wait_syn_sent(b0.address, b0.http_port, 2)
     else:  # the socket connects to 127.0.0.1:PORT; DNAT is below it
         wait_syn_sent(b0.address, b0.http_port, 1)
         wait_syn_sent("127.0.0.1", PORT, 1)
     dp.apply([be(b1)])
+    assert direct.ended_at is None, "the direct connect ended before close_connections(): setup too slow"
     t0 = time.monotonic()
     n = dp.close_connections([be(b0)])
     steered.wait()
