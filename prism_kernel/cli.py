@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="do not verify the server certificate")
     run.add_argument("--cleanup-on-exit", action="store_true", default=None,
                      help="remove the data path when stopping (default: leave it steering)")
+    run.add_argument("--take-over-listen-address", action="store_true", default=None,
+                     help="start even when a process listens on 127.0.0.1:PORT / [::1]:PORT, and steer "
+                          "that address away from it (e.g. instead of KubePrism); default: refuse, exit 2")
     run.add_argument("--instance", type=_instance, metavar="NAME", help="name of the kernel state (default prism-kernel)")
     run.add_argument("--log-format", metavar="logfmt|json", help="log line format (default logfmt)")
     run.add_argument("--metrics-address", metavar="IP",
@@ -102,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--port", type=_port, default=DEFAULT_PORT, metavar="PORT", help="local port the daemon would use (default 7445)")
     dr.add_argument("--instance", type=_instance, default="prism-kernel", metavar="NAME")
     dr.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    dr.add_argument("--take-over-listen-address", action="store_true",
+                    help="as run's flag: a listener on the port is a warning, not a failure")
 
     cl = sub.add_parser("cleanup", help="remove everything the daemon created in the kernel and restore sysctls")
     cl.add_argument("--instance", type=_instance, default="prism-kernel", metavar="NAME")
@@ -121,6 +126,7 @@ def config_from_args(args: argparse.Namespace):
         "datapath": args.datapath,
         "ebpf": {"loader": args.ebpf_loader},
         "cleanup_on_exit": args.cleanup_on_exit,
+        "take_over_listen_address": args.take_over_listen_address,
         "instance": args.instance,
         "log_format": args.log_format,
         "discovery": {
@@ -228,7 +234,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "doctor":
             from prism_kernel.observe.doctor import run_doctor
 
-            return run_doctor(args.port, args.instance, args.output)
+            return run_doctor(args.port, args.instance, args.output, args.take_over_listen_address)
     except ConfigError as e:
         print(f"prism-kernel: {e}", file=sys.stderr)
         return e.exit_code

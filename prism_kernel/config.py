@@ -308,6 +308,10 @@ class Config(BaseModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     resolve_interval: Duration = Field(30.0, gt=0, le=86400, description="Seconds between DNS re-resolutions of named endpoints.")
+    take_over_listen_address: bool = Field(
+        False, description="Start even when a process already listens on 127.0.0.1:PORT or [::1]:PORT, "
+        "and steer that address away from it (running instead of KubePrism). Off: `run` refuses "
+        "(exit 2) naming the listener, and a reload to such a port is rejected.")
     cleanup_on_exit: bool = Field(False, description="Remove the data path when the daemon stops (tests, demos). Off: the node keeps API access while the daemon restarts.")
     instance: str = Field(
         "prism-kernel",
@@ -356,6 +360,20 @@ class Config(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _discovered_backends_are_verified(self) -> "Config":
+        # Whoever may write EndpointSlices could name any address; only a
+        # probe that verifies the API server certificate keeps such an address
+        # out of the set (docs/threat-model.md, "Discovery").
+        p = self.probe
+        if self.discovery.enabled and (p.mode == "tcp" or p.insecure_skip_verify):
+            what = ("probe.mode 'tcp' (--probe) does not verify" if p.mode == "tcp"
+                    else "probe.insecure_skip_verify (--insecure-skip-verify) turns off the check of")
+            raise ValueError(
+                f"discovery.enabled (--discovery) needs probes that verify the API server certificate, and "
+                f"{what} the certificate: use probe.mode tls or readyz with probe.ca_file, or turn discovery off")
+        return self
+
+    @model_validator(mode="after")
     def _heartbeat_outlasts_first_round(self) -> "Config":
         # The first probe round waits up to probe.timeout with no loop turn.
         if self.metrics.enabled and self.metrics.heartbeat_timeout <= self.probe.timeout + 1:
@@ -392,6 +410,7 @@ FLAG_NAMES = {
     ("probe", "insecure_skip_verify"): "--insecure-skip-verify",
     ("probe", "server_name"): "--tls-server-name",
     ("cleanup_on_exit",): "--cleanup-on-exit",
+    ("take_over_listen_address",): "--take-over-listen-address",
     ("discovery", "enabled"): "--discovery",
     ("discovery", "kubeconfig"): "--kubeconfig",
     ("instance",): "--instance",

@@ -102,17 +102,35 @@ def test_doctor_reports_a_taken_port():
         s.listen()
         r = run_doctor("--port", str(PORT), "-o", "json")
         text = run_doctor("--port", str(PORT))
-    assert r.returncode == 0, r.stdout + r.stderr  # a taken port does not stop the daemon
-    port = checks_by_id(json.loads(r.stdout))["port"]
-    assert port["verdict"] == "warn"
+    assert r.returncode == 1, r.stdout + r.stderr  # `run` would refuse: doctor fails (issue 12)
+    report = json.loads(r.stdout)
+    assert report["can_run"] is False and report["blocked_by"] == ["port"]
+    port = checks_by_id(report)["port"]
+    assert port["verdict"] == "fail" and port["blocks_run"] is True
     listeners = port["details"]["listeners"]
     assert [l["address"] for l in listeners] == [f"127.0.0.1:{PORT}"]
     assert listeners[0]["process"].endswith(f"(pid {os.getpid()})")
     alt = port["details"]["suggested_port"]
     assert alt and alt != PORT and alt not in ports.AVOID_PORTS
     assert "instead of it" in port["action"] and f"--port {alt}" in port["action"]
+    assert "--take-over-listen-address" in port["action"]
     line = next(l for l in text.stdout.splitlines() if l.split()[1:2] == ["port"])
-    assert line.startswith("warn") and f"port {PORT} is taken" in line and "Do:" in line
+    assert line.startswith("fail") and f"port {PORT} is taken" in line and "Do:" in line
+    assert text.returncode == 1 and "would refuse to start here (port)" in text.stdout
+
+
+@pytest.mark.kernel
+def test_doctor_with_take_over_warns_about_a_taken_port():
+    """The operator's opt-in (as `run --take-over-listen-address`): the
+    listener is named, the check warns, doctor exits 0."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", PORT))
+        s.listen()
+        r = run_doctor("--port", str(PORT), "-o", "json", "--take-over-listen-address")
+    assert r.returncode == 0, r.stdout + r.stderr
+    port = checks_by_id(json.loads(r.stdout))["port"]
+    assert port["verdict"] == "warn" and "steers every connect" in port["summary"]
 
 
 def test_doctor_names_kubeprism_for_7445(monkeypatch):
@@ -120,7 +138,7 @@ def test_doctor_names_kubeprism_for_7445(monkeypatch):
     monkeypatch.setattr(ports, "listeners", lambda p: [{"address": f"127.0.0.1:{p}", "inode": 1,
                                                           "process": "machined (pid 1)"}] if p == 7445 else [])
     c = ports.check_port(7445, INSTANCE)
-    assert c.verdict == "warn"
+    assert c.verdict == "fail" and c.blocks_run
     assert "KubePrism" in c.summary
     assert "machine.features.kubePrism.enabled: false" in c.action and "KubePrismConfig" in c.action
     assert c.details["suggested_port"] == 7449  # 7446-7448 and 7450 are avoided
@@ -243,7 +261,7 @@ def test_port_check_finds_a_real_listener_and_its_process(family, host_addr, sho
         s.listen()
         port = s.getsockname()[1]
         c = ports.check_port(port, INSTANCE)
-    assert c.verdict == "warn" and f"port {port} is taken" in c.summary
+    assert c.verdict == "fail" and f"port {port} is taken" in c.summary
     assert [(l["address"], l["process"]) for l in c.details["listeners"]] == [
         (f"{shown}:{port}", f"{Path('/proc/self/comm').read_text().strip()} (pid {os.getpid()})")]
     alt = c.details["suggested_port"]
@@ -317,3 +335,11 @@ def test_render_text_colours_only_when_asked():
     assert "\033[" not in plain.getvalue()
     assert "\033[33mwarn\033[0m" in coloured.getvalue()
     assert "warn  bpffs   missing. Do: mount it" in plain.getvalue()
+
+
+def test_settle_keeps_a_check_that_blocks_run_failed():
+    """A listener on the port fails doctor even when every data path can run:
+    `run` refuses over it (issue 12)."""
+    cs = [check.Check("port", "fail", "taken", "move", blocks_run=True), check.Check("bpffs", "warn", "x", "y")]
+    doctor.settle(cs, {"ebpf", "nftables"})
+    assert [c.verdict for c in cs] == ["fail", "warn"]

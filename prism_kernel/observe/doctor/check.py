@@ -17,8 +17,10 @@ class Check:
     # Data paths that cannot run while this check is not ok. A check that is
     # not ok becomes `fail` only when no data path can run at all.
     needed_by: tuple[str, ...] = ()
+    # Not ok stops `run` itself, whatever data path (a listener on the listen
+    # address: run refuses with exit 2): always `fail`, and doctor exits 1.
+    blocks_run: bool = False
     details: dict[str, Any] = field(default_factory=dict)
-
 
 
 def one_line(text: str, limit: int = 400) -> str:

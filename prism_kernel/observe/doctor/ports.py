@@ -1,16 +1,15 @@
 """Checks of the ports: who listens where a connect to 127.0.0.1:PORT or
 [::1]:PORT would go (Talos KubePrism on 7445), and the metrics port. Read
-from /proc only."""
+only (sock_diag and /proc)."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from prism_kernel.config import DEFAULT_PORT
-from prism_kernel.observe.doctor.check import OK, WARN, Check
+from prism_kernel.datapath.listeners import listening
+from prism_kernel.observe.doctor.check import FAIL, OK, WARN, Check
 
 try:  # the daemon's /metrics, /healthz, /readyz port
     from prism_kernel.observe.metrics_server import DEFAULT_METRICS_PORT
@@ -26,65 +25,9 @@ AVOID_PORTS = {6443, 7445, 7446, 7447, 7448, DEFAULT_METRICS_PORT, 10250, 2379, 
 
 def listeners(port: int) -> list[dict[str, Any]]:
     """Sockets listening on PORT that a connect to 127.0.0.1:PORT or [::1]:PORT
-    would reach (loopback or wildcard), from /proc/net/tcp{,6}: read-only."""
-    out = []
-    for path, fam in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
-        try:
-            lines = Path(path).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) < 10 or f[3] != "0A":  # TCP_LISTEN
-                continue
-            addr_hex, port_hex = f[1].split(":")
-            if int(port_hex, 16) != port:
-                continue
-            raw = bytes.fromhex(addr_hex)
-            if fam == 4:
-                addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
-                relevant = addr == "0.0.0.0" or addr.startswith("127.")
-            else:
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                addr = socket.inet_ntop(socket.AF_INET6, raw)
-                relevant = addr in ("::", "::1") or addr.startswith("::ffff:127.")
-            if relevant:
-                out.append({"address": f"[{addr}]:{port}" if fam == 6 else f"{addr}:{port}",
-                            "inode": int(f[9])})
-    if out:
-        owners = socket_owners({l["inode"] for l in out})
-        for l in out:
-            l["process"] = owners.get(l["inode"])
-    return out
-
-
-def socket_owners(inodes: set[int]) -> dict[int, str]:
-    """inode -> "comm (pid N)", by scanning /proc/*/fd (best effort, needs root)."""
-    found: dict[int, str] = {}
-    want = {f"socket:[{i}]": i for i in inodes}
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target in want:
-                try:
-                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                except OSError:
-                    comm = "?"
-                found[want[target]] = f"{comm} (pid {pid})"
-        if len(found) == len(want):
-            break
-    return found
+    would reach (loopback or wildcard), with their processes: the same query
+    `run` refuses on (datapath/listeners.py), read-only."""
+    return [l.as_dict() for l in listening(port)]
 
 
 def free_port_near(port: int) -> int | None:
@@ -94,7 +37,9 @@ def free_port_near(port: int) -> int | None:
     return None
 
 
-def check_port(port: int, instance: str) -> Check:
+def check_port(port: int, instance: str, take_over: bool = False) -> Check:
+    """`fail` when something listens there: `run` refuses to start over it
+    (exit 2) unless told to take the address over (`take_over`: then `warn`)."""
     from prism_kernel.control.runstate import daemon_pid
 
     pid = daemon_pid(Path(f"/run/{instance}"))
@@ -118,13 +63,21 @@ def check_port(port: int, instance: str) -> Check:
     else:
         kubeprism = ""
         instead = "instead of it: stop that listener first"
+    details["take_over"] = take_over
+    if take_over:
+        return Check(
+            "port", WARN,
+            f"port {port} is taken: {who}{kubeprism}. With --take-over-listen-address prism-kernel steers "
+            f"every connect to 127.0.0.1:{port} from the host network namespace away from it (the kernel "
+            "rewrites it before it reaches the listener)",
+            f"stop that listener once prism-kernel serves, or run beside it on {alt_text}", details=details)
     return Check(
-        "port", WARN,
-        f"port {port} is taken: {who}{kubeprism}. prism-kernel would still steer every connect to "
-        f"127.0.0.1:{port} from the host network namespace (the kernel rewrites it before it reaches "
-        "the listener), silently taking the port over",
-        f"run beside it on {alt_text} and point the clients you choose there, or {instead}",
-        details=details)
+        "port", FAIL,
+        f"port {port} is taken: {who}{kubeprism}. `prism-kernel run` refuses to start over it (exit 2): "
+        f"it would steer every connect to 127.0.0.1:{port} away from that listener",
+        f"run beside it on {alt_text} and point the clients you choose there, or {instead}, "
+        "or take the address over deliberately with --take-over-listen-address (take_over_listen_address: true)",
+        blocks_run=True, details=details)
 
 
 def check_metrics_port(instance: str, port: int = DEFAULT_METRICS_PORT) -> Check:
