@@ -101,7 +101,7 @@ def metrics(clock):
 @pytest.fixture
 def server(metrics):
     srv = MetricsServer(metrics, "127.0.0.1", 0, poll_interval=0.05)
-    srv.start()
+    assert srv.start()
     try:
         yield srv
     finally:
@@ -193,18 +193,21 @@ def test_listens_on_the_given_address_only(server):
 
 
 def test_bind_error_names_the_address(metrics):
+    """listen() is the one attempt (a reload keeps the old address on it);
+    start() retries in the background: tests/test_metrics_hostile.py."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         srv = MetricsServer(metrics, "127.0.0.1", port)
         with pytest.raises(MetricsServerError, match=rf"127\.0\.0\.1:{port}"):
-            srv.start()
+            srv.listen()
+        assert srv.status()["state"] == "stopped"
 
 
 def test_address_must_be_an_ip(metrics):
     with pytest.raises(MetricsServerError, match="not an IP address"):
-        MetricsServer(metrics, "localhost", 0).start()
+        MetricsServer(metrics, "localhost", 0)
 
 
 def test_ipv6_loopback(metrics):
@@ -212,7 +215,7 @@ def test_ipv6_loopback(metrics):
         pytest.skip("no IPv6")
     srv = MetricsServer(metrics, "::1", 0, poll_interval=0.05)
     try:
-        srv.start()
+        srv.listen()
     except MetricsServerError as e:
         pytest.skip(f"no IPv6 loopback here: {e}")
     try:
@@ -274,7 +277,7 @@ def test_scrape_before_any_snapshot(server):
     assert len(f["prism_kernel_build_info"].samples) == 1
 
 
-def test_scrape_reads_kernel_counters_at_scrape_time(metrics, server):
+def test_scrape_reads_kernel_counters_at_scrape_time(metrics, server, clock):
     reads = []
 
     def read_state():
@@ -301,6 +304,11 @@ def test_scrape_reads_kernel_counters_at_scrape_time(metrics, server):
     assert value(f, "prism_kernel_datapath_events", "prism_kernel_datapath_events_total", event="no_backend") == 2
     assert value(f, "prism_kernel_kernel_read_errors", "prism_kernel_kernel_read_errors_total", what="state") == 0
     assert value(f, "prism_kernel_kernel_read_duration_seconds") >= 0
+    f = scrape(server)  # within the read's max age: the same read
+    assert value(f, "prism_kernel_steered_connections", "prism_kernel_steered_connections_total",
+                 endpoint="10.0.0.11:6443") == 1235
+    assert len(reads) == 1
+    clock.now += metrics.kernel_read_max_age
     f = scrape(server)
     assert value(f, "prism_kernel_steered_connections", "prism_kernel_steered_connections_total",
                  endpoint="10.0.0.11:6443") == 1236
@@ -357,7 +365,7 @@ def test_nftables_cve_drops_are_an_event(metrics, server):
                  event="cve_2020_8558_drop") == 4
 
 
-def test_kernel_read_error_does_not_break_the_scrape(metrics, server):
+def test_kernel_read_error_does_not_break_the_scrape(metrics, server, clock):
     def broken():
         raise OSError(9, "Bad file descriptor")
 
@@ -367,6 +375,7 @@ def test_kernel_read_error_does_not_break_the_scrape(metrics, server):
     metrics.publish(snapshot())
     metrics.set_kernel_readers(broken, broken_passive)
     for n in (1, 2):
+        clock.now += metrics.kernel_read_max_age  # a new read each time (a failed one is shared too)
         f = scrape(server)
         assert value(f, "prism_kernel_kernel_read_errors", "prism_kernel_kernel_read_errors_total", what="state") == n
         assert value(f, "prism_kernel_kernel_read_errors", "prism_kernel_kernel_read_errors_total", what="passive") == n

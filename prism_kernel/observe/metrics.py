@@ -3,8 +3,10 @@
 The daemon's loop never waits for a scrape (docs/design/metrics.md): the
 `observe_*` methods touch only prometheus_client counters and histograms
 (each with its own short lock); `publish()` swaps one reference to a
-snapshot that is never changed afterwards; the kernel is read at scrape time,
-in the scrape thread, through fresh data-path objects (`datapath_readers`).
+snapshot that is never changed afterwards; the kernel is read at scrape time
+through the readers the daemon hands over (its writer thread, or fresh
+data-path objects: `datapath_readers`), one read shared by every scrape of a
+second (metrics_scrape.SharedRead).
 Each `Metrics` has a registry of its own, never prometheus_client's global one.
 
 The families built at scrape time are in metrics_scrape.py, the HTTP server
@@ -26,8 +28,18 @@ from prometheus_client.core import Metric
 from prism_kernel import __version__
 from prism_kernel.core.health import ProbeResult
 from prism_kernel.core.model import Backend
-from prism_kernel.datapath.base import Datapath, DatapathSettings, KernelState, PassiveCounts
-from prism_kernel.observe.metrics_scrape import ScrapeCollector
+from prism_kernel.datapath.base import (
+    Datapath,
+    DatapathSettings,
+    KernelState,
+    PassiveCounts,
+)
+from prism_kernel.observe.metrics_scrape import (
+    KERNEL_READ_MAX_AGE,
+    ReadOutcome,
+    ScrapeCollector,
+    SharedRead,
+)
 from prism_kernel.observe.metrics_server import (  # noqa: F401 - the daemon's imports
     DEFAULT_METRICS_ADDRESS,
     DEFAULT_METRICS_PORT,
@@ -63,6 +75,9 @@ DATAPATHS = ("ebpf", "nftables")
 # Why `auto` fell back to another data path; why starting the data path failed.
 FALLBACK_REASONS = ("unavailable", "install_failed")
 START_STAGES = ("choose", "install")
+# Requests the metrics server turned away (metrics_server.py): all handlers
+# busy, the request not in within its deadline, or too large.
+REJECT_REASONS = ("busy", "timeout", "too_large")
 # Label values stay bounded: a reason is capped, and an endpoint with more
 # distinct reasons than this gets "other" (a few reasons carry free text).
 MAX_REASON_LEN = 64
@@ -90,6 +105,7 @@ class Metrics:
         clock: Callable[[], float] = time.monotonic,
         version: str = __version__,
         process_metrics: bool = True,
+        kernel_read_max_age: float = KERNEL_READ_MAX_AGE,
     ):
         # prometheus_client adds a `<name>_created` series to every counter and
         # histogram; they double the series count and nothing here needs them.
@@ -100,8 +116,9 @@ class Metrics:
         self._clock = clock
         self.version = version
         self._snapshot: dict[str, Any] | None = None
-        self._state_reader: StateReader | None = None
-        self._passive_reader: PassiveReader | None = None
+        self.kernel_read_max_age = kernel_read_max_age
+        self._state_reader: SharedRead[KernelState] | None = None
+        self._passive_reader: SharedRead[Mapping[Backend, PassiveCounts]] | None = None
         self._last_beat = clock()  # being created counts as the first sign of life
         self.last_heartbeat_wall = time.time()  # unix time, for prism_kernel_last_heartbeat_timestamp_seconds
         self._lock = threading.Lock()  # guards the bookkeeping below
@@ -152,6 +169,12 @@ class Metrics:
             "stage: choose (no data path available) or install (install, adopt or the first write "
             "failed). The daemon retries with backoff (1 s doubling to 60 s) while the kernel keeps "
             "steering with what it holds.", ["stage"], registry=r)
+        self.rejected_requests = Counter(
+            "prism_kernel_metrics_requests_rejected", "Requests the metrics server turned away: "
+            "reason busy (all its handlers were serving: answered 503), timeout (the request was not "
+            "in within 5 s) or too_large (over 16 KiB).", ["reason"], registry=r)
+        for reason in REJECT_REASONS:  # at 0 from the start, for alert rules
+            self.rejected_requests.labels(reason)
         r.register(ScrapeCollector(self))
         if process_metrics:
             # process_* (CPU, RSS, open fds, start time) and python_* (gc, info)
@@ -224,9 +247,13 @@ class Metrics:
         self.datapath_start_failures.labels(stage if stage in START_STAGES else "other").inc()
 
     def set_kernel_readers(self, state: StateReader | None, passive: PassiveReader | None = None) -> None:
-        """How a scrape reads the kernel (None: leave those metrics out)."""
-        self._state_reader = state
-        self._passive_reader = passive
+        """How a scrape reads the kernel (None: leave those metrics out).
+        Each is shared by every scrape within `kernel_read_max_age` seconds,
+        so a scrape storm reads the kernel at most once per that."""
+        self._state_reader = None if state is None else SharedRead(
+            state, self.kernel_read_max_age, self._clock, on_error=lambda _e: self.count_read_error("state"))
+        self._passive_reader = None if passive is None else SharedRead(
+            passive, self.kernel_read_max_age, self._clock, on_error=lambda _e: self.count_read_error("passive"))
 
     # ---- read by a scrape (the HTTP server's threads) ---------------------
 
@@ -271,13 +298,18 @@ class Metrics:
                           f"backends, {snap['datapath']} data path")
         return False, f"no healthy backend ({len(backends)} known)"
 
-    def kernel_readers(self) -> tuple[StateReader | None, PassiveReader | None]:
+    def kernel_readers(self) -> tuple[Callable[[], ReadOutcome[KernelState]] | None,
+                                      Callable[[], ReadOutcome[Mapping[Backend, PassiveCounts]]] | None]:
         return self._state_reader, self._passive_reader
 
     def count_read_error(self, what: str) -> None:
         """A scrape-time kernel read (`state` or `passive`) failed."""
         with self._lock:
             self._read_errors[what] += 1
+
+    def count_rejected_request(self, reason: str) -> None:
+        """The metrics server turned a request away (REJECT_REASONS)."""
+        self.rejected_requests.labels(reason if reason in REJECT_REASONS else "other").inc()
 
     def read_errors(self) -> dict[str, int]:
         with self._lock:

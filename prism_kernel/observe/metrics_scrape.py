@@ -2,15 +2,19 @@
 snapshot the daemon last published, and from the kernel through the readers
 it handed over (docs/design/metrics.md). A scrape reads the snapshot
 reference once, so it shows one consistent state; a failed kernel read is
-counted and leaves its families out, never fails the scrape."""
+counted and leaves its families out, never fails the scrape. Every scrape
+shares one kernel read per KERNEL_READ_MAX_AGE (`SharedRead`): however many
+clients scrape, the daemon's writer thread sees at most one read a second."""
 
 from __future__ import annotations
 
 import platform
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from dataclasses import fields as dc_fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -26,6 +30,65 @@ SELECTION_MODES = ("loopback", "tier", "fail-open", "empty")  # selection.Mode
 # PassiveCounts fields -> the `kind` label of prism_kernel_passive_failures_total;
 # `established` is not a failure: prism_kernel_passive_established_total.
 PASSIVE_KINDS = {"refused": "refused", "syn_timeouts": "syn_timeout"}
+
+
+# Seconds a kernel read is reused by later scrapes. Prometheus scrapes every
+# 10-60 s, so only a storm of scrapes (or several scrapers) shares a read.
+KERNEL_READ_MAX_AGE = 1.0
+# Seconds a scrape waits for the read another scrape has in flight; the
+# writer's own bound on a scrape read (control/sync.py) is shorter.
+KERNEL_READ_WAIT = 10.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ReadOutcome(Generic[T]):
+    value: T | None
+    error: BaseException | None
+    seconds: float  # how long the read took
+
+
+class SharedRead(Generic[T]):
+    """`read` called at most once per `max_age` seconds whatever the number
+    of callers: a caller gets the last outcome while it is younger than
+    that, waits for the read in flight if there is one, and reads itself
+    otherwise. A failed read is shared the same way (a broken kernel is not
+    asked again by every scrape) and reported once to `on_error`."""
+
+    def __init__(self, read: Callable[[], T], max_age: float = KERNEL_READ_MAX_AGE,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_error: Callable[[BaseException], None] | None = None):
+        self.read, self.max_age, self.clock, self.on_error = read, max_age, clock, on_error
+        self._cv = threading.Condition()
+        self._outcome: ReadOutcome[T] | None = None
+        self._done_at = 0.0
+        self._in_flight = False
+        self._reads = 0  # reads finished: a waiter knows its read has ended
+
+    def __call__(self) -> ReadOutcome[T]:
+        with self._cv:
+            if self._outcome is not None and self.clock() - self._done_at < self.max_age:
+                return self._outcome
+            if self._in_flight:
+                seen = self._reads
+                if self._cv.wait_for(lambda: self._reads != seen, KERNEL_READ_WAIT) and self._outcome is not None:
+                    return self._outcome
+                return ReadOutcome(None, TimeoutError("the shared kernel read did not finish"), KERNEL_READ_WAIT)
+            self._in_flight = True
+        start = self.clock()
+        try:
+            outcome: ReadOutcome[T] = ReadOutcome(self.read(), None, self.clock() - start)
+        except Exception as e:  # noqa: BLE001 - reported, and its families left out of the scrape
+            outcome = ReadOutcome(None, e, self.clock() - start)
+            if self.on_error is not None:
+                self.on_error(e)
+        with self._cv:
+            self._outcome, self._done_at = outcome, self.clock()
+            self._in_flight = False
+            self._reads += 1
+            self._cv.notify_all()
+        return outcome
 
 
 class ScrapeCollector(Collector):
@@ -85,13 +148,10 @@ class ScrapeCollector(Collector):
     def _fill_kernel(self, fams: dict[str, Metric]) -> None:
         state_reader, passive_reader = self.m.kernel_readers()
         if state_reader is not None:
-            start = time.monotonic()
-            try:
-                ks = state_reader()
-            except Exception:  # noqa: BLE001 - a failed read must not fail the scrape
-                self.m.count_read_error("state")
-            else:
-                fams["prism_kernel_kernel_read_duration_seconds"].add_metric([], time.monotonic() - start)
+            got = state_reader()  # shared with every other scrape of the last second
+            if got.error is None and got.value is not None:
+                ks = got.value
+                fams["prism_kernel_kernel_read_duration_seconds"].add_metric([], got.seconds)
                 fams["prism_kernel_datapath_installed"].add_metric([], 1 if ks.installed else 0)
                 for backend, cnt in sorted(ks.counters.items()):
                     fams["prism_kernel_steered_connections"].add_metric([str(backend)], cnt.connections)
@@ -104,11 +164,9 @@ class ScrapeCollector(Collector):
                 if isinstance(drops, int):
                     fams["prism_kernel_datapath_events"].add_metric(["cve_2020_8558_drop"], drops)
         if passive_reader is not None:
-            try:
-                passive = dict(passive_reader())
-            except Exception:  # noqa: BLE001
-                self.m.count_read_error("passive")
-            else:
+            got_passive = passive_reader()
+            if got_passive.error is None and got_passive.value is not None:
+                passive = dict(got_passive.value)
                 names = {f.name for f in dc_fields(PassiveCounts)}
                 for backend, pc in sorted(passive.items()):
                     ep = str(backend)
@@ -174,7 +232,7 @@ def families() -> dict[str, Metric]:
           "cve_2020_8558_drop (martian packets to 127.0.0.1 dropped).", labels=["event"]),
         c("prism_kernel_kernel_read_errors", "Scrape-time reads of the kernel that failed "
           "(their metrics are left out of that scrape): what state or passive.", labels=["what"]),
-        g("prism_kernel_kernel_read_duration_seconds", "How long this scrape's read of the "
-          "kernel state took."),
+        g("prism_kernel_kernel_read_duration_seconds", "How long the read of the kernel state "
+          "this scrape shows took (scrapes within a second share one read)."),
     ]
     return {f.name: f for f in fams}
