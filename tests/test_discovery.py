@@ -205,7 +205,7 @@ def test_slices_ports():
 
 
 def test_slices_ipv6_fqdn_and_junk():
-    v6 = es(["2001:db8:0:0:0:0:0:1", "fd00::a"], family="IPv6", name="kubernetes-ipv6")
+    v6 = es(["2001:db8:0:0:0:0:0:1", "fd00::a"], family="IPv6", name="kubernetes-v6")
     fqdn = es(["api.example.com"], family="FQDN", name="fqdn")
     fqdn_with_ip = es(["10.0.0.9"], family="FQDN", name="fqdn2")  # FQDN slices are ignored whole
     mixed = es(["10.0.0.1", "fd00::b", "not-an-ip", "10.0.0.256"])  # wrong family / invalid: skipped
@@ -215,6 +215,15 @@ def test_slices_ipv6_fqdn_and_junk():
     assert strs(specs) == ["10.0.0.1:6443", "[2001:db8::1]:6443", "[fd00::a]:6443"]
     assert all(not s.is_name for s in specs)
     assert specs[1] == EndpointSpec("2001:db8::1", 6443)  # compressed form
+
+
+def test_slice_addresses_no_connection_can_go_to_are_dropped():
+    """The configuration's rules for an endpoint address apply to what a
+    slice names: multicast, unspecified, reserved, link-local IPv6 and
+    IPv4-mapped IPv6 are dropped, the rest kept."""
+    v4 = es(["224.0.0.1", "0.0.0.0", "240.0.0.1", "255.255.255.255", "10.0.0.1"])
+    v6 = es(["ff02::1", "::", "fe80::1", "::ffff:10.0.0.2", "fd00::1"], family="IPv6", name="kubernetes-v6")
+    assert strs(endpoints_from_slices([v4, v6])) == ["10.0.0.1:6443", "[fd00::1]:6443"]
 
 
 def test_slices_deduplicated_and_sorted():
@@ -383,6 +392,113 @@ def test_cache_roundtrip_and_unusable_files(tmp_path):
     assert len(log.events("discovery_cache_unusable")) == 6
 
 
+def _cache_doc(endpoints, **kw) -> str:
+    return json.dumps({"schema": 1, "namespace": "default", "service": "kubernetes",
+                       "endpoints": endpoints, **kw})
+
+
+@pytest.mark.parametrize("content,why", [
+    ("[" * 30_000 + "]" * 30_000, "nested too deeply"),
+    (_cache_doc(["10.0.0.1:6443"], pad="x" * 70_000), "larger than 64 KiB"),
+    (_cache_doc([f"198.18.{i // 200}.{i % 200 + 1}:6443" for i in range(129)]), "129 endpoints"),
+    (_cache_doc([f"198.18.{i // 200}.{i % 200 + 1}:6443" for i in range(65)]), "more than 64 IPv4"),
+    (_cache_doc("10.0.0.1:6443"), "not a list of strings"),
+    (_cache_doc([6443]), "not a list of strings"),
+    (_cache_doc([["10.0.0.1:6443"]]), "not a list of strings"),
+    (_cache_doc(["224.0.0.1:6443"]), "not a unicast address"),
+    (_cache_doc(["0.0.0.0:6443"]), "not a unicast address"),
+    (_cache_doc(["[fe80::1]:6443"]), "link-local"),
+    (_cache_doc(["10.0.0.1:70000"]), "out of range"),
+    (json.dumps({"schema": True, "namespace": "default", "service": "kubernetes", "endpoints": []}), "schema"),
+    (json.dumps({"schema": 1, "namespace": ["default"], "service": "kubernetes", "endpoints": []}), "it is for"),
+    (b"\xff\xfe{}", "not JSON"),
+    ('"just a string"', "not a JSON object"),
+])
+def test_a_hostile_cache_file_is_ignored_with_a_warning(tmp_path, content, why):
+    """Whatever the cache file holds, the watcher starts without it and says
+    why; never an exception, never more than the data paths hold."""
+    cache = tmp_path / "discovered.json"
+    cache.write_bytes(content if isinstance(content, bytes) else content.encode())
+    log = ListLog()
+    w = EndpointSliceWatcher(tmp_path / "kc", "https://127.0.0.1:7445", cache_file=cache, log=log)
+    assert w.load_cached() == [] and w.endpoints == [] and w.status()["source"] == "none"
+    (warning,) = log.events("discovery_cache_unusable")
+    assert why in warning["error"], warning
+
+
+def test_the_cache_holds_what_the_limits_allow(tmp_path):
+    """The largest cache the limits allow, 64 addresses per family, loads;
+    a directory in its place is ignored."""
+    cache = tmp_path / "discovered.json"
+    full = [f"198.18.0.{i + 1}:6443" for i in range(64)] + [f"[2001:2::{i + 1:x}]:6443" for i in range(64)]
+    cache.write_text(_cache_doc(full, updated_at=["not", "a", "time"]))
+    log = ListLog()
+    w = EndpointSliceWatcher(tmp_path / "kc", "https://127.0.0.1:7445", cache_file=cache, log=log)
+    assert len(w.load_cached()) == 128 and log.events("discovery_cache_loaded")[0]["saved_at"] is None
+    d = tmp_path / "dir"
+    d.mkdir()
+    w = EndpointSliceWatcher(tmp_path / "kc", "https://127.0.0.1:7445", cache_file=d, log=log)
+    assert w.load_cached() == [] and "not a regular file" in log.events("discovery_cache_unusable")[0]["error"]
+
+
+@pytest.mark.parametrize("name,content,problem", [
+    ("deep", "clusters: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested deeper than 16 levels"),
+    ("huge", "# " + "x" * (1024 * 1024) + "\n", "larger than 1024 KiB"),
+    ("bomb", "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+             "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+     "more than 1024 values"),
+    ("twice", "current-context: a\ncurrent-context: b\n", "given twice"),
+    ("tag", "current-context: !!python/object:os.system x\n", "not valid YAML"),
+    ("binary", None, "not UTF-8"),
+    ("list", "- a\n- b\n", "top level is not a mapping"),
+    ("contexts", "current-context: c\ncontexts: 5\n", "no context named 'c'"),
+])
+def test_a_hostile_kubeconfig_is_a_named_error(tmp_path, name, content, problem):
+    """A kubeconfig is parsed by the bounded YAML reader: a document nested
+    10,000 deep, a huge one, an alias bomb, a key given twice, a tag:
+    a KubeconfigError naming the file, never a traceback; and the same
+    through the configuration (exit 2, the field named)."""
+    from prism_kernel.config import build_config
+    from prism_kernel.errors import ConfigError
+
+    path = tmp_path / f"{name}.conf"
+    if content is None:
+        path.write_bytes(b"current-context: \xff\xfe\n")
+    else:
+        path.write_text(content)
+    with pytest.raises(KubeconfigError) as e:
+        load_kubeconfig(path)
+    assert str(path) in str(e.value) and problem in str(e.value), e.value
+    with pytest.raises(ConfigError) as e:
+        build_config({"endpoints": ["198.18.1.2:6443"], "probe": {"mode": "tls", "ca_file": str(pki_ca(tmp_path))},
+                      "discovery": {"enabled": True, "kubeconfig": str(path)}}, {})
+    (only,) = e.value.problems
+    assert only.startswith("discovery") and str(path) in only and problem in only, only
+
+
+@pytest.mark.parametrize("cluster,user,problem", [
+    ({"tls-server-name": ["kubernetes"]}, {"token": "t"}, "tls-server-name must be a string"),
+    ({"insecure-skip-tls-verify": "yes"}, {"token": "t"}, "insecure-skip-tls-verify must be true or false"),
+    ({}, {"token": {"a": 1}}, "token must be a string"),
+    ({}, {"tokenFile": 7}, "tokenFile must be a string"),
+    ({}, {"client-certificate": "a\x00b", "client-key": "k"}, "client certificate"),
+])
+def test_kubeconfig_values_of_the_wrong_type(tmp_path, cluster, user, problem):
+    kc = write_kc(tmp_path / "kc", cluster, user)
+    with pytest.raises(KubeconfigError, match=problem):
+        load_kubeconfig(kc)
+
+
+def pki_ca(tmp_path: Path) -> Path:
+    """A CA file the probe settings accept."""
+    import trustme
+
+    p = tmp_path / "ca.crt"
+    if not p.exists():
+        trustme.CA().cert_pem.write_to_path(str(p))
+    return p
+
+
 def test_atomic_write_replaces(tmp_path):
     p = tmp_path / "f.json"
     atomic_write(p, b"one")
@@ -440,8 +556,143 @@ def test_watch_events_applied():
     assert not st.apply({"type": "WHATEVER", "object": {}})
     assert log.events("discovery_unknown_event") == [{"type": "WHATEVER"}]
     # a list replaces everything, non-objects among its items skipped
-    st.replace([es(["10.0.0.7"], name="x"), "junk"], "42")
+    st.replace([es(["10.0.0.7"]), "junk"], "42")
     assert strs(st.endpoints()) == ["10.0.0.7:6443"] and st.resource_version == "42"
+
+
+def _rv(sl: dict, rv: str) -> dict:
+    sl["metadata"]["resourceVersion"] = rv
+    return sl
+
+
+def _injected() -> dict[str, dict]:
+    """Slices someone allowed to create EndpointSlices in `default` could add
+    next to kube-apiserver's own, each naming 198.18.66.6."""
+    managed = es(["198.18.66.6"], name="kubernetes-x7k2p")
+    managed["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] = "endpointslice-controller.k8s.io"
+    managed_v6 = es(["2001:2:0:66::6"], family="IPv6", name="kubernetes-v6")
+    managed_v6["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] = "kube-apiserver"
+    return {
+        "other name": es(["198.18.66.6"], name="kubernetes-extra"),
+        "managed-by": managed,
+        "managed-by on a secondary name": managed_v6,
+        "wrong addressType": es(["2001:2:0:66::6"], family="IPv6", name="kubernetes-v4"),
+        "another namespace": {**es(["198.18.66.6"]), "metadata": {
+            "name": "kubernetes", "namespace": "kube-system",
+            "labels": {"kubernetes.io/service-name": "kubernetes"}}},
+    }
+
+
+def test_only_kube_apiservers_own_slices_name_endpoints():
+    """A list (the fake list) with kube-apiserver's slice and injected ones:
+    only the real one's addresses are reported; each injected slice is
+    logged once, with why, and again only when its resourceVersion moves."""
+    log = ListLog()
+    st = SliceStore("kubernetes", log)
+    injected = _injected()
+    real = _rv(es(["10.0.0.1", "10.0.0.2"]), "100")
+    items = [real] + [_rv(sl, str(101 + i)) for i, sl in enumerate(injected.values())]
+    st.replace(items, "200")
+    assert strs(st.endpoints()) == ["10.0.0.1:6443", "10.0.0.2:6443"]
+    ignored = log.events("discovery_slice_ignored")
+    assert len(ignored) == len(injected) == st.ignored
+    by_name = {(e["namespace"], e["name"]): e for e in ignored}
+    assert "name 'kubernetes-extra'" in by_name["default", "kubernetes-extra"]["reason"]
+    assert by_name["default", "kubernetes-x7k2p"]["managed_by"] == "endpointslice-controller.k8s.io"
+    assert "managed-by" in by_name["default", "kubernetes-v6"]["reason"]
+    assert "addressType 'IPv6' in a slice named 'kubernetes-v4'" in by_name["default", "kubernetes-v4"]["reason"]
+    assert by_name["kube-system", "kubernetes"]["reason"].startswith("namespace 'kube-system'")
+    assert all(e["addresses"] in ("198.18.66.6:6443", "[2001:2:0:66::6]:6443") for e in ignored)
+    # reported again (another slice changed): nothing new is logged
+    assert strs(st.endpoints()) == ["10.0.0.1:6443", "10.0.0.2:6443"]
+    assert len(log.events("discovery_slice_ignored")) == len(injected)
+    # a watch event (the fake watch) for one injected slice: logged once more
+    sl = _rv(es(["198.18.66.7"], name="kubernetes-extra"), "300")
+    assert st.apply({"type": "MODIFIED", "object": sl})
+    assert strs(st.endpoints()) == ["10.0.0.1:6443", "10.0.0.2:6443"]
+    again = log.events("discovery_slice_ignored")[len(injected):]
+    assert [(e["name"], e["resource_version"]) for e in again] == [("kubernetes-extra", "300")]
+    # the wrong addressType in the primary name
+    st.apply({"type": "MODIFIED", "object": _rv(es(["api.example.com"], family="FQDN"), "301")})
+    assert st.endpoints() == []
+    assert "addressType 'FQDN'" in log.events("discovery_slice_ignored")[-1]["reason"]
+
+
+def test_the_real_slice_is_used_dual_stack_too():
+    """kube-apiserver's slices: `kubernetes` of the primary family (IPv4 or
+    IPv6) and, on a dual-stack control plane, `kubernetes-v6`/`-v4` of the
+    other; a secondary slice alone (no primary) is not believed."""
+    for primary, secondary in ((es(["10.0.0.1"]), es(["fd00::1"], family="IPv6", name="kubernetes-v6")),
+                               (es(["fd00::1"], family="IPv6"), es(["10.0.0.1"], name="kubernetes-v4"))):
+        log = ListLog()
+        st = SliceStore("kubernetes", log)
+        st.replace([primary, secondary], "7")
+        assert strs(st.endpoints()) == ["10.0.0.1:6443", "[fd00::1]:6443"], log.dump()
+        assert st.ignored == 0 and not log.events("discovery_slice_ignored")
+        assert st.apply({"type": "DELETED", "object": primary})
+        assert st.endpoints() == [] and st.ignored == 1
+        assert "without kube-apiserver's primary slice 'kubernetes'" in \
+            log.events("discovery_slice_ignored")[0]["reason"]
+    # a secondary name of the primary family (the name is free on a single-stack cluster)
+    log = ListLog()
+    st = SliceStore("kubernetes", log)
+    st.replace([es(["10.0.0.1"]), es(["198.18.66.6"], name="kubernetes-v4")], "8")
+    assert strs(st.endpoints()) == ["10.0.0.1:6443"]
+    assert "of the primary family IPv4" in log.events("discovery_slice_ignored")[0]["reason"]
+    # another Service (discovery.service) and namespace: the same rule by its name
+    st = SliceStore("api", ListLog(), "infra")
+    sl = es(["10.0.0.9"], name="api")
+    sl["metadata"].update(namespace="infra", labels={"kubernetes.io/service-name": "api"})
+    st.replace([sl], "1")
+    assert strs(st.endpoints()) == ["10.0.0.9:6443"]
+
+
+def test_no_trusted_slice_keeps_the_last_list(tmp_path):
+    """Only injected slices (the real one deleted): nothing is reported, the
+    last list stays (and the static endpoints, which discovery never
+    touches); status says how many slices were ignored."""
+    kc = write_kc(tmp_path / "kc", {"insecure-skip-tls-verify": True}, {"token": "t"})
+    log = ListLog()
+    w = EndpointSliceWatcher(kc, "https://127.0.0.1:17445", log=log)
+    reports = []
+    w.store.replace([_rv(es(["10.0.0.1"]), "1"), _rv(es(["198.18.66.6"], name="kubernetes-extra"), "2")], "2")
+    asyncio.run(w._report(reports.append))
+    assert [strs(r) for r in reports] == [["10.0.0.1:6443"]]
+    w.store.apply({"type": "DELETED", "object": _rv(es(["10.0.0.1"]), "3")})
+    asyncio.run(w._report(reports.append))
+    assert len(reports) == 1 and strs(w.endpoints) == ["10.0.0.1:6443"]
+    assert log.events("discovery_empty")[0]["ignored"] == 1
+    assert w.status()["ignored_slices"] == 1
+
+
+@pytest.mark.parametrize("probe,named", [
+    ({"mode": "tcp"}, "probe.mode 'tcp' (--probe)"),
+    ({"mode": "readyz", "insecure_skip_verify": True}, "probe.insecure_skip_verify (--insecure-skip-verify)"),
+    ({"mode": "tls", "insecure_skip_verify": True}, "probe.insecure_skip_verify (--insecure-skip-verify)"),
+])
+def test_discovery_needs_probes_that_verify_the_certificate(pki, tmp_path, probe, named):
+    """A discovered address is only kept out of the set by a probe that
+    verifies the API server certificate: discovery with tcp probes, or with
+    verification off, is a configuration error naming both fields."""
+    from prism_kernel.config import build_config
+    from prism_kernel.errors import ConfigError
+
+    data = {"endpoints": ["198.18.1.2:6443"], "probe": probe,
+            "discovery": {"enabled": True, "kubeconfig": str(tmp_path / "not-yet.conf")}}
+    with pytest.raises(ConfigError) as e:
+        build_config(data, {})
+    assert len(e.value.problems) == 1, e.value.problems
+    assert "discovery.enabled (--discovery)" in e.value.problems[0] and named in e.value.problems[0]
+    # the same by flags
+    with pytest.raises(ConfigError, match="discovery.enabled"):
+        build_config({"endpoints": ["198.18.1.2:6443"], "discovery": {"kubeconfig": str(tmp_path / "k")}},
+                     {"discovery": {"enabled": True}, "probe": {"mode": "tcp"}})
+    # verified probes, or discovery off: valid
+    ca = str(pki["dir"] / "ca.crt")
+    for mode in ("tls", "readyz"):
+        ok = build_config({**data, "probe": {"mode": mode, "ca_file": ca}}, {})
+        assert ok.discovery.enabled and ok.probe.mode == mode
+    assert not build_config({**data, "discovery": {"enabled": False}}, {}).discovery.enabled
 
 
 def _events(n: int) -> list[dict]:
@@ -907,7 +1158,7 @@ def test_ipv6_endpoints_over_ipv6(tb):
     # both slices came from the IPv6 server; the first address's family is the
     # primary one, its slice named `kubernetes`
     types = {s["metadata"]["name"]: s["addressType"] for s in tb.endpointslices(v6)}
-    assert types == {"kubernetes": "IPv6", "kubernetes-ipv4": "IPv4"}
+    assert types == {"kubernetes": "IPv6", "kubernetes-v4": "IPv4"}
 
 
 @needs_root
@@ -916,12 +1167,12 @@ def test_raw_slices_fqdn_deleted_slice_and_per_server_state(tb):
 
     async def scenario(r: Run):
         await r.report(eps(tb, 0, 1, 2), timeout=3)
-        slices = [es(["10.1.0.1"], name="a"), es(["10.1.0.2"], name="b"),
+        slices = [es(["10.1.0.1"]), es(["2001:2:0:98::2"], family="IPv6", name="kubernetes-v6"),
                   es(["api.example.com"], family="FQDN", name="c")]
         await switch(tb.set_endpointslices, slices=slices)
-        await r.report(["10.1.0.1:6443", "10.1.0.2:6443"])
-        await switch(tb.set_endpointslices, slices=slices[1:])  # slice a deleted
-        await r.report(["10.1.0.2:6443"])
+        await r.report(["10.1.0.1:6443", "[2001:2:0:98::2]:6443"])
+        await switch(tb.set_endpointslices, slices=[slices[0], slices[2]])  # the IPv6 slice deleted
+        await r.report(["10.1.0.1:6443"])
         # only be1 changes: the watcher on be0 sees nothing of it, as a later
         # change on be0 shows (its events come in order)
         await switch(tb.set_endpointslices, ["10.2.0.1"], servers=[be1])

@@ -112,7 +112,7 @@ class EndpointSliceWatcher:
         self.request_timeout = request_timeout
         self.backoff = Backoff(backoff_initial, backoff_max)
 
-        self.store = SliceStore(service, self.log)
+        self.store = SliceStore(service, self.log, namespace)
         self._current: list[EndpointSpec] = []  # last reported (or loaded from the cache)
         self._empty = False
         # status
@@ -177,6 +177,7 @@ class EndpointSliceWatcher:
             "events": self.events,
             "bookmarks": self.bookmarks,
             "relists_gone": self.relists_gone,
+            "ignored_slices": self.store.ignored,
             "errors": self.errors,
             "last_error": self.last_error,
         }
@@ -291,9 +292,10 @@ class EndpointSliceWatcher:
         if not specs:
             if not self._empty:
                 self._empty = True
-                self.log.warn("discovery_empty", slices=len(self.store.slices),
+                self.log.warn("discovery_empty", slices=len(self.store.slices), ignored=self.store.ignored,
                               keeping=",".join(map(str, self._current)) or "nothing",
-                              reason="no ready endpoint in the EndpointSlices; the last list is kept")
+                              reason="no ready endpoint in kube-apiserver's EndpointSlices; "
+                                     "the last list is kept")
             return
         self._empty = False
         self.source = "api"

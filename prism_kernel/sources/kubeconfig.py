@@ -1,21 +1,27 @@
 """A kubeconfig, read for what discovery needs: which CA to trust, which
 name to verify, and who we are (client certificate, token or token file,
 basic auth). Exec plugins and auth providers are refused: a node daemon
-should not run them."""
+should not run them. The file is read within limits (bounded_yaml: depth,
+values, no key twice; MAX_KUBECONFIG_BYTES): whatever it holds, the answer
+is credentials or a KubeconfigError naming the file."""
 
 from __future__ import annotations
 
 import base64
 import os
 import ssl
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from prism_kernel.bounded_yaml import YamlError, parse_yaml
 from prism_kernel.errors import ConfigError
+
+# kubeadm's and kubelet's kubeconfigs are a few KiB with the certificates
+# inline; a CA bundle of a few hundred certificates still fits.
+MAX_KUBECONFIG_BYTES = 1024 * 1024
 
 
 class KubeconfigError(ConfigError):
@@ -116,7 +122,7 @@ def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> No
 
 
 def _named(items: Any, name: str, what: str, path: str) -> dict:
-    for item in items or ():
+    for item in items if isinstance(items, list) else ():
         if isinstance(item, dict) and item.get("name") == name:
             body = item.get(what)
             if not isinstance(body, dict):
@@ -132,14 +138,7 @@ def load_kubeconfig(path: str | os.PathLike, context: str | None = None) -> Kube
     the kubeconfig's directory, as in kubectl. Exec plugins and auth providers
     are not supported (a node daemon should not run them)."""
     path = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise KubeconfigError(f"kubeconfig {path}: {e.strerror or e}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise KubeconfigError(f"kubeconfig {path} is not valid YAML: {e}") from None
+    doc = _read_document(path)
     if not isinstance(doc, dict):
         raise KubeconfigError(f"kubeconfig {path}: not a kubeconfig (top level is not a mapping)")
     base = Path(path).resolve().parent
@@ -169,8 +168,9 @@ def load_kubeconfig(path: str | os.PathLike, context: str | None = None) -> Kube
         if file:
             try:
                 return rel(file).read_bytes()
-            except OSError as e:
-                raise KubeconfigError(f"kubeconfig {path}: {what} {rel(file)}: {e.strerror or e}") from None
+            except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+                raise KubeconfigError(f"kubeconfig {path}: {what} {str(rel(file))!r}: "
+                                      f"{getattr(e, 'strerror', None) or e}") from None
         return None
 
     creds = KubeCredentials(path=path, context=name, server=str(cluster.get("server") or ""),
@@ -178,8 +178,11 @@ def load_kubeconfig(path: str | os.PathLike, context: str | None = None) -> Kube
     ca = data_or_file(cluster, "certificate-authority", "certificate authority")
     if ca is not None:
         creds.ca_pem = ca.decode("ascii", errors="replace")
-    creds.insecure_skip_tls_verify = bool(cluster.get("insecure-skip-tls-verify", False))
-    creds.tls_server_name = cluster.get("tls-server-name") or None
+    insecure = cluster.get("insecure-skip-tls-verify", False)
+    if not isinstance(insecure, bool):
+        raise KubeconfigError(f"kubeconfig {path}: insecure-skip-tls-verify must be true or false")
+    creds.insecure_skip_tls_verify = insecure
+    creds.tls_server_name = _text(cluster, "tls-server-name", path) or None
     if cluster.get("proxy-url"):
         warnings.append("proxy-url is ignored: discovery connects to the local endpoint directly")
 
@@ -194,12 +197,12 @@ def load_kubeconfig(path: str | os.PathLike, context: str | None = None) -> Kube
         raise KubeconfigError(f"kubeconfig {path}: user {user_name!r} has a client certificate "
                               "without a key, or a key without a certificate")
     creds.client_cert_pem, creds.client_key_pem = cert, key
-    creds.token = user.get("token") or None
-    if user.get("tokenFile"):
+    creds.token = _text(user, "token", path) or None
+    if _text(user, "tokenFile", path):
         creds.token_file = str(rel(user["tokenFile"]))
     if user.get("username") is not None:
-        creds.username = str(user.get("username"))
-        creds.password = str(user.get("password") or "")
+        creds.username = _text(user, "username", path)
+        creds.password = _text(user, "password", path) or ""
     # Fail now on what would fail on every connection.
     try:
         creds.ssl_context()
@@ -207,3 +210,34 @@ def load_kubeconfig(path: str | os.PathLike, context: str | None = None) -> Kube
         raise KubeconfigError(f"kubeconfig {path}: the CA or the client certificate/key do not load: {e}") from None
     creds.authorization()
     return creds
+
+
+def _read_document(path: str) -> dict:
+    """The kubeconfig's top-level mapping, read within the limits."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise KubeconfigError(f"kubeconfig {path} is not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_KUBECONFIG_BYTES + 1)
+    except OSError as e:
+        raise KubeconfigError(f"kubeconfig {path}: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL byte in the path
+        raise KubeconfigError(f"kubeconfig {path!r}: {e}") from None
+    if len(raw) > MAX_KUBECONFIG_BYTES:
+        raise KubeconfigError(f"kubeconfig {path} is larger than {MAX_KUBECONFIG_BYTES // 1024} KiB")
+    try:
+        doc = parse_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise KubeconfigError(f"kubeconfig {path} is not UTF-8 text (byte {e.start})") from None
+    except YamlError as e:
+        raise KubeconfigError(f"kubeconfig {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise KubeconfigError(f"kubeconfig {path}: not a kubeconfig (top level is not a mapping)")
+    return doc
+
+
+def _text(section: dict, key: str, path: str) -> str | None:
+    value = section.get(key)
+    if value is not None and not isinstance(value, str):
+        raise KubeconfigError(f"kubeconfig {path}: {key} must be a string, not {type(value).__name__}")
+    return value

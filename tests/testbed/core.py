@@ -752,9 +752,10 @@ class Testbed:
                               not_ready: list[str] | tuple = (), service: str = "kubernetes",
                               namespace: str = "default") -> list[dict]:
         """The EndpointSlices kube-apiserver publishes for `addresses` (one slice per
-        family: `kubernetes` for the first, `kubernetes-ipv6`/`-ipv4` for the
-        other), each endpoint ready unless listed in `not_ready`, port `https`.
-        No addresses: one IPv4 slice without endpoints."""
+        family: `kubernetes` for the first, `kubernetes-v6`/`-v4` for the other;
+        the only label kubernetes.io/service-name, as its endpoint reconciler
+        writes them), each endpoint ready unless listed in `not_ready`, port
+        `https`. No addresses: one IPv4 slice without endpoints."""
         by_family: dict[int, list[str]] = {}
         for a in list(addresses) + [a for a in not_ready if a not in addresses]:
             ip = ipaddress.ip_address(a)
@@ -766,13 +767,12 @@ class Testbed:
         nr = {ipaddress.ip_address(a).compressed for a in not_ready}
         out = []
         for i, (fam, addrs) in enumerate(by_family.items()):
-            name = service if i == 0 else f"{service}-ipv{fam}"
+            name = service if i == 0 else f"{service}-v{fam}"
             out.append({
                 "kind": "EndpointSlice",
                 "apiVersion": "discovery.k8s.io/v1",
                 "metadata": {"name": name, "namespace": namespace,
-                             "labels": {ES_SERVICE_LABEL: service,
-                                        "endpointslice.kubernetes.io/managed-by": "kube-apiserver"}},
+                             "labels": {ES_SERVICE_LABEL: service}},
                 "addressType": f"IPv{fam}",
                 "endpoints": [{"addresses": [a], "conditions": {"ready": a not in nr}}
                               for a in addrs],
