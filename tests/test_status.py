@@ -71,3 +71,59 @@ def test_cli_pipe_to_a_closed_reader_is_quiet():
     p = subprocess.run(f"{sys.executable} -m prism_kernel status -o yaml --instance pk-status-none | head -1",
                        shell=True, capture_output=True, text=True, timeout=30)
     assert "Traceback" not in p.stderr and p.stdout.startswith("schema: 1")
+
+
+# --------------------------------------------------------------------------
+# healthy = the kernel steers the listen address to a backend that is up (issue 12)
+
+from prism_kernel.observe.status import steering_health  # noqa: E402
+
+UP, DOWN = "198.18.1.2:6443", "198.18.2.2:6443"
+
+
+def _kernel(backends, installed=True, **details):
+    return {"ebpf": {"installed": installed, "backends": backends, "counters": {}, "details": details}}
+
+
+def test_healthy_only_when_the_kernel_steers_to_an_up_backend():
+    ok, why = steering_health(STATE, _kernel([UP], listen_port=7445))
+    assert ok and UP in why
+    ok, why = steering_health(STATE, _kernel([UP, DOWN]))
+    assert ok and DOWN not in why
+
+
+def test_backends_up_but_the_kernel_steers_nowhere_is_unhealthy():
+    """The issue's case: status said healthy (backends up) while the kernel
+    held an empty set and 127.0.0.1:7445 was refused."""
+    ok, why = steering_health(STATE, _kernel([]))
+    assert not ok and "to no backend" in why
+
+
+def test_the_kernel_steering_only_to_down_backends_is_unhealthy():
+    fail_open = {**STATE, "fail_open": True, "backends": [{**b, "state": "down"} for b in STATE["backends"]]}
+    ok, why = steering_health(fail_open, _kernel([UP, DOWN]))
+    assert not ok and "none of them up (fail-open)" in why
+    ok, why = steering_health(STATE, _kernel([DOWN]))
+    assert not ok and "none of them up" in why
+
+
+def test_a_data_path_removed_or_elsewhere_is_unhealthy():
+    ok, why = steering_health(STATE, _kernel([], installed=False))
+    assert not ok and "holds no ebpf data path" in why
+    ok, why = steering_health(STATE, {"ebpf": {"installed": False, "error": "EPERM"}})
+    assert not ok and "cannot be read" in why
+    ok, why = steering_health(STATE, _kernel([UP], listen_port=1))
+    assert not ok and "steers port 1" in why
+    ok, why = steering_health({**STATE, "datapath": "nftables"},
+                              {"nftables": {"installed": True, "backends": [UP], "details": {
+                                  "current_layout": False, "problems": ["no steer rule"]}}})
+    assert not ok and "damaged: no steer rule" in why
+    ok, why = steering_health({**STATE, "datapath": None}, _kernel([UP]))
+    assert not ok and "not started" in why
+    assert steering_health(None, _kernel([UP]))[0] is False
+
+
+def test_the_table_says_why_it_is_unhealthy():
+    out = io.StringIO()
+    render_text({**INFO, "healthy": False, "health": "the kernel steers 127.0.0.1:7445 to no backend"}, out)
+    assert "UNHEALTHY: the kernel steers 127.0.0.1:7445 to no backend" in out.getvalue()

@@ -8,13 +8,18 @@ S seconds (JSON: one compact document per line; YAML: `---`-separated).
 JSON schema (`-o json`), schema version 1:
   {"schema": 1, "instance": str,
    "daemon": {"running": bool, "pid": int|null, "stale_for_s": float|null},
-   "healthy": bool,             # a running daemon, state fresh, >= 1 healthy backend
+   "healthy": bool,             # a running daemon, state fresh, and the kernel steers the
+                                # listen address to >= 1 backend the daemon sees up
+   "health": str,               # why (steering_health)
    "state": {...}|null,         # the daemon's snapshot, see Daemon.snapshot()
    "kernel": {"<datapath>": {"installed": bool, "backends": [str],
                              "counters": {addr: {"connections": int, ...}},
                              "details": {...}} | {"error": str}}}
-Exit code: 0 when a daemon runs and at least one backend is healthy, 1
-otherwise (usable as a node health check).
+Exit code: 0 when a daemon runs and the kernel (read here, not the daemon's
+word for it) steers the listen address to at least one backend that is up,
+1 otherwise (usable as a node health check: it fails on a node with no API
+access, e.g. every backend down, or the data path removed behind the
+daemon's back).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, TextIO
 
 from prism_kernel.config import DEFAULT_PORT
 from prism_kernel.control.runstate import daemon_pid, read_state
-from prism_kernel.datapath import ALL, DatapathSettings, datapath_class
+from prism_kernel.datapath import ALL, DatapathSettings, KernelState, datapath_class
 from prism_kernel.errors import PrismError
 
 STALE_AFTER = 10.0  # seconds without a state write: the daemon's loop is not turning
@@ -36,6 +41,50 @@ STALE_AFTER = 10.0  # seconds without a state write: the daemon's loop is not tu
 # The details people need in the table view; `-o json` has all of them.
 _TEXT_DETAILS = ("attach_cgroup", "pin_dir", "loader", "prog_ids", "program_current", "stats", "suspect",
                  "table", "family", "route_localnet", "handles")
+
+
+def kernel_entry(ks: KernelState) -> dict[str, Any]:
+    """A data path's kernel state as `status` shows it (and steering_health reads it)."""
+    return {
+        "installed": ks.installed,
+        "backends": [str(b) for b in ks.backends],
+        "counters": {str(b): {"connections": c.connections, **c.extra} for b, c in ks.counters.items()},
+        "details": ks.details,
+    }
+
+
+def steering_health(state: dict[str, Any] | None, kernel: dict[str, dict[str, Any]]) -> tuple[bool, str]:
+    """(healthy, why): the kernel steers the daemon's listen address to at
+    least one backend the daemon sees up. `state` is the daemon's snapshot
+    (the state file), `kernel` {data path: kernel_entry()} as read from the
+    kernel. Pure; `status` and /readyz both use it. Fail-open (steering to
+    every known backend because none is up) is not healthy: the node has no
+    working API access then."""
+    if not state:
+        return False, "no daemon state"
+    dp = state.get("datapath")
+    if not dp:
+        return False, "the data path is not started"
+    k = kernel.get(dp) or {}
+    port = state.get("listen_port")
+    if "error" in k:
+        return False, f"the {dp} data path cannot be read from the kernel: {k['error']}"
+    if not k.get("installed"):
+        return False, f"the kernel holds no {dp} data path of this instance (removed behind the daemon's back?)"
+    details = k.get("details") or {}
+    if details.get("listen_port") is not None and details["listen_port"] != port:
+        return False, f"the kernel steers port {details['listen_port']}, the daemon listens on {port}"
+    if details.get("current_layout") is False:
+        return False, f"the {dp} data path in the kernel is damaged: {'; '.join(details.get('problems') or [])}"
+    steered = k.get("backends") or []
+    up = {b["address"] for b in state.get("backends", []) if b.get("state") == "up"}
+    healthy = [b for b in steered if b in up]
+    if not steered:
+        return False, f"the kernel steers 127.0.0.1:{port} to no backend"
+    if not healthy:
+        return False, (f"the kernel steers 127.0.0.1:{port} to {', '.join(steered)}, none of them up"
+                       + (" (fail-open)" if state.get("fail_open") else ""))
+    return True, f"the kernel steers 127.0.0.1:{port} to {len(healthy)} healthy backend(s): {', '.join(healthy)}"
 
 
 def gather(instance: str, run_dir: Path) -> dict[str, Any]:
@@ -50,12 +99,7 @@ def gather(instance: str, run_dir: Path) -> dict[str, Any]:
         except (PrismError, OSError) as e:
             kernel[name] = {"installed": False, "error": str(e)}
             continue
-        kernel[name] = {
-            "installed": ks.installed,
-            "backends": [str(b) for b in ks.backends],
-            "counters": {str(b): {"connections": c.connections, **c.extra} for b, c in ks.counters.items()},
-            "details": ks.details,
-        }
+        kernel[name] = kernel_entry(ks)
     stale = None
     if state and state.get("updated_at"):
         import datetime as dt
@@ -63,14 +107,20 @@ def gather(instance: str, run_dir: Path) -> dict[str, Any]:
         age = time.time() - dt.datetime.fromisoformat(state["updated_at"]).timestamp()
         # The daemon rewrites its state every 2 s: older means its loop is stuck.
         stale = round(age, 1) if age > STALE_AFTER else None
-    # A daemon whose data path is not started (retrying) is not healthy, whatever its probes say.
-    healthy = (bool(state) and not stale and bool(state.get("datapath"))
-               and any(b["state"] == "up" for b in state.get("backends", [])))
+    # Health is what the kernel does, not what the daemon says: a daemon whose
+    # data path is not started (retrying), or was removed, or steers nowhere
+    # healthy, is not healthy, whatever its probes say.
+    healthy, why = steering_health(state, kernel)
+    if stale:
+        healthy, why = False, f"the daemon's state is {stale}s old: its loop is stuck"
+    if pid is None:
+        healthy, why = False, "no daemon runs for this instance"
     return {
         "schema": 1,
         "instance": instance,
         "daemon": {"running": pid is not None, "pid": pid if pid and pid > 0 else None, "stale_for_s": stale},
         "healthy": healthy,
+        "health": why,
         "state": state,
         "kernel": kernel,
     }
@@ -111,6 +161,9 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
     else:
         who = paint("NOT RUNNING", "bad") + ": the kernel keeps steering with what it holds below, but nothing probes the backends"
     out.write(f"prism-kernel instance {info['instance']}: daemon {who}\n")
+    if info.get("health"):
+        verdict = paint("healthy", "up") if info.get("healthy") else paint("UNHEALTHY", "bad")
+        out.write(f"{verdict}: {info['health']}\n")
     if state:
         p = state["probe"]
         out.write(
