@@ -347,13 +347,11 @@ class MetricsServer:
 
 
 def _holder(port: int) -> str | None:
-    """Who listens on PORT on loopback or wildcard, from /proc (best effort:
-    a process of another user is only seen by root)."""
+    """Who listens on PORT where a connect to loopback reaches (best effort:
+    a process of another user is only named for root)."""
     try:
-        from prism_kernel.observe.doctor.ports import listeners
+        from prism_kernel.datapath.listeners import describe, listening
 
-        found = listeners(port)
+        return describe(listening(port)) or None
     except Exception:  # noqa: BLE001 - only a hint in a log line
         return None
-    named = [f"{l['process']} on {l['address']}" if l.get("process") else l["address"] for l in found]
-    return ", ".join(named) or None
