@@ -127,3 +127,28 @@ def test_the_table_says_why_it_is_unhealthy():
     out = io.StringIO()
     render_text({**INFO, "healthy": False, "health": "the kernel steers 127.0.0.1:7445 to no backend"}, out)
     assert "UNHEALTHY: the kernel steers 127.0.0.1:7445 to no backend" in out.getvalue()
+
+
+def test_readyz_verdict_reads_the_kernel():
+    """kernel_readiness(): what /readyz answers, from the daemon's verdict and
+    the shared scrape read of the kernel."""
+    from types import SimpleNamespace
+
+    from prism_kernel.core.model import Backend
+    from prism_kernel.datapath import KernelState
+    from prism_kernel.observe.status import kernel_readiness
+
+    def reader(*backends, installed=True):
+        ks = KernelState("ebpf", installed, tuple(Backend.of(b.rsplit(":", 1)[0], int(b.rsplit(":", 1)[1])) for b in backends))
+        return lambda: SimpleNamespace(value=ks, error=None)
+
+    assert kernel_readiness((True, "ok"), STATE, reader(UP))[0] is True
+    assert kernel_readiness((False, "stalled"), STATE, reader(UP)) == (False, "stalled")
+    ok, why = kernel_readiness((True, "ok"), STATE, reader())
+    assert not ok and "to no backend" in why
+    ok, why = kernel_readiness((True, "fail-open"), STATE, reader(DOWN))
+    assert not ok and "none of them up" in why
+    ok, why = kernel_readiness((True, "ok"), STATE, reader(UP, installed=False))
+    assert not ok and "holds no ebpf" in why
+    ok, why = kernel_readiness((True, "ok"), STATE, lambda: SimpleNamespace(value=None, error=OSError("EPERM")))
+    assert not ok and "EPERM" in why

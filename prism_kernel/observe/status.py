@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from prism_kernel.config import DEFAULT_PORT
@@ -85,6 +86,24 @@ def steering_health(state: dict[str, Any] | None, kernel: dict[str, dict[str, An
         return False, (f"the kernel steers 127.0.0.1:{port} to {', '.join(steered)}, none of them up"
                        + (" (fail-open)" if state.get("fail_open") else ""))
     return True, f"the kernel steers 127.0.0.1:{port} to {len(healthy)} healthy backend(s): {', '.join(healthy)}"
+
+
+def kernel_readiness(ready: tuple[bool, str], snapshot: dict[str, Any] | None,
+                     read_kernel: Callable[[], Any] | None) -> tuple[bool, str]:
+    """/readyz: the daemon's own verdict (Metrics.readiness(): alive, data
+    path started), then steering_health() against the kernel as the scrape
+    reader returns it (a metrics_scrape.ReadOutcome of a KernelState, shared
+    with scrapes, so /readyz adds no kernel reads). Fail-open is not ready."""
+    ok, why = ready
+    if not ok:
+        return ready
+    if read_kernel is None:
+        return False, "the kernel state cannot be read here (no reader)"
+    outcome = read_kernel()
+    ks = getattr(outcome, "value", None)
+    if ks is None:
+        return False, f"the kernel state cannot be read: {getattr(outcome, 'error', None)}"
+    return steering_health(snapshot, {ks.datapath: kernel_entry(ks)})
 
 
 def gather(instance: str, run_dir: Path) -> dict[str, Any]:
