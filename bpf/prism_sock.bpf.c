@@ -12,8 +12,8 @@
  *                                              [::ffff:127.0.0.1]:PORT -> [::ffff:v4 backend]
  *   getpeername4  BPF_CGROUP_INET4_GETPEERNAME  backend -> address the socket connected to
  *   getpeername6  BPF_CGROUP_INET6_GETPEERNAME  (same, AF_INET6 sockets)
- *   sockops       BPF_CGROUP_SOCK_OPS           steered sockets until established: outcome
- *                                              counters, suspect marks
+ *   sockops       BPF_CGROUP_SOCK_OPS           steered sockets until established: their
+ *                                              initial SYN RTO, outcome counters, suspect marks
  *
  * Invariants:
  *   - only TCP connects to exactly the listen address and port, from the host
@@ -31,11 +31,11 @@
  *   pk_config        ARRAY[1]      {host netns cookie, listen port}
  *   pk_commit        ARRAY[1]      u64 seq: THE commit point; buffer seq & 1 is live
  *   pk_sets          ARRAY[2]      per buffer {gen, count4, count6}
- *   pk_slots         ARRAY         PK_SLOT(buf, family, i) -> {gen, backend}
+ *   pk_slots         ARRAY         PK_SLOT(buf, family, i) -> {gen, backend, initial SYN RTO}
  *   pk_counters      PERCPU_HASH   backend -> connections steered to it
  *   pk_stats         PERCPU_ARRAY  PK_STAT_* global counters
  *   pk_peers         SK_STORAGE    per steered socket {original dst, backend as the socket
- *                                  sees it, backend key}: getpeername(), the mark sockops
+ *                                  sees it, backend key, SYN RTO}: getpeername(), the mark sockops
  *                                  acts on, and how the daemon finds a backend's sockets
  *   pk_passive       PERCPU_HASH   backend -> {refused, syn_timeouts, established}
  *   pk_suspect       LRU_HASH      backend -> deadline (bpf_ktime_get_ns()) it is avoided until
@@ -114,7 +114,8 @@ struct pk_set {
 struct pk_slot {
 	__u64 gen;             /* the pk_commit value of the set this slot belongs to */
 	struct pk_backend be;
-	__u32 pad;
+	__u32 syn_rto;         /* initial SYN RTO of a connect to be, jiffies; 0: kernel default
+				* (was padding: a daemon before it writes 0) */
 };
 
 struct pk_peer {
@@ -122,7 +123,10 @@ struct pk_peer {
 	__u32 backend_addr[4];  /* ditto: v4-mapped for a dual-stack socket */
 	__u16 orig_port;        /* network byte order */
 	__u16 backend_port;
-	__u32 cb_added;         /* sockops: the callback flags it turned on (was padding: layout 2-3) */
+	/* sockops: the callback flags it turned on (BPF_SOCK_OPS_ALL_CB_FLAGS
+	 * fits 16 bits); a u32 with syn_rto 0 above it to an older program. */
+	__u16 cb_added;
+	__u16 syn_rto;          /* the slot's syn_rto, for BPF_SOCK_OPS_TIMEOUT_INIT */
 	struct pk_backend be;   /* the backend as keyed in pk_counters / pk_passive */
 };
 
@@ -333,9 +337,10 @@ static __always_inline int pk_any_suspect(__u64 *now)
 #define pk_read_commit(p) (*(volatile __u64 *)(p))
 #define pk_barrier() asm volatile("" ::: "memory")
 
-/* Slot idx of buffer buf, when it was written under seq, copied to *out. */
+/* Slot idx of buffer buf, when it was written under seq, copied to *out
+ * and *syn_rto. */
 static __always_inline int pk_copy_slot(__u32 buf, __u8 family, __u32 idx, __u64 seq,
-					struct pk_backend *out)
+					struct pk_backend *out, __u32 *syn_rto)
 {
 	__u32 key = PK_SLOT(buf, family, idx);
 	struct pk_slot *slot = pk_slots_get(&key);
@@ -343,6 +348,7 @@ static __always_inline int pk_copy_slot(__u32 buf, __u8 family, __u32 idx, __u64
 	if (!slot || *(volatile __u64 *)&slot->gen != seq)
 		return -1;
 	__builtin_memcpy(out, &slot->be, sizeof(*out));
+	*syn_rto = slot->syn_rto;
 	return 0;
 }
 
@@ -351,9 +357,9 @@ static __always_inline int pk_copy_slot(__u32 buf, __u8 family, __u32 idx, __u64
  * goes to both neighbours). *stat: a suspect counter to bump if this attempt
  * is the one that counts. */
 static __always_inline int pk_pick_once(__u64 *commit, __u8 family, struct pk_backend *out,
-					__u32 *stat)
+					__u32 *syn_rto, __u32 *stat)
 {
-	__u32 buf, count, idx, step;
+	__u32 buf, count, idx, step, cand_rto;
 	struct pk_backend cand;
 	struct pk_set *set;
 	__u64 seq, now;
@@ -372,7 +378,7 @@ static __always_inline int pk_pick_once(__u64 *commit, __u8 family, struct pk_ba
 		return pk_read_commit(commit) == seq ? PK_EMPTY : PK_RACED;
 	}
 	idx = bpf_get_prandom_u32() % count;
-	if (pk_copy_slot(buf, family, idx, seq, out) < 0)
+	if (pk_copy_slot(buf, family, idx, seq, out, syn_rto) < 0)
 		return PK_RACED;
 	*stat = PK_STAT_MAX;
 	if (pk_any_suspect(&now) && pk_is_suspect(out, now)) {
@@ -388,10 +394,11 @@ static __always_inline int pk_pick_once(__u64 *commit, __u8 family, struct pk_ba
 			idx += step;
 			if (idx >= count)
 				idx -= count;
-			if (pk_copy_slot(buf, family, idx, seq, &cand) < 0)
+			if (pk_copy_slot(buf, family, idx, seq, &cand, &cand_rto) < 0)
 				return PK_RACED;
 			if (!pk_is_suspect(&cand, now)) {
 				__builtin_memcpy(out, &cand, sizeof(*out));
+				*syn_rto = cand_rto;
 				*stat = PK_STAT_SKIPPED_SUSPECT;
 				break;
 			}
@@ -403,11 +410,11 @@ static __always_inline int pk_pick_once(__u64 *commit, __u8 family, struct pk_ba
 	return PK_PICKED;
 }
 
-/* 0 and *out set, or -1 (counted): leave the connect alone. A pick loses an attempt
+/* 0 and *out, *syn_rto set, or -1 (counted): leave the connect alone. A pick loses an attempt
  * only to a commit during it, so PK_PICK_TRIES lost in a row take a writer
  * committing that often within one connect: the connect is left alone then
  * (counted), never sent to a backend read from a half-written copy. */
-static __always_inline int pk_pick(__u8 family, struct pk_backend *out)
+static __always_inline int pk_pick(__u8 family, struct pk_backend *out, __u32 *syn_rto)
 {
 	__u32 zero = 0, stat;
 	__u64 *commit = pk_commit_get(&zero);
@@ -417,7 +424,7 @@ static __always_inline int pk_pick(__u8 family, struct pk_backend *out)
 		return -1;
 	for (int i = 0; i < PK_PICK_TRIES; i++) {
 		stat = PK_STAT_MAX;
-		rc = pk_pick_once(commit, family, out, &stat);
+		rc = pk_pick_once(commit, family, out, syn_rto, &stat);
 		if (rc == PK_PICKED) {
 			if (stat != PK_STAT_MAX)
 				pk_stat_inc(stat);
@@ -452,17 +459,19 @@ int connect4(struct bpf_sock_addr *ctx)
 {
 	struct pk_backend be = {};
 	struct pk_peer peer = {};
+	__u32 syn_rto = 0;
 
 	if (ctx->user_ip4 != PK_LOOPBACK4)
 		return 1;
 	if (!pk_config_for(ctx))
 		return 1;
-	if (pk_pick(PK_FAMILY4, &be) < 0)
+	if (pk_pick(PK_FAMILY4, &be, &syn_rto) < 0)
 		return 1;
 	peer.orig_addr[0] = ctx->user_ip4;
 	peer.orig_port = (__u16)ctx->user_port;
 	peer.backend_addr[0] = be.addr[0];
 	peer.backend_port = be.port;
+	peer.syn_rto = (__u16)syn_rto;  /* the daemon writes at most 0xffff */
 	__builtin_memcpy(&peer.be, &be, sizeof(be));
 
 	ctx->user_ip4 = be.addr[0];
@@ -479,6 +488,7 @@ int connect6(struct bpf_sock_addr *ctx)
 {
 	struct pk_backend be = {};
 	struct pk_peer peer = {};
+	__u32 syn_rto = 0;
 	__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1];
 	__u32 w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
 	__u8 family;
@@ -493,7 +503,7 @@ int connect6(struct bpf_sock_addr *ctx)
 		return 1;
 	if (!pk_config_for(ctx))
 		return 1;
-	if (pk_pick(family, &be) < 0)
+	if (pk_pick(family, &be, &syn_rto) < 0)
 		return 1;
 	peer.orig_addr[2] = w2;
 	peer.orig_addr[3] = w3;
@@ -508,6 +518,7 @@ int connect6(struct bpf_sock_addr *ctx)
 		peer.backend_addr[3] = be.addr[3];
 	}
 	peer.backend_port = be.port;
+	peer.syn_rto = (__u16)syn_rto;  /* the daemon writes at most 0xffff */
 	__builtin_memcpy(&peer.be, &be, sizeof(be));
 
 	ctx->user_ip6[0] = peer.backend_addr[0];
@@ -658,6 +669,15 @@ int pk_sockops(struct bpf_sock_ops *skops)
 		bpf_sock_ops_cb_flags_set(skops, cur | PK_CB_FLAGS);
 		return 1;
 	}
+	/* In tcp_connect_init(), right after TCP_CONNECT_CB, for every active
+	 * open (and every passive one: no socket storage there, a request sock):
+	 * the reply is the SYN's initial RTO in jiffies, 0 the kernel default. */
+	if (op == BPF_SOCK_OPS_TIMEOUT_INIT) {
+		p = pk_steered(skops);
+		if (p && p->syn_rto)
+			skops->reply = p->syn_rto;
+		return 1;
+	}
 	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_RTO_CB &&
 	    op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
@@ -680,7 +700,8 @@ int pk_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	if (op == BPF_SOCK_OPS_RTO_CB) {
-		/* every firing in SYN_SENT: a black hole, first ~1 s after the SYN */
+		/* every firing in SYN_SENT: a black hole, first one initial RTO
+		 * (syn_rto, else 1 s) after the SYN */
 		if (skops->state == BPF_TCP_SYN_SENT) {
 			pk_mark_suspect(&p->be);
 			o = pk_outcome_for(&p->be);

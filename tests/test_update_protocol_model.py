@@ -13,6 +13,8 @@ directions of the suspect walk, and checks every result:
   * a picked backend is a member of the one set the reader committed to (the
     generation it read), of its own family: not a mix of two sets, not a
     slot of another generation, not a torn copy;
+  * the initial SYN RTO copied with it is the one that generation gave that
+    backend (a change of RTO alone is a generation of its own);
   * that generation was live at some point while the reader ran;
   * "no backend" is only answered for a set whose family is empty.
 
@@ -41,7 +43,8 @@ from prism_kernel.core.model import Backend
 MAX = plan.MAX_BACKENDS
 PICK_TRIES = 4  # PK_PICK_TRIES in the C source
 LEGACY_PICK_TRIES = 3  # layouts 1-4
-SLOT_WORDS = 8  # struct pk_slot: gen (2 words), backend (5), pad
+SLOT_WORDS = 8  # struct pk_slot: gen (2 words), backend (5), syn_rto
+SLOT_COPY_WORDS = 6  # what a pick copies of a slot: backend (5), syn_rto
 SET_WORDS = 4  # struct pk_set: gen (2 words), count4, count6
 MASK32 = 0xFFFFFFFF
 
@@ -58,6 +61,13 @@ def backend_words(b: Backend) -> tuple[int, ...]:
 
 
 WORDS_TO_BACKEND = {backend_words(b): b for b in POOL}
+
+
+def rto_for(step: int, sets: Sequence[Sequence[Backend]]) -> dict[Backend, int]:
+    """The SYN RTOs (jiffies) the writer gives the set of `step`: different
+    in every step (a value of another generation is wrong), none for some
+    backends (the kernel default, 0)."""
+    return {b: 50 + 10 * step + POOL.index(b) for b in sets[step] if (step + POOL.index(b)) % 3}
 
 
 def u64_words(v: int) -> list[int]:
@@ -118,13 +128,17 @@ def check(result: Any, family: int, history: dict[int, plan.Live], window: tuple
                                      f"IPv{family} backends {members}")
         return
     report.picked += 1
-    b = WORDS_TO_BACKEND.get(result.words)
+    b = WORDS_TO_BACKEND.get(result.words[:5])
     if b is None:
         report.violations.append(f"torn backend {result.words} (a mix of backends), "
                                  f"committed to generation {result.gen}")
     elif b not in members:
         report.violations.append(f"backend {b} is not in generation {result.gen} "
                                  f"({list(members)}): a slot of another generation")
+    elif len(result.words) > 5 and result.words[5] != dict(live.syn_rto).get(b, 0):
+        report.violations.append(f"backend {b} with SYN RTO {result.words[5]}, generation "
+                                 f"{result.gen} gave it {dict(live.syn_rto).get(b, 0)}: an RTO of "
+                                 f"another generation")
 
 
 # --- memory: the maps as words --------------------------------------------------
@@ -286,10 +300,12 @@ def new_memory(live: plan.Live) -> Memory:
     m.arrays["slots"] = [0] * (plan.SLOTS * SLOT_WORDS)
     b = live.buf
     m.arrays["sets"][b * SET_WORDS:(b + 1) * SET_WORDS] = [*u64_words(live.seq), len(live.v4), len(live.v6)]
+    rto = dict(live.syn_rto)
     for fam, lst in ((4, live.v4), (6, live.v6)):
         for i, be in enumerate(lst):
             base = plan.slot_index(b, fam, i) * SLOT_WORDS
-            m.arrays["slots"][base:base + SLOT_WORDS] = [*u64_words(live.seq), *backend_words(be), 0]
+            m.arrays["slots"][base:base + SLOT_WORDS] = [*u64_words(live.seq), *backend_words(be),
+                                                         rto.get(be, 0)]
     return m
 
 
@@ -298,7 +314,7 @@ def run_new_writer(w: Writer, ops: Sequence[plan.Op], live_buffer_bug: bool = Fa
         if isinstance(op, plan.WriteSlot):
             buf = op.buf ^ 1 if live_buffer_bug else op.buf
             w.store("slots", plan.slot_index(buf, op.family, op.index) * SLOT_WORDS,
-                    [*u64_words(op.gen), *backend_words(op.backend), 0])
+                    [*u64_words(op.gen), *backend_words(op.backend), op.syn_rto])
         elif isinstance(op, plan.WriteSet):
             buf = op.buf ^ 1 if live_buffer_bug else op.buf
             w.store("sets", buf * SET_WORDS, [*u64_words(op.gen), op.count4, op.count6])
@@ -310,7 +326,8 @@ def run_new_writer(w: Writer, ops: Sequence[plan.Op], live_buffer_bug: bool = Fa
 Reader = Generator[Any, Any, Any]
 
 
-def new_reader(family: int, recheck: bool = True, copy_order: Sequence[int] = range(5)) -> Reader:
+def new_reader(family: int, recheck: bool = True,
+               copy_order: Sequence[int] = range(SLOT_COPY_WORDS)) -> Reader:
     """pk_pick() of bpf/prism_sock.bpf.c, load by load. Each request comes
     with the reader's live variables (what its future depends on), so that
     the explorer merges readers that got there by different loads."""
@@ -357,7 +374,7 @@ def _copy_slot(buf: int, family: int, idx: int, seq: int, ctx: tuple, order: Seq
     words: dict[int, int] = {}
     for w in order:
         words[w] = yield ("slot.word", seq, ctx, tuple(sorted(words.items()))), Load("slots", base + 2 + w)
-    return tuple(words[w] for w in range(5))
+    return tuple(words[w] for w in range(SLOT_COPY_WORDS))
 
 
 # --- the protocol of layouts 1-4 -------------------------------------------------------
@@ -491,13 +508,14 @@ class Scenario:
 
 
 def new_protocol(sc: Scenario, family: int, recheck: bool = True, live_buffer_bug: bool = False,
-                 copy_order: Sequence[int] = range(5)) -> Report:
-    live = plan.Live(sc.seq0, *plan.split_families(sc.sets[0]))
+                 copy_order: Sequence[int] = range(SLOT_COPY_WORDS)) -> Report:
+    live = plan.Live(sc.seq0, *plan.split_families(sc.sets[0]),
+                     plan.syn_rto_of(sc.sets[0], rto_for(0, sc.sets)))
     w = Writer(new_memory(live), sc.seq0, sc.order)
     history = {live.seq: live}
     counters: set[Backend] = set(sc.sets[0])
-    for s in sc.sets[1:]:
-        ops = plan.plan_update(live, s, counters)
+    for step, s in enumerate(sc.sets[1:], start=1):
+        ops = plan.plan_update(live, s, counters, syn_rto=rto_for(step, sc.sets))
         run_new_writer(w, ops, live_buffer_bug)
         live = plan.live_after(live, ops)
         history[live.seq] = live
@@ -525,14 +543,18 @@ def legacy_protocol(sc: Scenario, family: int, policy: str) -> Report:
 
 # Sets that change every member each time (a stale slot is always wrong),
 # grow and shrink (counts from one set with slots of another), and empty a
-# family (the empty answer must be true).
+# family (the empty answer must be true); the last step changes only the
+# SYN RTOs (rto_for() differs in every step).
 CHURN = Scenario([[V4[0], V6[0]], [V4[1], V4[2], V6[1]], [V4[3]], [V4[0], V4[1], V6[2]],
-                  [V4[2], V6[0], V6[1]]])
+                  [V4[2], V6[0], V6[1]], [V4[2], V6[0], V6[1]]])
+# The same set throughout, only its RTOs change.
+RTO_ONLY = Scenario([[V4[0], V4[1], V6[0]]] * 4)
 
 
-# The order the program copies a backend's words in (bpf/prism_sock.bpf.o
-# today: 4, 3, 2, 0, 1) is clang's choice; the protocol must not depend on it.
-COPY_ORDERS = {"copy-forward": (0, 1, 2, 3, 4), "copy-backward": (4, 3, 2, 1, 0)}
+# The order the program copies a slot's words in (the backend's, then its
+# syn_rto; bpf/prism_sock.bpf.o today: 4, 3, 2, 0, 1, then 5) is clang's
+# choice; the protocol must not depend on it.
+COPY_ORDERS = {"copy-forward": (0, 1, 2, 3, 4, 5), "copy-backward": (5, 4, 3, 2, 1, 0)}
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -549,6 +571,25 @@ def test_protocol_in_use_holds(family, order, copy, seq0):
     assert rep.picked > 0 and rep.retried > 0 and rep.exhausted > 0
     print(f"IPv{family} {order} {copy} seq0={seq0}: {rep.states} states, {rep.results} results, "
           f"{rep.retried} after a retry, {rep.exhausted} exhausted")
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_change_of_rto_alone_holds(family):
+    """Every step commits a generation that differs from the last only in
+    its RTOs: each pick carries the RTO of the generation it committed to."""
+    ops = plan.plan_update(plan.Live(0, *plan.split_families(RTO_ONLY.sets[0])), RTO_ONLY.sets[1],
+                           set(RTO_ONLY.sets[0]), syn_rto=rto_for(1, RTO_ONLY.sets))
+    assert plan.commit_index(ops) is not None
+    rep = new_protocol(RTO_ONLY, family)
+    assert rep.violations == [], rep.violations[:5]
+    assert rep.picked > 0 and rep.retried > 0
+
+
+def test_an_rto_of_another_generation_is_caught():
+    """The checker sees the RTO: with the writer writing the live buffer, a
+    change of RTO alone is picked up under the old generation."""
+    rep = new_protocol(RTO_ONLY, 4, live_buffer_bug=True)
+    assert any("an RTO of another generation" in v for v in rep.violations), rep.violations[:5]
 
 
 def test_exhaustion_needs_a_commit_during_every_attempt():

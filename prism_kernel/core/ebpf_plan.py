@@ -10,7 +10,9 @@ The maps the ops name (bpf/prism_sock.bpf.c, layout 5):
   pk_commit  ARRAY[1]  u64 seq: THE commit point. The buffer seq & 1 is live.
   pk_sets    ARRAY[2]  per buffer {gen, count4, count6}; gen = the seq under
                        which the buffer is live.
-  pk_slots   ARRAY     slot_index(buf, family, i) -> {gen, backend}.
+  pk_slots   ARRAY     slot_index(buf, family, i) -> {gen, backend, syn_rto};
+                       syn_rto: the initial SYN RTO (jiffies) of a connect
+                       steered to that backend, 0 = the kernel default.
 Every element is preallocated and never freed: a write is a copy into the live
 element, which a concurrent reader can see half done. A connect therefore
 reads seq, copies what the buffer seq & 1 holds, accepts a slot only when its
@@ -22,7 +24,7 @@ twice copied a buffer nobody wrote meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prism_kernel.core.model import Backend
@@ -31,16 +33,19 @@ from prism_kernel.errors import DatapathError
 MAX_BACKENDS = 64  # per family and buffer; PK_MAX_BACKENDS in the C source
 SLOTS = 2 * 2 * MAX_BACKENDS  # two buffers of two families
 OUTCOMES_TRIM_AT = 3 / 4  # pk_passive: drop entries of backends outside the set above this fill
+MAX_SYN_RTO = 0xFFFF  # jiffies: pk_peer.syn_rto is 16 bits
 
 
 @dataclass(frozen=True)
 class Live:
-    """What the kernel publishes now: the commit sequence number and the set
-    of the buffer it makes live (both families, sorted)."""
+    """What the kernel publishes now: the commit sequence number, the set
+    of the buffer it makes live (both families, sorted) and the initial SYN
+    RTO of its backends that have one (jiffies, sorted by backend)."""
 
     seq: int
     v4: tuple[Backend, ...] = ()
     v6: tuple[Backend, ...] = ()
+    syn_rto: tuple[tuple[Backend, int], ...] = ()
 
     @property
     def buf(self) -> int:
@@ -59,13 +64,14 @@ class CreateCounter:
 
 @dataclass(frozen=True)
 class WriteSlot:
-    """pk_slots[slot_index(buf, family, index)] = {gen, backend}."""
+    """pk_slots[slot_index(buf, family, index)] = {gen, backend, syn_rto}."""
 
     buf: int
     family: int
     index: int
     gen: int
     backend: Backend
+    syn_rto: int = 0  # jiffies; 0: the kernel default
 
 
 @dataclass(frozen=True)
@@ -128,14 +134,31 @@ def split_families(backends: Iterable[Backend]) -> tuple[tuple[Backend, ...], tu
     return v4, v6
 
 
+def syn_rto_of(backends: Iterable[Backend], syn_rto: Mapping[Backend, int]) -> tuple[tuple[Backend, int], ...]:
+    """The non-zero SYN RTOs (jiffies) of `backends`, as Live holds them;
+    refused (DatapathError) when one does not fit pk_peer.syn_rto."""
+    out = []
+    for b in sorted(set(backends)):
+        v = syn_rto.get(b, 0)
+        if not 0 <= v <= MAX_SYN_RTO:
+            raise DatapathError(f"backend {b}: initial SYN RTO {v} jiffies out of range")
+        if v:
+            out.append((b, v))
+    return tuple(out)
+
+
 def plan_update(live: Live, backends: Iterable[Backend], counters: Collection[Backend] = (),
-                outcomes: Collection[Backend] = (), max_outcomes: int = 1024) -> tuple[Op, ...]:
-    """The ops that make the kernel steer to exactly `backends`.
+                outcomes: Collection[Backend] = (), max_outcomes: int = 1024,
+                syn_rto: Mapping[Backend, int] | None = None) -> tuple[Op, ...]:
+    """The ops that make the kernel steer to exactly `backends`, with the
+    initial SYN RTO `syn_rto` (jiffies; a backend not in it: the kernel
+    default).
 
     `live` is what pk_commit / pk_sets / pk_slots publish now, `counters` the
-    keys of pk_counters, `outcomes` those of pk_passive. When the set is
-    unchanged there is no commit, only the repair of counter entries (a
-    failure after an earlier commit left them behind). Order:
+    keys of pk_counters, `outcomes` those of pk_passive. When the set and its
+    RTOs are unchanged there is no commit, only the repair of counter entries
+    (a failure after an earlier commit left them behind); a change of RTO
+    alone is a new generation like a change of the set. Order:
       1. counters of new backends (a connect may count from its first pick);
       2. slots of the new set into the buffer that is not live, tagged gen;
       3. that buffer's header {gen, counts};
@@ -145,12 +168,14 @@ def plan_update(live: Live, backends: Iterable[Backend], counters: Collection[Ba
     steering, so a failure there is repaired by the next plan."""
     v4, v6 = split_families(backends)
     wanted = set(v4) | set(v6)
+    rto = syn_rto_of(wanted, syn_rto or {})
     ops: list[Op] = [CreateCounter(b) for b in sorted(wanted - set(counters))]
-    if (v4, v6) != (live.v4, live.v6):
+    if (v4, v6, rto) != (live.v4, live.v6, live.syn_rto):
         gen = live.seq + 1
         buf = gen & 1
+        by_backend = dict(rto)
         for fam, lst in ((4, v4), (6, v6)):
-            ops.extend(WriteSlot(buf, fam, i, gen, b) for i, b in enumerate(lst))
+            ops.extend(WriteSlot(buf, fam, i, gen, b, by_backend.get(b, 0)) for i, b in enumerate(lst))
         ops.append(WriteSet(buf, gen, len(v4), len(v6)))
         ops.append(Commit(gen))
     ops.extend(DeleteCounter(b) for b in sorted(set(counters) - wanted))
@@ -173,8 +198,10 @@ def live_after(live: Live, ops: Sequence[Op]) -> Live:
     if i is None:
         return live
     seq = ops[i].seq  # type: ignore[union-attr]
-    slots = {(op.family, op.index): op.backend for op in ops
+    slots = {(op.family, op.index): op for op in ops
              if isinstance(op, WriteSlot) and op.gen == seq}
     header = next(op for op in ops if isinstance(op, WriteSet) and op.gen == seq)
-    return Live(seq, tuple(slots[(4, i)] for i in range(header.count4)),
-                tuple(slots[(6, i)] for i in range(header.count6)))
+    live4 = [slots[(4, i)] for i in range(header.count4)]
+    live6 = [slots[(6, i)] for i in range(header.count6)]
+    return Live(seq, tuple(op.backend for op in live4), tuple(op.backend for op in live6),
+                tuple(sorted((op.backend, op.syn_rto) for op in live4 + live6 if op.syn_rto)))

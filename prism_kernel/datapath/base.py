@@ -8,7 +8,7 @@ that writer is gone: kernel state outlives the process on purpose.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -89,6 +89,13 @@ class Datapath(ABC):
         families; each family goes to the listener that can reach it). One
         atomic change; nothing written when the kernel already holds this set.
         Returns True when the kernel was written."""
+
+    def set_syn_rto(self, syn_rto_ms: Mapping[Backend, int]) -> None:
+        """The initial SYN retransmission timeout (ms) of connects steered to
+        each backend (prism_kernel.core.rto); a backend not in it keeps the
+        kernel default (1 s). Written with the set by the next apply() /
+        install(), also when only the timeouts changed. Where a data path
+        cannot set a per-connection timeout (nftables), ignored."""
 
     @abstractmethod
     def read_state(self) -> KernelState:

@@ -20,12 +20,13 @@ import hashlib
 import logging
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from prism_kernel.core import ebpf_plan as plan
 from prism_kernel.core.model import Backend
+from prism_kernel.core.rto import ms_to_jiffies
 from prism_kernel.datapath.base import (
     BackendCounters,
     Datapath,
@@ -38,6 +39,7 @@ from prism_kernel.datapath.ebpf import availability, failover, loading
 from prism_kernel.datapath.ebpf import links as links_mod
 from prism_kernel.datapath.ebpf import maps as pkmaps
 from prism_kernel.datapath.ebpf.cgroup import find_cgroup2_root
+from prism_kernel.datapath.ebpf.jiffies import kernel_hz
 from prism_kernel.datapath.ebpf.links import (
     BPFFS,
     HOOKS,
@@ -107,6 +109,7 @@ class EbpfDatapath(Datapath):
         self._hashes: dict[bytes, str] | None = None
         self._ncpus = bpf.possible_cpus()
         self.last_load: dict[str, Any] = {}
+        self._syn_rto_ms: dict[Backend, int] = {}
 
     # --- availability ----------------------------------------------------
 
@@ -183,6 +186,26 @@ class EbpfDatapath(Datapath):
 
     # --- the backend set --------------------------------------------------
 
+    def set_syn_rto(self, syn_rto_ms: Mapping[Backend, int]) -> None:
+        """Datapath.set_syn_rto: kept here, written as jiffies into the slots
+        by the next _write(). Values outside [1, 1000] ms are refused: the
+        rule (core/rto.py) never asks for them and a timer above the kernel
+        default is not what this is for."""
+        for b, ms in syn_rto_ms.items():
+            if not 1 <= ms <= 1000:
+                raise DatapathError(f"backend {b}: initial SYN RTO {ms} ms out of range (1..1000)")
+        self._syn_rto_ms = dict(syn_rto_ms)
+
+    def _syn_rto_jiffies(self) -> dict[Backend, int]:
+        """The RTOs to write, in this kernel's jiffies; none when HZ is
+        unknown (every steered connect keeps the kernel default)."""
+        hz = kernel_hz()
+        if hz is None:
+            if self._syn_rto_ms:
+                log.warning("kernel HZ unknown: the initial SYN RTO stays the kernel default")
+            return {}
+        return {b: ms_to_jiffies(ms, hz) for b, ms in self._syn_rto_ms.items()}
+
     def _write(self, maps: Maps, backends: Sequence[Backend]) -> bool:
         """Plan the change to `backends` and run it; True when a set was committed."""
         current = pkmaps.live(maps)
@@ -191,7 +214,8 @@ class EbpfDatapath(Datapath):
         outcomes: list[Backend] = []
         if (v4, v6) != (current.v4, current.v6):  # only then: up to MAX_PASSIVE syscalls
             outcomes = pkmaps.backend_keys(maps.fds["pk_passive"], MAX_PASSIVE + 1)
-        ops = plan.plan_update(current, backends, counters, outcomes, MAX_PASSIVE)
+        ops = plan.plan_update(current, backends, counters, outcomes, MAX_PASSIVE,
+                               self._syn_rto_jiffies())
         pkmaps.execute(maps, ops, self._ncpus)
         trimmed = sum(isinstance(op, plan.DeleteOutcomes) for op in ops)
         if trimmed:
@@ -403,6 +427,8 @@ class EbpfDatapath(Datapath):
         live = pkmaps.live(maps)
         details["generation"] = live.seq
         details["buffer"] = live.buf
+        details["kernel_hz"] = kernel_hz()
+        details["syn_rto_jiffies"] = {str(b): j for b, j in live.syn_rto}
         cfg = pkmaps.read_config(maps)
         if cfg:
             details["host_netns_cookie"], details["listen_port"] = cfg

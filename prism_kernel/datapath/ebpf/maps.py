@@ -44,7 +44,7 @@ STAT_NAMES = ("steered", "no_backend", "retry", "peer_xlate",  # PK_STAT_* order
 CONFIG = struct.Struct("=QII")      # pk_config: host_netns_cookie, listen_port, flags
 COMMIT = struct.Struct("=Q")        # pk_commit: seq
 SET = struct.Struct("=QII")         # pk_set: gen, count4, count6
-SLOT = struct.Struct("=Q20s4x")     # pk_slot: gen, backend, pad
+SLOT = struct.Struct("=Q20sI")      # pk_slot: gen, backend, syn_rto (jiffies; was padding before it)
 BACKEND_SIZE = 20                   # pk_backend: addr[16] (network order), port (network order), family, pad
 META = struct.Struct("=32sII24x")   # meta: sha256, layout, loader (LOADER_CODES; 0 before it was kept)
 PEER = struct.Struct("=16s16s2s2s4x20s")  # pk_peer: orig addr, backend addr, ports, backend key
@@ -130,11 +130,12 @@ def read_live(commit_fd: int, sets_fd: int, slots_fd: int, tries: int = 8) -> pl
         buf = seq & 1
         gen, c4, c6 = SET.unpack(bpf.map_lookup(sets_fd, key(buf), SET.size) or bytes(SET.size))
         fams: dict[int, list[Backend]] = {4: [], 6: []}
+        rto: list[tuple[Backend, int]] = []
         valid = gen == seq and c4 <= MAX_BACKENDS and c6 <= MAX_BACKENDS
         for fam, cnt in ((4, c4), (6, c6)):
             for i in range(cnt if valid else 0):
                 raw = bpf.map_lookup(slots_fd, key(plan.slot_index(buf, fam, i)), SLOT.size)
-                sgen, be = SLOT.unpack(raw or bytes(SLOT.size))
+                sgen, be, syn_rto = SLOT.unpack(raw or bytes(SLOT.size))
                 try:
                     b = decode_backend(be)
                 except DatapathError:
@@ -144,12 +145,14 @@ def read_live(commit_fd: int, sets_fd: int, slots_fd: int, tries: int = 8) -> pl
                     valid = False
                     break
                 fams[fam].append(b)
+                if syn_rto:
+                    rto.append((b, syn_rto))
         again = COMMIT.unpack(bpf.map_lookup(commit_fd, KEY0, COMMIT.size) or bytes(8))[0]
         if again != seq:
             continue  # a commit while we read: read again
         if not valid:
             return plan.Live(seq)
-        return plan.Live(seq, tuple(fams[4]), tuple(fams[6]))
+        return plan.Live(seq, tuple(fams[4]), tuple(fams[6]), tuple(sorted(rto)))
     raise DatapathError(f"the backend set changed {tries} times while it was read")
 
 
@@ -187,7 +190,7 @@ def execute(maps: Maps, ops: Sequence[plan.Op], ncpus: int) -> list[str]:
                         raise
             elif isinstance(op, plan.WriteSlot):
                 bpf.map_update(fds["pk_slots"], key(plan.slot_index(op.buf, op.family, op.index)),
-                               SLOT.pack(op.gen, encode_backend(op.backend)))
+                               SLOT.pack(op.gen, encode_backend(op.backend), op.syn_rto))
             elif isinstance(op, plan.WriteSet):
                 bpf.map_update(fds["pk_sets"], key(op.buf), SET.pack(op.gen, op.count4, op.count6))
             elif isinstance(op, plan.Commit):
