@@ -144,6 +144,7 @@ def test_readyz_verdict_reads_the_kernel():
 
     assert kernel_readiness((True, "ok"), STATE, reader(UP))[0] is True
     assert kernel_readiness((False, "stalled"), STATE, reader(UP)) == (False, "stalled")
+    assert kernel_readiness((True, "ok"), STATE, None) == (True, "ok")
     ok, why = kernel_readiness((True, "ok"), STATE, reader())
     assert not ok and "to no backend" in why
     ok, why = kernel_readiness((True, "fail-open"), STATE, reader(DOWN))

@@ -131,7 +131,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path == "/healthz":
             self._verdict(*self.metrics.health())
         elif url.path == "/readyz":
-            self._verdict(*self.metrics.readiness())
+            # Ready only when the kernel steers the listen address to a backend that is up.
+            from prism_kernel.observe.status import kernel_readiness  # noqa: PLC0415
+
+            self._verdict(*kernel_readiness(self.metrics.readiness(), self.metrics.snapshot,
+                                            self.metrics.kernel_readers()[0]))
         elif url.path == "/":
             self._reply(200, b"prism-kernel: /metrics /healthz /readyz\n", TEXT)
         else:

@@ -93,12 +93,11 @@ def kernel_readiness(ready: tuple[bool, str], snapshot: dict[str, Any] | None,
     """/readyz: the daemon's own verdict (Metrics.readiness(): alive, data
     path started), then steering_health() against the kernel as the scrape
     reader returns it (a metrics_scrape.ReadOutcome of a KernelState, shared
-    with scrapes, so /readyz adds no kernel reads). Fail-open is not ready."""
+    with scrapes, so /readyz adds no kernel reads). Fail-open is not ready.
+    No reader (a Metrics without a daemon, in tests): the daemon's verdict."""
     ok, why = ready
-    if not ok:
+    if not ok or read_kernel is None:
         return ready
-    if read_kernel is None:
-        return False, "the kernel state cannot be read here (no reader)"
     outcome = read_kernel()
     ks = getattr(outcome, "value", None)
     if ks is None:
