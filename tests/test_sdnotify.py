@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from prism_kernel.control import sdnotify
-from prism_kernel.control.supervisor import START_RETRY_JITTER, START_RETRY_MAX, start_retry_delay
+from prism_kernel.control.start import START_RETRY_JITTER, START_RETRY_MAX, start_retry_delay
 
 
 def _receiver(tmp_path, abstract: bool) -> tuple[socket.socket, str]:

@@ -1,17 +1,18 @@
 """SIGHUP: re-read the configuration, diff it against the running one,
 validate, and swap what changed. A valid one applies without a gap in
 service (the kernel keeps steering with the current set until the new one is
-written); an invalid one is rejected and the running one stays."""
+written); an invalid one is rejected and the running one stays. The data
+path's swap is a request to the writer (control/sync.py), like every kernel
+operation."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 from prism_kernel.config import Config
 from prism_kernel.datapath import DatapathSettings, choose
 from prism_kernel.errors import ConfigError, PrismError
-from prism_kernel.observe.metrics import MetricsServer, datapath_readers
+from prism_kernel.observe.metrics import MetricsServer
 
 if TYPE_CHECKING:
     from prism_kernel.control.supervisor import Daemon
@@ -61,27 +62,20 @@ async def reload(d: Daemon) -> None:
         return
     if DATAPATH_SECTIONS & set(changed):
         new_settings = settings_of(new)
+        w = d.writer
         try:
-            dp_cls, why = choose(new.datapath, new_settings)
+            dp_cls, why = await w.run(w.query, choose, new.datapath, new_settings)
             current = d.selection.backends if d.selection else ()
-            datapath = dp_cls(new_settings)
-            # In a thread: an eBPF install may compile with bcc (~1 s);
-            # probes and failover keep running meanwhile.
-            await asyncio.to_thread(datapath.install, current)  # atomic: port / table replaced in place
-            await asyncio.to_thread(datapath.apply, current)
-        except PrismError as e:
-            d.log.error("reload_rejected", reason=f"data path: {e}", kept="running configuration")
+            # On the writer thread: the new object is installed with the
+            # current set (port / table replaced in place), then the old one
+            # is closed; no write of the old one can come in between.
+            info = await w.run(w.swap_datapath, dp_cls, new_settings, current)
+        except Exception as e:  # noqa: BLE001 - a reload must never stop the daemon
+            reason = str(e) if isinstance(e, PrismError) else f"{type(e).__name__}: {e}"
+            d.log.error("reload_rejected", reason=f"data path: {reason}", kept="running configuration")
             return
-        old_dp = d.datapath
-        d.datapath, d.dp_cls, d.datapath_reason, d.settings = datapath, dp_cls, why, new_settings
-        if old_dp is not None and old_dp.name != dp_cls.name:
-            old_dp.close()
-            d.remove_other_datapaths(dp_cls)
-        elif old_dp is not None:
-            old_dp.close()
-        d.passive.reset()
-        if d.metrics is not None:
-            d.metrics.set_kernel_readers(*datapath_readers(dp_cls, new_settings))
+        d.datapath, d.dp_cls, d.datapath_reason, d.settings = info, dp_cls, why, new_settings
+        w.set_reader(dp_cls, new_settings)
     if "metrics" in changed:
         reload_metrics(d, old, new)
     d.config = d.targets.config = new

@@ -114,4 +114,9 @@ def snapshot(d: Daemon) -> dict[str, Any]:
         "failovers": st.failovers,
         "connections_closed": st.connections_closed,
         "discovery": d.watcher.status() if d.watcher is not None else None,
+        # The one writer (control/sync.py): every kernel call by operation, and
+        # how many came from another thread (none, or a bug); the event loop's
+        # longest iteration (it must never wait for the kernel).
+        "writer": d.writer.stats(),
+        "loop": d.loop_watch.stats(),
     }

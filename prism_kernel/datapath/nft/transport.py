@@ -76,8 +76,19 @@ def list_objects(nft: Any, what: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 
 def table_names(nft: Any) -> list[str]:
-    objs = list_objects(nft, {"tables": {"family": FAMILY}}) or []
-    return [o["table"]["name"] for o in objs if "table" in o]
+    """The names of every table of FAMILY, from the text listing: libnftables
+    1.0.6 prints a dangling string as the `flags` of a table another process
+    owns (`flags owner`) in JSON, sometimes not even valid JSON, and such a
+    neighbour must not break finding our own table."""
+    nft.set_json_output(False)
+    try:
+        rc, out, err = nft.cmd(f"list tables {FAMILY}")
+    finally:
+        nft.set_json_output(True)
+    if rc != 0:
+        raise DatapathError(f"nft list tables {FAMILY} failed: {(err or '').strip()}")
+    return [parts[2] for parts in (line.split() for line in out.splitlines())
+            if len(parts) == 3 and parts[:2] == ["table", FAMILY]]
 
 
 def is_prism_table(nft: Any, name: str) -> bool:
