@@ -22,6 +22,7 @@ from prism_kernel.datapath.base import KernelState
 from prism_kernel.observe import metrics_server
 from prism_kernel.observe.metrics import Metrics, MetricsServer
 from prism_kernel.observe.metrics_scrape import SharedRead
+from tests.harness import Daemon, client_context, prism, who
 
 WAIT = 10.0  # seconds any positive marker below may take on a loaded machine
 
@@ -141,6 +142,36 @@ def test_stop_ends_the_background_retry(metrics):
     finally:
         squatter.close()
         srv.stop()
+
+
+def test_a_reload_to_a_held_address_keeps_serving_on_the_old_one(metrics):
+    """A reload is one attempt (listen()): the operator asked for a move now,
+    and the old address keeps serving when the new one is held."""
+    from types import SimpleNamespace
+
+    from prism_kernel.config import build_config
+    from prism_kernel.control.reload import reload_metrics
+
+    log = RecordingLog()
+    with socket.socket() as probe:  # a free port for the old address (a fixed one: port 0 would move on restart)
+        probe.bind(("127.0.0.1", 0))
+        old_port = probe.getsockname()[1]
+    squatter = squat()
+    base = {"endpoints": ["198.18.1.2:6443"], "probe": {"mode": "tcp"}}
+    old = build_config({**base, "metrics": {"port": old_port}}, {})
+    new = build_config({**base, "metrics": {"port": squatter.getsockname()[1]}}, {})
+    srv = MetricsServer(metrics, "127.0.0.1", old_port, poll_interval=0.05, log=log)
+    d = SimpleNamespace(metrics=metrics, metrics_server=srv, log=log)
+    try:
+        assert srv.start()
+        reload_metrics(d, old, new)
+        assert [f["kept"] for f in log.of("reload_partial")] == ["the previous metrics address"]
+        assert d.metrics_server is srv and srv.status()["state"] == "listening"
+        assert http_get(old_port)[0] == 200
+        assert [f["address"] for f in log.of("metrics_listening")] == [f"127.0.0.1:{old_port}"] * 2
+    finally:
+        squatter.close()
+        d.metrics_server.stop()
 
 
 # ---- bounded handlers, slow and large requests -------------------------------------
@@ -294,3 +325,126 @@ def test_a_scrape_storm_reads_the_kernel_about_once_a_second(metrics, server):
     gaps = [b - a for a, b in itertools.pairwise(reads)]
     assert all(g >= metrics.kernel_read_max_age for g in gaps), gaps
 
+
+# ---- the daemon (kernel: the testbed's hosts in network namespaces) ------------------
+# One data path (eBPF, this machine's auto choice): the metrics server and the
+# shared read are the same code in front of either; test_one_writer.py and
+# test_metrics.py cover the scrape's read of each data path.
+
+FAILOVER_BOUND = 3.0  # seconds from a backend refusing to the set written without it (probe every 0.2 s, fall 2)
+STORM_CLIENTS = 50
+
+
+def _ts(ev: dict) -> float:
+    """Unix time of a daemon log line."""
+    return dt.datetime.strptime(ev["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def _iso(text: str) -> float:
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+def _failover_seconds(d, backend) -> float:
+    """Stop `backend` (connects to it are refused from then on) and return
+    the time until the daemon's log says the set without it was written."""
+    mark = len(d.events())
+    stopped_at = time.time()
+    backend.stop()
+    down = d.wait_event("backend_down", timeout=15, after=mark, address=backend.endpoint)
+    after = d.events().index(down)
+    while True:  # the first set_written after the down that leaves it out (a tier change may write before)
+        written = d.wait_event("set_written", timeout=15, after=after)
+        after = d.events().index(written) + 1
+        if backend.endpoint not in written["backends"].split(","):
+            return _ts(written) - stopped_at
+
+
+@pytest.mark.kernel
+def test_the_daemon_starts_and_steers_with_its_metrics_port_taken(testbed):
+    tb = testbed
+    squatter = squat()  # a local user's listener on the metrics port before the daemon starts
+    port = squatter.getsockname()[1]
+    try:
+        with Daemon([b.endpoint for b in tb.backends], "ebpf", tb.ca_file, tb.tmpdir,
+                    extra=["--metrics-port", str(port)]) as d:
+            failed = d.wait_event("metrics_bind_failed")
+            assert failed["address"] == f"127.0.0.1:{port}", failed
+            assert f"(pid {os.getpid()})" in (failed.get("held_by") or ""), failed  # who holds it
+            d.wait_ready()
+            d.wait_serving({b.endpoint for b in tb.backends})
+            assert who(client_context(tb.ca_file)) in {b.name for b in tb.backends}  # steered through 127.0.0.1
+            st = d.status()["state"]["metrics"]
+            assert st["state"] == "retrying" and st["bind_failures"] >= 1, st
+            text = prism("status", "--instance", d.instance).stdout
+            assert f"METRICS NOT SERVED: cannot serve metrics on 127.0.0.1:{port}" in text, text
+            assert not [e for e in d.events() if e.get("event") == "metrics_listening"]
+            mark = len(d.events())
+            squatter.close()
+            # The next retry (1 s doubling: 1, 3, 7, 15, 31 s after the first failure) binds.
+            listening = d.wait_event("metrics_listening", timeout=40, after=mark)
+            assert listening["address"] == f"127.0.0.1:{port}"
+            assert http_get(port)[0] == 200
+            assert _state_writes_later(d, 1)["metrics"]["state"] == "listening"  # the state file is written every 2 s
+        assert d.proc.returncode == 0
+    finally:
+        squatter.close()
+
+
+def _state_writes_later(d, n: int) -> dict:
+    """The daemon's state `n` state writes (every 2 s) from now."""
+    seen = d.status()["state"]["updated_at"]
+    deadline = time.monotonic() + 5 * n + WAIT
+    while n:
+        assert time.monotonic() < deadline, f"the daemon stopped writing its state: {seen}"
+        state = d.status()["state"]
+        if state["updated_at"] != seen:
+            seen, n = state["updated_at"], n - 1
+    return state
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("datapath", ["ebpf", "nftables"])
+def test_a_scrape_storm_neither_slows_failover_nor_floods_the_writer(testbed, datapath):
+    tb = testbed
+    be0, be1, be2 = tb.backends
+    with Daemon([b.endpoint for b in tb.backends], datapath, tb.ca_file, tb.tmpdir) as d:
+        d.wait_ready()
+        d.wait_serving({b.endpoint for b in tb.backends})
+        port = int(d.wait_event("metrics_listening")["address"].rsplit(":", 1)[1])
+        quiet = _failover_seconds(d, be0)  # without scrapers
+        d.wait_serving({be1.endpoint, be2.endpoint})
+
+        stop = threading.Event()
+        codes: list[int] = []
+
+        def scraper() -> None:
+            while not stop.is_set():
+                try:
+                    codes.append(http_get(port, "/metrics", timeout=5)[0])
+                except OSError:
+                    codes.append(0)
+
+        threads = [threading.Thread(target=scraper) for _ in range(STORM_CLIENTS)]
+        before = d.status()["state"]
+        try:
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + WAIT
+            while codes.count(200) < STORM_CLIENTS:  # the storm is on: scrapes are being served
+                assert time.monotonic() < deadline, f"scrapes not served: {codes[-20:]}"
+                time.sleep(0.05)
+            stormy = _failover_seconds(d, be1)
+            d.wait_serving({be2.endpoint})
+            after = _state_writes_later(d, 3)  # a read rate over a few more seconds of storm
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(WAIT)
+        seconds = _iso(after["updated_at"]) - _iso(before["updated_at"])
+        reads = after["writer"]["calls"].get("read_state", 0) - before["writer"]["calls"].get("read_state", 0)
+        served = codes.count(200)
+        print(f"failover {quiet:.3f}s quiet, {stormy:.3f}s under {STORM_CLIENTS} scrapers; "
+              f"{served} scrapes served, {codes.count(503)} busy; {reads} kernel reads in {seconds:.1f}s")
+        assert quiet < FAILOVER_BOUND and stormy < FAILOVER_BOUND, (quiet, stormy)
+        assert reads <= seconds / 1.0 + 2, (reads, seconds, served)  # about one a second, not one a scrape
+        assert served > reads * 2, (served, reads)  # many scrapes shared each read

@@ -114,6 +114,7 @@ def snapshot(d: Daemon) -> dict[str, Any]:
         "failovers": st.failovers,
         "connections_closed": st.connections_closed,
         "discovery": d.watcher.status() if d.watcher is not None else None,
+        "metrics": d.metrics_server.status() if d.metrics_server is not None else None,
         # The one writer (control/sync.py): every kernel call by operation, and
         # how many came from another thread (none, or a bug); the event loop's
         # longest iteration (it must never wait for the kernel).

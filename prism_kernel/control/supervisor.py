@@ -115,13 +115,10 @@ class Daemon:
         lock.acquire()
         if self.metrics is not None:
             # After the lock: a second daemon fails on the lock (exit 3), not on the port.
-            self.metrics_server = MetricsServer(self.metrics, self.config.metrics.address, self.config.metrics.port)
-            try:
-                self.metrics_server.start()
-            except BaseException:
-                lock.release()
-                raise
-            self.log.info("metrics_listening", address=self.metrics_server.address)
+            # Never fatal: a held address is logged and retried in the background (observe/metrics_server.py).
+            self.metrics_server = MetricsServer(self.metrics, self.config.metrics.address, self.config.metrics.port,
+                                                log=self.log)
+            self.metrics_server.start()
         loop = asyncio.get_running_loop()
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)

@@ -201,6 +201,10 @@ def render_text(info: dict[str, Any], out: TextIO = sys.stdout) -> None:
             out.write(paint("FALLBACK", "warn") + f": {start['fallback']}\n")
         if state.get("fail_open"):
             out.write(paint("FAIL-OPEN", "bad") + ": no healthy backend; steering to every known backend\n")
+        metrics = state.get("metrics") or {}
+        if metrics.get("state") == "retrying":
+            out.write(paint("METRICS NOT SERVED", "warn") + f": {metrics.get('last_error')}; "
+                      f"held by {metrics.get('held_by') or 'unknown'}; next attempt at {metrics.get('next_attempt_at')}\n")
     for name, k in info["kernel"].items():
         if not k.get("installed"):
             if "error" in k and (not state or state.get("datapath") == name):
