@@ -670,9 +670,12 @@ int pk_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	/* In tcp_connect_init(), right after TCP_CONNECT_CB, for every active
-	 * open (and every passive one: no socket storage there, a request sock):
-	 * the reply is the SYN's initial RTO in jiffies, 0 the kernel default. */
+	 * and passive open of the machine: the reply is the SYN's initial RTO in
+	 * jiffies, 0 the kernel default. Cheapest test first: TCP_CONNECT_CB
+	 * has just set these flags on our sockets (a request sock reads 0). */
 	if (op == BPF_SOCK_OPS_TIMEOUT_INIT) {
+		if ((skops->bpf_sock_ops_cb_flags & PK_CB_FLAGS) != PK_CB_FLAGS)
+			return 1;
 		p = pk_steered(skops);
 		if (p && p->syn_rto)
 			skops->reply = p->syn_rto;
