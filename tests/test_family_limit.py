@@ -96,3 +96,41 @@ def test_within_the_limit_nothing_is_dropped_or_logged():
     specs = [spec_of(v4(i)) for i in range(64)] + [spec_of(v6(i)) for i in range(64)]
     out = FamilyLimit(log).apply(specs)
     assert out == specs and not log.records
+
+
+def test_the_daemons_targets_hold_at_most_the_limit(monkeypatch):
+    """Where the sets are merged (control.targets.Targets.sync): a name that
+    resolves to 70 IPv4 addresses and 100 discovered IPv4 endpoints next to
+    one static address give 64 IPv4 backends, the static one first, then
+    the name's (a static endpoint) in address order; the discovered ones
+    only as room is left."""
+    import asyncio
+
+    from prism_kernel.config import build_config
+    from prism_kernel.control import targets as targets_mod
+    from prism_kernel.control.targets import Targets
+
+    name_addresses = sorted(Backend.of(v4(200 + i), 6443) for i in range(70))
+
+    async def fake_resolve(spec):
+        return name_addresses if spec.is_name else [Backend.of(spec.host, spec.port)]
+
+    monkeypatch.setattr(targets_mod, "resolve", fake_resolve)
+    config = build_config({"endpoints": [f"{v4(1000)}:6443", "cp.example.com:6443"], "probe": {"mode": "tcp"}}, {})
+    log = ListLog()
+
+    async def main():
+        t = Targets(config, log, None)
+        t.set_discovered([EndpointSpec(v4(i), 6443) for i in range(100)])
+        # before the first resolution the static endpoints have no backends yet
+        assert list(t.by_backend) == [Backend.of(v4(i), 6443) for i in range(64)]
+        await t.resolve_all()
+        return t
+
+    t = asyncio.run(main())
+    got = list(t.by_backend)
+    assert len(got) == 64 and Backend.of(v4(1000), 6443) in got
+    assert set(got) - {Backend.of(v4(1000), 6443)} == set(name_addresses[:63])
+    assert all(t.by_backend[b].origins == ["cp.example.com:6443"] for b in name_addresses[:63])
+    lines = log.events("endpoints_truncated")
+    assert [(e["kept"], e["dropped"]) for e in lines] == [(64, 36), (64, 107)]

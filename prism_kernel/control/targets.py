@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from prism_kernel.config import Config, ProbeConfig
 from prism_kernel.core.health import BackendHealth, Change, ProbeResult, failure_kind
 from prism_kernel.core.model import Backend
+from prism_kernel.core.rto import syn_rto_ms_by_backend
 from prism_kernel.core.selection import Candidate
 from prism_kernel.log import EventLog
 from prism_kernel.observe.metrics import Metrics
 from prism_kernel.probing.probes import Prober, confirm, make_confirm_context, make_ssl_context
 from prism_kernel.sources.endpoints import EndpointSpec, resolve
+from prism_kernel.sources.family_limit import FamilyLimit
 
 RESOLVE_TIMEOUT = 5.0  # seconds for one name's getaddrinfo
 
@@ -54,6 +56,7 @@ class Targets:
         self.by_backend: dict[Backend, Target] = {}
         self.resolved: dict[EndpointSpec, list[Backend]] = {}
         self.discovered: list[EndpointSpec] = []  # what the EndpointSlices name
+        self.family_limit = FamilyLimit(log)  # what reaches the kernel: 64 per family
         self.results: asyncio.Queue[Result] = asyncio.Queue()
         # False until the first round: a backend added before that is probed by it.
         self.probing = False
@@ -104,8 +107,8 @@ class Targets:
         origins: dict[Backend, list[str]] = {}
         names: dict[Backend, str] = {}
         static = set(self.config.endpoints)
-        for spec in self.all_specs():
-            for b in self.resolved.get(spec, []):
+        for spec, backends in self.family_limit.apply((s, self.resolved.get(s, [])) for s in self.all_specs()):
+            for b in backends:
                 origins.setdefault(b, []).append(str(spec) if spec in static else "endpointslice")
                 names.setdefault(b, spec.host)
         for b in list(self.by_backend):
@@ -127,6 +130,12 @@ class Targets:
 
     def candidates(self) -> list[Candidate]:
         return [Candidate(b, t.health.healthy, t.health.tier) for b, t in self.by_backend.items()]
+
+    def syn_rto(self) -> dict[Backend, int]:
+        """The initial SYN RTO (ms) of each backend with a measured latency
+        (core/rto.py): what steered connects to it get (eBPF), and how long
+        its confirmation's connect may take."""
+        return syn_rto_ms_by_backend({b: t.health.samples for b, t in self.by_backend.items()})
 
     def dead(self) -> list[Backend]:
         return [b for b, t in self.by_backend.items() if t.health.state == "down" and t.health.down_kind == "dead"]
@@ -266,8 +275,10 @@ class Targets:
         # At least 4x the backend's latency, so that a far endpoint is not
         # judged by a near one's clock.
         timeout = max(self.config.probe.confirm_timeout, 4 * ((t.health.latency if t else None) or 0))
+        rto_ms = self.syn_rto().get(backend)
         try:
-            result = await confirm(backend, timeout, self._confirm_tls)
+            result = await confirm(backend, timeout, self._confirm_tls,
+                                   connect_timeout=None if rto_ms is None else rto_ms / 1000)
             self.results.put_nowait((backend, result, saw))
         finally:
             self._confirming.discard(backend)
