@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from prism_kernel.config import Config, ProbeConfig
 from prism_kernel.core.health import BackendHealth, Change, ProbeResult, failure_kind
 from prism_kernel.core.model import Backend
-from prism_kernel.core.rto import syn_rto_ms_by_backend
 from prism_kernel.core.selection import Candidate
 from prism_kernel.log import EventLog
 from prism_kernel.observe.metrics import Metrics
@@ -130,12 +129,6 @@ class Targets:
 
     def candidates(self) -> list[Candidate]:
         return [Candidate(b, t.health.healthy, t.health.tier) for b, t in self.by_backend.items()]
-
-    def syn_rto(self) -> dict[Backend, int]:
-        """The initial SYN RTO (ms) of each backend with a measured latency
-        (core/rto.py): what steered connects to it get (eBPF), and how long
-        its confirmation's connect may take."""
-        return syn_rto_ms_by_backend({b: t.health.samples for b, t in self.by_backend.items()})
 
     def dead(self) -> list[Backend]:
         return [b for b, t in self.by_backend.items() if t.health.state == "down" and t.health.down_kind == "dead"]
@@ -275,10 +268,8 @@ class Targets:
         # At least 4x the backend's latency, so that a far endpoint is not
         # judged by a near one's clock.
         timeout = max(self.config.probe.confirm_timeout, 4 * ((t.health.latency if t else None) or 0))
-        rto_ms = self.syn_rto().get(backend)
         try:
-            result = await confirm(backend, timeout, self._confirm_tls,
-                                   connect_timeout=None if rto_ms is None else rto_ms / 1000)
+            result = await confirm(backend, timeout, self._confirm_tls)
             self.results.put_nowait((backend, result, saw))
         finally:
             self._confirming.discard(backend)
