@@ -7,10 +7,11 @@ operation."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from prism_kernel.config import Config
-from prism_kernel.datapath import DatapathSettings, choose
+from prism_kernel.datapath import DatapathSettings, choose, known_families, listeners
 from prism_kernel.errors import ConfigError, PrismError
 from prism_kernel.observe.metrics import MetricsServer
 
@@ -60,11 +61,14 @@ async def reload(d: Daemon) -> None:
     if not changed:
         d.log.info("reloaded", changed="nothing")
         return
+    if "port" in changed and not await _listen_address_free(d, new):
+        return
     if DATAPATH_SECTIONS & set(changed):
         new_settings = settings_of(new)
         w = d.writer
+        families = known_families((e.family for e in new.endpoints), new.discovery.enabled)
         try:
-            dp_cls, why = await w.run(w.query, choose, new.datapath, new_settings)
+            dp_cls, why = await w.run(w.query, choose, new.datapath, new_settings, families)
             current = d.selection.backends if d.selection else ()
             # On the writer thread: the new object is installed with the
             # current set (port / table replaced in place), then the old one
@@ -97,6 +101,24 @@ async def reload(d: Daemon) -> None:
     d.write_state()
 
 
+async def _listen_address_free(d: Daemon, new: Config) -> bool:
+    """A new port someone else listens on is rejected (issue 12), unless the
+    new configuration says to take it over; the running port stays."""
+    try:
+        why, found = await d.writer.run(d.writer.query, listeners.check, new.port, new.take_over_listen_address)
+    except Exception as e:  # noqa: BLE001 - the check is a guard: logged, the reload goes on
+        d.log.warn("listen_address_unchecked", port=new.port, error=f"{type(e).__name__}: {e}")
+        return True
+    if why:
+        d.log.error("reload_rejected", reason=why, kept="running configuration")
+        return False
+    others = listeners.foreign(found, os.getpid())
+    if others:
+        d.log.warn("listen_address_taken_over", port=new.port, listeners=listeners.describe(others),
+                   reason="take_over_listen_address")
+    return True
+
+
 def reload_metrics(d: Daemon, old: Config, new: Config) -> None:
     """Apply a changed `metrics` section: rebind the server when its
     address, port or on/off changed; on a bind error keep the old one."""
@@ -113,9 +135,9 @@ def reload_metrics(d: Daemon, old: Config, new: Config) -> None:
         old_server.stop()
     d.metrics_server = None
     if new.metrics.enabled:
-        server = MetricsServer(d.metrics, new.metrics.address, new.metrics.port, log=d.log)
+        server = MetricsServer(d.metrics, new.metrics.address, new.metrics.port)
         try:
-            server.listen()  # one attempt: a held address keeps the old one (start() would retry)
+            server.start()
         except PrismError as e:
             d.log.error("reload_partial", reason=str(e), kept="the previous metrics address")
             if old_server is not None:
@@ -123,3 +145,4 @@ def reload_metrics(d: Daemon, old: Config, new: Config) -> None:
                 d.metrics_server = old_server
             return
         d.metrics_server = server
+        d.log.info("metrics_listening", address=server.address)

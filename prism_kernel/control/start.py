@@ -19,14 +19,15 @@ confirming and serving /healthz while an install loads programs.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prism_kernel.control import sdnotify
-from prism_kernel.datapath import Choice, Datapath, datapath_class, decide, installed
-from prism_kernel.errors import PrismError
+from prism_kernel.datapath import Choice, Datapath, datapath_class, decide, installed, known_families, listeners
+from prism_kernel.errors import ConfigError, PrismError
 
 if TYPE_CHECKING:
     from prism_kernel.control.supervisor import Daemon
@@ -54,6 +55,7 @@ class Starter:
     def __init__(self, d: Daemon):
         self.d = d
         self.choice: Choice | None = None
+        self._listen_checked = False
 
     def _use(self, cls: type[Datapath], why: str) -> None:
         d = self.d
@@ -67,13 +69,40 @@ class Starter:
         if d.metrics is not None:
             d.metrics.observe_datapath_fallback(frm, to, reason)
 
+    async def check_listen_address(self) -> None:
+        """Never take over someone else's port (issue 12): a process listening
+        on 127.0.0.1:PORT or [::1]:PORT ends the start with a ConfigError
+        (exit 2, naming it) before anything is written to the kernel, unless
+        take_over_listen_address; then it is logged. A check that cannot run
+        is logged and the start goes on (never a crash loop)."""
+        d = self.d
+        try:
+            why, found = await d.writer.run(d.writer.query, listeners.check, d.config.port,
+                                            d.config.take_over_listen_address)
+        except Exception as e:  # noqa: BLE001 - the check is a guard, not a dependency
+            d.log.warn("listen_address_unchecked", port=d.config.port, error=err(e))
+            return
+        if why:
+            raise ConfigError(why)
+        others = listeners.foreign(found, os.getpid())
+        if others:
+            d.log.warn("listen_address_taken_over", port=d.config.port, listeners=listeners.describe(others),
+                       reason="take_over_listen_address")
+
     async def choose(self) -> bool:
         """decide() until it finds a data path (retrying with backoff); False
-        when stopped first."""
+        when stopped first. A configuration no data path here can serve is a
+        ConfigError (exit 2), not retried."""
         d = self.d
+        if not self._listen_checked:
+            await self.check_listen_address()  # once, before the first kernel write
+            self._listen_checked = True
+        families = known_families((e.family for e in d.config.endpoints), d.config.discovery.enabled)
         while not d.stopping:
             try:
-                choice = await d.writer.run(d.writer.query, decide, d.config.datapath, d.settings)
+                choice = await d.writer.run(d.writer.query, decide, d.config.datapath, d.settings, families)
+            except ConfigError:
+                raise
             except Exception as e:  # noqa: BLE001 - never a crash loop: retried
                 await self._failed("choose", d.config.datapath, e)
                 continue
