@@ -263,3 +263,40 @@ def test_status_fails_when_the_data_path_is_removed_behind_the_daemons_back(test
             assert f"holds no {datapath} data path" in st["health"], st
         finally:
             d.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.kernel
+def test_endpoints_turning_ipv6_only_at_run_time_keep_the_last_set_and_fail_status(testbed, hosts_file):
+    """nftables steers IPv4 only. A name that re-resolves to IPv6 addresses
+    only: the daemon logs it, never writes an empty set (the last one stays
+    in the kernel), and status says unhealthy: the kernel steers to a
+    backend the daemon no longer counts as up."""
+    tb = testbed
+    v6 = tb.add_backend(ipv6=True)
+    name = "cp.pk-test.invalid"
+    hosts_file({name: [v6.address4]})
+    conf = Path(tb.tmpdir) / "config.yaml"
+    conf.write_text(f"endpoints:\n  - {name}:6443\nresolve_interval: 500ms\n")
+    with Daemon([], "nftables", tb.ca_file, tb.tmpdir, probe="tcp", extra=["--config", str(conf)]) as d:
+        d.wait_ready()
+        first = f"{v6.address4}:6443"
+        d.wait_serving({first})
+        assert prism("status", "--instance", TEST_INSTANCE).returncode == 0
+        mark = len(d.events())
+        hosts_file({name: [v6.address]})
+        d.wait_event("no_steerable_backends", after=mark)
+        st = _wait_status(d, lambda st: not st["healthy"], "unhealthy")
+        assert st["kernel"]["nftables"]["backends"] == [first], st  # the last set, never an empty one
+        assert "none of them up" in st["health"], st
+        assert prism("status", "--instance", TEST_INSTANCE).returncode == 1
+        assert not [e for e in d.events()[mark:] if e.get("event") == "set_written"], d.log_path.read_text()
+
+
+def test_the_real_nftables_class_steers_ipv4_only(monkeypatch):
+    """What decide() and the daemon's selection read: without it the daemon
+    selected IPv6 backends on nftables, which dropped them and wrote an
+    empty set (the issue's case)."""
+    monkeypatch.setattr(dp, "installed", lambda settings: None)
+    assert dp.datapath_class("nftables").families == frozenset({4})
+    with pytest.raises(ConfigError, match="datapath 'nftables'"):
+        dp.decide("nftables", dp.DatapathSettings(instance=TEST_INSTANCE), frozenset({6}))

@@ -74,6 +74,9 @@ _COUNTERS_HELP = ("connections: new connections steered to the backend since it 
 
 class NftablesDatapath(Datapath):
     name = NAME
+    # IPv4 only (no route_localnet for IPv6): the daemon selects, and
+    # datapath.decide checks the endpoints, among these families only.
+    families: ClassVar[frozenset[int]] = frozenset({4})
     # False reproduces the ruleset before the tcp_timestamps fix, for the
     # benchmark's evidence runs (bench/holder.py); never for production.
     fix_tcp_timestamps: ClassVar[bool] = True
