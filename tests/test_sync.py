@@ -32,6 +32,7 @@ class FakeKernel:
 
     def __init__(self) -> None:
         self.held: dict[str, tuple[Backend, ...]] = {}  # data path name -> set
+        self.rto: dict[str, dict[Backend, int]] = {}  # data path name -> initial SYN RTO per backend
         self.calls: list[tuple[str, str, str, Any]] = []  # (datapath, method, thread, arg)
         self.faults: dict[str, list[BaseException | Callable[[], None]]] = {}
         self.gate: dict[str, threading.Event] = {}  # method -> released when set
@@ -62,7 +63,12 @@ def fake_class(kernel: FakeKernel, name: str = "fake") -> type[Datapath]:
 
         def __init__(self, settings: DatapathSettings):
             super().__init__(settings)
+            self._rto: dict[Backend, int] = {}
             kernel.record(name, "open")
+
+        def set_syn_rto(self, syn_rto_ms) -> None:
+            kernel.record(name, "set_syn_rto", dict(syn_rto_ms))
+            self._rto = dict(syn_rto_ms)
 
         @classmethod
         def check_available(cls, settings: DatapathSettings) -> None:
@@ -73,15 +79,17 @@ def fake_class(kernel: FakeKernel, name: str = "fake") -> type[Datapath]:
             adopted = name in kernel.held
             if not adopted:
                 kernel.held[name] = tuple(initial)
+                kernel.rto[name] = self._rto
             return adopted
 
         def apply(self, backends: Sequence[Backend]) -> bool:
             kernel.record(name, "apply", tuple(backends))
             if name not in kernel.held:
                 raise DatapathError(f"{name} not installed")
-            if kernel.held[name] == tuple(backends):
+            if kernel.held[name] == tuple(backends) and kernel.rto.get(name) == self._rto:
                 return False
             kernel.held[name] = tuple(backends)
+            kernel.rto[name] = self._rto
             return True
 
         def read_state(self) -> KernelState:
@@ -254,6 +262,23 @@ def test_an_unchanged_set_writes_nothing_and_a_forced_one_is_applied():
         assert len(kernel.methods("apply")) == n  # the writer knows the kernel holds it
         writer.want((A, B, C), force=True)  # reload: re-assert through the new object
         await until(lambda: len(kernel.methods("apply")) == n + 1)
+    run(t)
+
+
+def test_the_syn_rto_reaches_a_new_object_before_install_and_a_change_alone_is_written():
+    async def t(writer, kernel, events, cls):
+        writer.want(None, syn_rto={A: 200})  # before the start: kept for the object it opens
+        await started(writer, cls)
+        assert [m for _, m, _ in kernel.methods("set_syn_rto", "install")] == ["set_syn_rto", "install"]
+        assert kernel.rto["fake"] == {A: 200}
+        n = len(kernel.methods("apply"))
+        writer.want((A, B, C), syn_rto={A: 300})  # the same set, a new timer: written
+        await until(lambda: events.of("written") and events.of("written")[-1][2] == "syn_rto")
+        assert kernel.rto["fake"] == {A: 300} and len(kernel.methods("apply")) == n + 1
+        assert events.of("written")[-1] == ((A, B, C), True, "syn_rto")
+        writer.want((A, B, C), syn_rto={A: 300}, close=[D])  # unchanged: nothing written
+        await until(lambda: events.of("closed"))
+        assert len(kernel.methods("apply")) == n + 1 and len(kernel.methods("set_syn_rto")) == 2
     run(t)
 
 

@@ -45,6 +45,7 @@ LOADER_KEYS = ("loader", "why", "load_s", "maxrss_kb")
 
 def _backends(d: Daemon) -> list[dict[str, Any]]:
     active = set(d.applied or ())
+    syn_rto = d.targets.syn_rto()
     rows = []
     for b in sorted(d.targets.by_backend):
         t = d.targets.by_backend[b]
@@ -57,6 +58,9 @@ def _backends(d: Daemon) -> list[dict[str, Any]]:
             "reason": h.reason,
             "latency_ms": None if h.latency is None else round(h.latency * 1000, 3),
             "tier": h.tier,
+            # The initial SYN RTO of steered connects to it (eBPF; core/rto.py), and
+            # its confirmation's connect timeout; None: the kernel default (1 s).
+            "syn_rto_ms": syn_rto.get(b),
             "active": b in active,
             "since": iso(t.since_wall),
             "probes": h.probes,

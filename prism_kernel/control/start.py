@@ -169,6 +169,7 @@ class Starter:
                 f"(it steers IPv{'/IPv'.join(map(str, sorted(cls.families)))}); "
                 f"known addresses: {', '.join(map(str, d.targets.by_backend)) or 'none'}")
         sdnotify.notify(STATUS=f"installing the {cls.name} data path")
+        d.writer.want(None, syn_rto=d.syn_rto())  # the first set goes in with its timers
         started = await d.writer.run(d.writer.start_datapath, cls, d.settings, backends)
         d.datapath = started.info
         if started.wrote:

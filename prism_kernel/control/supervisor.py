@@ -76,6 +76,7 @@ class Daemon:
         self.dp_cls: type[Datapath] | None = None
         self.selection: FullSelection | None = None
         self.applied: tuple[Backend, ...] | None = None  # the set the writer last reported in the kernel
+        self._syn_rto: dict[Backend, int] = {}  # what the writer was last given
         self.stats = DaemonStats()
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
@@ -290,13 +291,25 @@ class Daemon:
         start writes the selection of its moment."""
         if self.datapath is None or self.selection is None:
             return
-        self.writer.want(self.selection.backends, close or (), force)
+        self.writer.want(self.selection.backends, close or (), force, syn_rto=self.syn_rto())
+
+    def syn_rto(self) -> dict[Backend, int]:
+        """The initial SYN RTO (ms) per backend the writer should have: from
+        the probes' latencies (core/rto.py); remembered, so that only a
+        change is handed over."""
+        self._syn_rto = self.targets.syn_rto()
+        return self._syn_rto
 
     # ---- the writer's events (on the event loop) ------------------------------
 
     def written(self, backends: tuple[Backend, ...], seconds: float | None, wrote: bool, how: str) -> None:
         if how == "repaired" and wrote:
             self.log.warn("repaired", reason="kernel state differed from the selection")
+        if how == "syn_rto":  # the same set, new timers: not a set change
+            if wrote:
+                self.log.info("syn_rto_written", syn_rto_ms=",".join(f"{b}={ms}" for b, ms in sorted(
+                    self._syn_rto.items(), key=lambda kv: str(kv[0]))))
+            return
         changed = backends != self.applied
         if wrote:
             self.record_write(backends, seconds)
@@ -366,6 +379,8 @@ class Daemon:
         for backend, result, passive in batch:
             changes += self.targets.observe(backend, result, passive)
         if not changes:
+            if self.datapath is not None and self.targets.syn_rto() != self._syn_rto:
+                self.writer.want(None, syn_rto=self.syn_rto())  # a latency moved: the timers follow
             return
         self.select()
         # The dead backends' connections are closed by the writer after the

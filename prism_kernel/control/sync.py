@@ -34,7 +34,10 @@ from prism_kernel.datapath import Datapath, DatapathSettings, datapath_class
 from prism_kernel.datapath.base import KernelState, PassiveCounts, import_netlink
 from prism_kernel.errors import DatapathError, DatapathUnavailable, PrismError
 
-PASSIVE_POLL_EVERY = 0.1  # seconds: reading the kernel's outcome counters costs a few syscalls
+# Seconds between reads of the kernel's outcome counters (a few syscalls,
+# ~0.1 ms): with a 200 ms initial SYN RTO a black hole is seen 200 ms after
+# the SYN, and this poll plus the confirmation come on top of it.
+PASSIVE_POLL_EVERY = 0.05
 PASSIVE_RETRY_AFTER = 5.0  # seconds after a failed read
 RECONCILE_EVERY = 10.0  # seconds: re-assert the set, repairs state removed behind our back
 RETRY_MIN = 0.2  # seconds before retrying a failed write, doubling ...
@@ -88,6 +91,7 @@ class WriterEvents(Protocol):
 @dataclass
 class _Want:
     backends: tuple[Backend, ...] | None = None
+    syn_rto: dict[Backend, int] | None = None  # None: unchanged
     close: list[Backend] = field(default_factory=list)
     force: bool = False
     dirty: bool = False
@@ -117,6 +121,7 @@ class KernelWriter:
         # Writer thread only.
         self._dp: Datapath | None = None
         self._applied: tuple[Backend, ...] | None = None
+        self._syn_rto: dict[Backend, int] = {}  # given to every data-path object this thread opens
         self._pending = False  # the last write failed: retried at _retry_at
         self._retry_at: float | None = None
         self._backoff = retry_min
@@ -138,13 +143,18 @@ class KernelWriter:
         self._thread = threading.Thread(target=self._main, name="prism-kernel-writer", daemon=True)
         self._thread.start()
 
-    def want(self, backends: Sequence[Backend] | None, close: Sequence[Backend] = (), force: bool = False) -> None:
-        """Mark dirty: the kernel should steer to `backends` (None: unchanged),
-        and the connections to `close` go, after that write. Returns at once."""
+    def want(self, backends: Sequence[Backend] | None, close: Sequence[Backend] = (), force: bool = False,
+             syn_rto: Mapping[Backend, int] | None = None) -> None:
+        """Mark dirty: the kernel should steer to `backends` (None: unchanged)
+        with the initial SYN RTO (ms) of `syn_rto` per backend (None:
+        unchanged; core/rto.py), and the connections to `close` go, after
+        that write. Returns at once."""
         with self._cv:
             w = self._want
             if backends is not None:
                 w.backends = tuple(backends)
+            if syn_rto is not None:
+                w.syn_rto = dict(syn_rto)
             w.close.extend(b for b in close if b not in w.close)
             w.force |= force
             w.dirty = True
@@ -243,7 +253,7 @@ class KernelWriter:
                 self._busy_since = now
                 job, want = None, None
                 if self._want.dirty:
-                    want, self._want = self._want, _Want(backends=self._want.backends)
+                    want, self._want = self._want, _Want(backends=self._want.backends, syn_rto=self._want.syn_rto)
                 elif self._jobs:
                     job = self._jobs.popleft()
             try:
@@ -290,17 +300,26 @@ class KernelWriter:
     def _sync(self, want: _Want) -> None:
         """The plan: write the wanted set when the kernel's differs (or a
         write failed, or a reload forces it), then close what is dead."""
+        rto_changed = want.syn_rto is not None and want.syn_rto != self._syn_rto
+        if rto_changed:
+            assert want.syn_rto is not None
+            self._syn_rto = want.syn_rto
         if self._dp is None:
             return  # not installed: the start request writes the set itself
         backends = want.backends
+        if rto_changed:
+            try:
+                self._call("set_syn_rto", self._dp.set_syn_rto, self._syn_rto)
+            except DatapathError as e:
+                self._log("error", "syn_rto_refused", error=_err(e))
         if backends is not None:
             if not backends:
                 # Never an empty set (selection returns one only when no
                 # backend of a steerable family is known at all).
                 self._log("error", "no_steerable_backends",
                           families=",".join(map(str, sorted(self._dp.families))))
-            elif want.force or backends != self._applied or self._pending:
-                self._write(backends, "retry" if self._pending else "sync")
+            elif want.force or rto_changed or backends != self._applied or self._pending:
+                self._write(backends, "retry" if self._pending else "syn_rto" if backends == self._applied else "sync")
         if want.close:
             self._close(tuple(want.close))
 
@@ -408,7 +427,13 @@ class KernelWriter:
         return self._call(getattr(fn, "__name__", "query"), fn, *args)
 
     def _open(self, cls: type[Datapath], settings: DatapathSettings) -> Datapath:
-        return self._call("open", cls, settings)
+        dp = self._call("open", cls, settings)
+        if self._syn_rto:
+            try:
+                self._call("set_syn_rto", dp.set_syn_rto, self._syn_rto)
+            except DatapathError as e:
+                self._log("error", "syn_rto_refused", error=_err(e))
+        return dp
 
     def _close_quietly(self, dp: Datapath) -> None:
         try:

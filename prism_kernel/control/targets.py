@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from prism_kernel.config import Config, ProbeConfig
 from prism_kernel.core.health import BackendHealth, Change, ProbeResult, failure_kind
 from prism_kernel.core.model import Backend
+from prism_kernel.core.rto import settle, syn_rto_ms_by_backend
 from prism_kernel.core.selection import Candidate
 from prism_kernel.log import EventLog
 from prism_kernel.observe.metrics import Metrics
@@ -53,6 +54,7 @@ class Targets:
         self.ssl_context = make_ssl_context(config.probe)
         self._confirm_tls = make_confirm_context() if config.probe.mode != "tcp" else None
         self.by_backend: dict[Backend, Target] = {}
+        self._syn_rto: dict[Backend, int] = {}  # settled: see syn_rto()
         self.resolved: dict[EndpointSpec, list[Backend]] = {}
         self.discovered: list[EndpointSpec] = []  # what the EndpointSlices name
         self.family_limit = FamilyLimit(log)  # what reaches the kernel: 64 per family
@@ -129,6 +131,20 @@ class Targets:
 
     def candidates(self) -> list[Candidate]:
         return [Candidate(b, t.health.healthy, t.health.tier) for b, t in self.by_backend.items()]
+
+    def syn_rto(self) -> dict[Backend, int]:
+        """The initial SYN RTO (ms) of each backend with a measured latency
+        (core/rto.py): what steered connects to it get (eBPF), and how long
+        its confirmation's connect may take. Settled (rto.settle): the same
+        samples give the same answer, jitter gives no new one."""
+        wanted = syn_rto_ms_by_backend({b: t.health.samples for b, t in self.by_backend.items()})
+        settled = {}
+        for b in self.by_backend:
+            ms = settle(self._syn_rto.get(b), wanted.get(b))
+            if ms is not None:
+                settled[b] = ms
+        self._syn_rto = settled
+        return dict(settled)
 
     def dead(self) -> list[Backend]:
         return [b for b, t in self.by_backend.items() if t.health.state == "down" and t.health.down_kind == "dead"]
@@ -268,8 +284,10 @@ class Targets:
         # At least 4x the backend's latency, so that a far endpoint is not
         # judged by a near one's clock.
         timeout = max(self.config.probe.confirm_timeout, 4 * ((t.health.latency if t else None) or 0))
+        rto_ms = self.syn_rto().get(backend)
         try:
-            result = await confirm(backend, timeout, self._confirm_tls)
+            result = await confirm(backend, timeout, self._confirm_tls,
+                                   connect_timeout=None if rto_ms is None else rto_ms / 1000)
             self.results.put_nowait((backend, result, saw))
         finally:
             self._confirming.discard(backend)

@@ -66,3 +66,23 @@ def ms_to_jiffies(ms: int, hz: int) -> int:
     if hz <= 0:
         raise ValueError(f"HZ {hz}")
     return -(-ms * hz // 1000)
+
+
+# A new RTO is handed to the kernel only when it matters (each change is a
+# set write): a rise at once, rounded up to STEP_MS (a slower backend must
+# never wait for a spurious suspect mark); a fall only below LOWER_BELOW of
+# the current one (jitter in the worst sample would otherwise write every
+# probe interval).
+STEP_MS = 25
+LOWER_BELOW = 0.8
+
+
+def settle(current_ms: int | None, wanted_ms: int | None) -> int | None:
+    """The RTO to keep for a backend whose timer is `current_ms` when the
+    rule asks for `wanted_ms` (None: no RTT known, the kernel default)."""
+    if wanted_ms is None:
+        return current_ms  # no fresh sample (a failed probe): the last timer stands
+    stepped = min(CEILING_MS, -(-wanted_ms // STEP_MS) * STEP_MS)
+    if current_ms is None or stepped > current_ms or wanted_ms < LOWER_BELOW * current_ms:
+        return stepped
+    return current_ms

@@ -167,16 +167,24 @@ def make_confirm_context() -> ssl.SSLContext:
     return ctx
 
 
-async def confirm(backend: Backend, timeout: float, tls: ssl.SSLContext | None) -> ProbeResult:
+async def confirm(backend: Backend, timeout: float, tls: ssl.SSLContext | None,
+                  connect_timeout: float | None = None) -> ProbeResult:
     """Is the backend alive? A fresh TCP connect, plus a TLS handshake unless
     probing in tcp mode: a frozen server still completes TCP in its kernel,
     but only a live process completes a handshake. Cheap for the API server
-    (no request) and only run after a failure."""
+    (no request) and only run after a failure. `connect_timeout` bounds the
+    TCP connect alone (the backend's initial SYN RTO: a black hole is judged
+    by the same clock as the steered connect that saw it); the handshake
+    keeps the rest of `timeout`."""
     start = time.monotonic()
     phase = ["connect"]
 
     async def attempt() -> None:
-        _reader, writer = await asyncio.open_connection(str(backend.address), backend.port)
+        opening = asyncio.open_connection(str(backend.address), backend.port)
+        if connect_timeout is not None and connect_timeout < timeout:
+            _reader, writer = await asyncio.wait_for(opening, connect_timeout)
+        else:
+            _reader, writer = await opening
         try:
             if tls is not None:
                 phase[0] = "tls handshake"
