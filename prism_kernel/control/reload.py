@@ -135,9 +135,9 @@ def reload_metrics(d: Daemon, old: Config, new: Config) -> None:
         old_server.stop()
     d.metrics_server = None
     if new.metrics.enabled:
-        server = MetricsServer(d.metrics, new.metrics.address, new.metrics.port)
+        server = MetricsServer(d.metrics, new.metrics.address, new.metrics.port, log=d.log)
         try:
-            server.start()
+            server.listen()  # one attempt: a held address keeps the old one (start() would retry)
         except PrismError as e:
             d.log.error("reload_partial", reason=str(e), kept="the previous metrics address")
             if old_server is not None:
@@ -145,4 +145,3 @@ def reload_metrics(d: Daemon, old: Config, new: Config) -> None:
                 d.metrics_server = old_server
             return
         d.metrics_server = server
-        d.log.info("metrics_listening", address=server.address)
