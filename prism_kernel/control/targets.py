@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from prism_kernel.config import Config, ProbeConfig
+from prism_kernel.core.confirm_limit import ConfirmLimit
 from prism_kernel.core.health import BackendHealth, Change, ProbeResult, failure_kind
 from prism_kernel.core.model import Backend
 from prism_kernel.core.rto import settle, syn_rto_ms_by_backend
@@ -62,6 +63,10 @@ class Targets:
         # False until the first round: a backend added before that is probed by it.
         self.probing = False
         self._confirming: set[Backend] = set()
+        # Kernel reports of one backend start at most one confirmation per
+        # spacing once one found it alive (core/confirm_limit.py): a local
+        # user's expiring SYNs must not drive a handshake every poll.
+        self.confirm_limit = ConfirmLimit()
         self._tasks: set[asyncio.Task] = set()
 
     # ---- where the backends come from ---------------------------------------
@@ -119,6 +124,7 @@ class Targets:
                     t.task.cancel()
                 t.prober.abort()  # its kept-alive readyz connection goes too
                 self.log.info("backend_removed", address=str(b))
+        self.confirm_limit.keep_only(origins)
         for b, orig in origins.items():
             if b in self.by_backend:
                 self.by_backend[b].origins = orig
@@ -212,8 +218,11 @@ class Targets:
             if result.ok:
                 # Not confirmed: a lost SYN, or a live server that is only
                 # slow. The scheduled probes decide, as for any failure.
-                self.log.info("failure_unconfirmed", address=str(backend), saw=passive)
+                spacing = self.confirm_limit.found_alive(backend, time.monotonic())
+                self.log.info("failure_unconfirmed", address=str(backend), saw=passive,
+                              next_confirm_after_s=spacing)
                 return []
+            self.confirm_limit.failed(backend)  # a real failure: no spacing for the next one
             changes = t.health.mark_down(f"{passive}, confirmed: {result.reason}", time.monotonic())
         else:
             changes = t.health.observe(result, time.monotonic(), cfg.rise, cfg.fall)
@@ -228,6 +237,8 @@ class Targets:
             else:
                 self.metrics.observe_changes(backend, changes)
         for c in changes:
+            if c.kind == "down":
+                self.confirm_limit.failed(backend)
             self._log_change(t, c)
             if c.kind in ("up", "down"):
                 t.since_wall = time.time()
@@ -238,6 +249,13 @@ class Targets:
         is already out or being confirmed."""
         t = self.by_backend.get(backend)
         if t is None or t.health.state == "down" or backend in self._confirming:
+            return
+        now = time.monotonic()
+        if not self.confirm_limit.allows(backend, now):
+            if self.confirm_limit.should_log(backend, now):
+                self.log.warn("confirm_rate_limited", address=str(backend), kernel_saw=saw,
+                              spacing_s=self.confirm_limit.spacing(backend),
+                              why="recent confirmations found it alive")
             return
         self.log.info("passive_failure", address=str(backend), kernel_saw=saw,
                       refused=refused, syn_timeouts=syn_timeouts)
