@@ -13,6 +13,13 @@ retry) and one long-lived stream per backend. Figures, from the fault:
   longest  the longest request, its retry included
   stream   when the stream to the bad backend was closed, after detection
            (drain: the stream must stay open: "kept")
+
+Then a WAN run per data path (`--wan-seconds`, 60 by default; 0 skips it):
+the daemon in front of one backend whose host delays every packet it sends
+by `--wan-delay` (80 ms: a managed control plane across a continent), new
+connections through 127.0.0.1:PORT for that long, and what must not happen:
+a SYN timeout counted by the kernel, a suspect mark, a backend_down, a
+failed request. The backend's initial SYN RTO (status) is reported.
 """
 
 from __future__ import annotations
@@ -85,12 +92,46 @@ def one_run(tb: Testbed, datapath: str, fault: str, tmp: str) -> dict:
         cleanup_instance()
 
 
+def wan_run(tb: Testbed, datapath: str, tmp: str, seconds: float, delay: float) -> dict:
+    far = tb.backends[2]
+    far.link_delay(delay)
+    ctx = client_context(tb.ca_file)
+    # A first probe is three round trips (TCP, TLS, HTTP): 0.5 s holds them at 80 ms.
+    d = Daemon([far.endpoint], datapath, tb.ca_file, tmp, interval=1.0, timeout=0.5, rise=2, fall=2)
+    try:
+        d.wait_ready()
+        d.wait_active({far.endpoint}, timeout=30)
+        mark = len(d.events())
+        # Each request is three round trips: 16 threads keep ~60 new connections/s going.
+        with RecordingClient(ctx, rate=60, threads=16, timeout=2.0, max_seconds=seconds) as client:
+            client.wait_requests(1, timeout=30)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and all(t.is_alive() for t in client._workers):
+                time.sleep(0.5)  # the load runs for `seconds` (RecordingClient stops itself then)
+        new = d.events()[mark:]
+        row = next(b for b in d.status()["state"]["backends"] if b["address"] == far.endpoint)
+        return {
+            "datapath": datapath, "fault": "wan", "delay_s": delay, "seconds": seconds,
+            "requests": len(client.requests), "failed": len(client.failed()),
+            "passive_failures": sum(1 for e in new if e["event"] == "passive_failure"),
+            "backend_down": sum(1 for e in new if e["event"] == "backend_down"),
+            "latency_ms": row.get("latency_ms"), "syn_rto_ms": row.get("syn_rto_ms"),
+            "longest_s": round(client.longest(), 3),
+        }
+    finally:
+        d.stop()
+        far.link_delay(0)
+        cleanup_instance()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.failover")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--datapaths", default="ebpf,nftables")
     ap.add_argument("--faults", default=",".join(FAULTS))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--wan-seconds", type=float, default=60.0)
+    ap.add_argument("--wan-delay", type=float, default=0.08)
     a = ap.parse_args(argv)
     datapaths, faults = a.datapaths.split(","), a.faults.split(",")
     clear_stale(PREFIX)
@@ -108,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"failover: round {rnd + 1}/{a.rounds} {fault:9} {dp:8} detect {r['detect_s']}s "
                           f"no-new {r['no_new_s']}s longest {r['longest_s']}s stream {r['stream_close_s']} "
                           f"failed {r['failed']}/{r['requests']}", file=sys.stderr, flush=True)
+        wans = []
+        if a.wan_seconds > 0:
+            for dp in datapaths:
+                w = wan_run(tb, dp, tb.tmpdir, a.wan_seconds, a.wan_delay)
+                wans.append(w)
+                print(f"failover: wan {dp:8} {w}", file=sys.stderr, flush=True)
 
     def med(vals):
         vals = [v for v in vals if isinstance(v, (int, float))]
@@ -132,9 +179,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {fault} | {dp} | {med([r['detect_s'] for r in rs])} / {worst([r['detect_s'] for r in rs])} "
                   f"| {worst([r['no_new_s'] for r in rs])} | {worst([r['longest_s'] for r in rs])} | {stream_txt} "
                   f"| {sum(r['failed'] for r in rs)} of {sum(r['requests'] for r in rs)} |")
+    if wans:
+        print(f"\nA healthy backend {a.wan_delay * 1000:.0f} ms away (every packet its host sends delayed), "
+              f"{a.wan_seconds:.0f} s of new connections through it:\n")
+        print("| data path | measured latency ms | initial SYN RTO ms | kernel SYN timeouts seen | backend_down "
+              "| longest request s | failed requests |")
+        print("|---|--:|--:|--:|--:|--:|--:|")
+        for w in wans:
+            print(f"| {w['datapath']} | {w['latency_ms']} | {w['syn_rto_ms'] or 'kernel default (1000)'} "
+                  f"| {w['passive_failures']} | {w['backend_down']} | {w['longest_s']:.2f} "
+                  f"| {w['failed']} of {w['requests']} |")
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"failover-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(runs, indent=1))
+    path.write_text(json.dumps(runs + wans, indent=1))
     print(f"\nJSON: {path}")
     return 0
 

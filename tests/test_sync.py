@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from prism_kernel.control.sync import KernelWriter
+from prism_kernel.control.sync import REINSTALL_AFTER, KernelWriter
 from prism_kernel.core.model import Backend
 from prism_kernel.datapath.base import Datapath, DatapathSettings, KernelState, PassiveCounts
 from prism_kernel.errors import DatapathError
@@ -286,18 +286,21 @@ def test_a_failed_write_becomes_a_datapath_error_and_is_retried_with_backoff():
     async def t(writer, kernel, events, cls):
         await started(writer, cls)
         ebadf = OSError(9, "Bad file descriptor")
-        # The write fails; the retry fails too, and so does the reinstall it
-        # tries then; the next retry works.
-        kernel.faults["apply"] = [ebadf, ebadf]
+        # The write fails, and so do its first retries (a retry alone: a
+        # passing error must not restart the passive counters with a
+        # reinstall); after REINSTALL_AFTER of them the data path is
+        # installed again, which fails too; the next retry works.
+        kernel.faults["apply"] = [ebadf] * (REINSTALL_AFTER + 1)
         kernel.faults["install"] = [OSError(1, "Operation not permitted")]
         writer.want((A, B))
         await until(lambda: events.of("written") and events.of("written")[-1][0] == (A, B))
         failed = events.of("write_failed")
-        assert [f[0] for f in failed] == [(A, B), (A, B)]
+        assert [f[0] for f in failed] == [(A, B)] * (REINSTALL_AFTER + 1)
         assert failed[0][1] == "apply: [Errno 9] Bad file descriptor"  # OSError -> DatapathError at the boundary
-        assert failed[1][1] == "install: [Errno 1] Operation not permitted"
-        assert [f[2] for f in failed] == [0.05, 0.1]  # backoff doubles
-        assert [m for _, m, _ in kernel.methods("apply", "install")][-4:] == ["apply", "apply", "install", "apply"]
+        assert failed[-1][1] == "install: [Errno 1] Operation not permitted"
+        assert [f[2] for f in failed] == [0.05, 0.1, 0.2, 0.4]  # backoff doubles
+        assert [m for _, m, _ in kernel.methods("apply", "install")][-6:] == [
+            "apply", "apply", "apply", "apply", "install", "apply"]
         assert events.of("reinstall_failed") and kernel.held["fake"] == (A, B)
         assert events.of("written")[-1] == ((A, B), True, "retry")
     run(t, retry_min=0.05, retry_max=0.4)
@@ -327,11 +330,78 @@ def test_an_unexpected_exception_is_logged_and_the_writer_goes_on():
         await started(writer, cls)
         kernel.faults["close_connections"] = [ValueError("bad sock_diag answer")]
         writer.want((A, B), close=[C])
-        await until(lambda: events.of("writer_failed"))
-        writer.want((A,), close=[B])
+        await until(lambda: events.of("close_failed"))
+        assert events.of("close_failed") == [((C,), "ValueError: bad sock_diag answer")]
+        assert not events.of("write_failed")  # the write worked: nothing to retry
+        kernel.faults["set_syn_rto"] = [KeyError("rto")]
+        writer.want((A,), close=[B], syn_rto={A: 200})
         await until(lambda: events.of("closed"))
-        assert kernel.held["fake"] == (A,)
+        assert kernel.held["fake"] == (A,) and events.of("syn_rto_refused")
+        writer.want((A,), syn_rto={A: 200})  # the same timers again: tried again, now taken
+        await until(lambda: kernel.rto["fake"] == {A: 200})
     run(t, retry_min=0.05)
+
+
+def test_a_failing_passive_read_of_any_kind_never_makes_the_writer_spin():
+    async def t(writer, kernel, events, cls):
+        await started(writer, cls)
+        kernel.faults["passive_failures"] = [ValueError("bad map value")] * 1000
+        await until(lambda: events.of("passive_read_failed"))
+        reads = len(kernel.methods("passive_failures"))
+        writer.want((A, B))  # a sync still goes through at once
+        await until(lambda: kernel.held["fake"] == (A, B))
+        assert len(kernel.methods("passive_failures")) == reads == 1, reads  # retried after 5 s, not at once
+        assert not events.of("write_failed") and not events.of("writer_failed")
+    run(t, passive_every=0.01)
+
+
+def test_closes_after_a_failed_write_wait_for_the_write_that_works():
+    async def t(writer, kernel, events, cls):
+        await started(writer, cls)
+        kernel.faults["apply"] = [OSError(9, "Bad file descriptor")]
+        writer.want((A, B), close=[C])
+        await until(lambda: events.of("closed"))
+        calls = [(m, a) for _, m, a in kernel.methods("apply", "close_connections")]
+        # The failed write, then its retry, and only then the close: an aborted
+        # client must reconnect onto a set without C.
+        assert calls[-3:] == [("apply", (A, B)), ("apply", (A, B)), ("close_connections", (C,))], calls
+    run(t, retry_min=0.05)
+
+
+def test_a_swap_installs_the_latest_set_even_when_a_mark_came_after_it_was_asked_for():
+    async def t(writer, kernel, events, cls):
+        await started(writer, cls)
+        kernel.gate["read_state"] = threading.Event()
+        kernel.entered["read_state"] = threading.Event()
+        scrape = writer.submit(writer._read_state)  # holds the writer while the loop goes on
+        await until(kernel.entered["read_state"].is_set)
+        swap = writer.submit(writer.swap_datapath, cls, SETTINGS, (A, B, C))  # the reload's set of its moment
+        writer.want((A, B), close=[C])  # then C dies: marks go before the queued swap
+        kernel.gate["read_state"].set()
+        await asyncio.wrap_future(scrape)
+        await asyncio.wrap_future(swap)
+        await until(lambda: events.of("closed"))
+        assert kernel.held["fake"] == (A, B)
+    run(t)
+
+
+def test_a_request_after_the_stop_fails_at_once_and_none_is_left_hanging():
+    async def t(writer, kernel, events, cls):
+        await started(writer, cls)
+        kernel.gate["read_state"] = threading.Event()
+        kernel.entered["read_state"] = threading.Event()
+        busy = writer.submit(writer._read_state)
+        await until(kernel.entered["read_state"].is_set)
+        stopping = writer.submit(writer._stop, None)
+        behind = writer.submit(writer._read_state)  # queued behind the stop
+        kernel.gate["read_state"].set()
+        await asyncio.wrap_future(busy)
+        await asyncio.wrap_future(stopping)
+        with pytest.raises(DatapathError, match="stopped"):
+            await asyncio.wait_for(asyncio.wrap_future(behind), 5)
+        with pytest.raises(DatapathError, match="stopped"):
+            await asyncio.wait_for(writer.run(writer._read_state), 5)
+    run(t)
 
 
 def test_reconcile_reinstalls_a_data_path_removed_behind_its_back():

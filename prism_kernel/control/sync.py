@@ -7,7 +7,7 @@ the dead backends whose connections go) or queues a request (`run`: start,
 reload's swap, removing the other data path, a query, a scrape's read). This
 thread syncs at once on a dirty mark (marks that arrive meanwhile coalesce:
 one write of the latest set, then the closes), polls the passive counters
-every 100 ms, re-asserts the set every 10 s, and retries a failed write with
+every 50 ms, re-asserts the set every 10 s, and retries a failed write with
 a backoff. Outcomes go back to the loop as WriterEvents calls
 (call_soon_threadsafe).
 
@@ -42,6 +42,7 @@ PASSIVE_RETRY_AFTER = 5.0  # seconds after a failed read
 RECONCILE_EVERY = 10.0  # seconds: re-assert the set, repairs state removed behind our back
 RETRY_MIN = 0.2  # seconds before retrying a failed write, doubling ...
 RETRY_MAX = 10.0  # ... up to this
+REINSTALL_AFTER = 3  # failed retries of a write before the data path is installed again
 SCRAPE_TIMEOUT = 5.0  # seconds a metrics scrape waits for a kernel read
 STOP_TIMEOUT = 60.0  # seconds the daemon waits for the writer's last job at exit
 
@@ -117,10 +118,13 @@ class KernelWriter:
         self._calls: collections.Counter[str] = collections.Counter()
         self._off_thread = 0
         self._exit = False
+        self._stopped = False  # guarded by _cv: no request is taken any more
         self._busy_since: float | None = None
         # Writer thread only.
         self._dp: Datapath | None = None
         self._applied: tuple[Backend, ...] | None = None
+        self._close_after_write: list[Backend] = []  # dead backends whose closes wait for a write that works
+        self._failed_in_a_row = 0
         self._syn_rto: dict[Backend, int] = {}  # given to every data-path object this thread opens
         self._pending = False  # the last write failed: retried at _retry_at
         self._retry_at: float | None = None
@@ -165,8 +169,12 @@ class KernelWriter:
         on the writer thread; its result or exception comes in the future."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
-            self._jobs.append((fut, lambda: fn(*args)))
-            self._cv.notify()
+            gone = self._stopped or (self._thread is not None and not self._thread.is_alive())
+            if not gone:
+                self._jobs.append((fut, lambda: fn(*args)))
+                self._cv.notify()
+        if gone:
+            fut.set_exception(DatapathError("the kernel writer has stopped"))
         return fut
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -175,12 +183,20 @@ class KernelWriter:
     async def stop(self, cleanup: tuple[type[Datapath], DatapathSettings] | None) -> list[str]:
         """The last request: release the data path's descriptors (the kernel
         state stays) or, with `cleanup`, remove it; then the thread ends."""
+        with self._cv:
+            if self._stopped:
+                return []
         fut = self.submit(self._stop, cleanup)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), STOP_TIMEOUT)
         finally:
             if self._thread is not None:
                 self._thread.join(1.0)
+
+    def busy_for(self) -> float | None:
+        """Seconds the writer has been in its current operation; None when idle."""
+        with self._cv:
+            return None if self._busy_since is None else self._clock() - self._busy_since
 
     def stats(self) -> dict[str, Any]:
         """For the state file: every kernel call by operation, and how many
@@ -270,11 +286,16 @@ class KernelWriter:
                     self._timers(self._clock())
             except Exception as e:  # noqa: BLE001 - the writer never dies: logged, retried
                 self._log("error", "writer_failed", error=_err(e), action="retrying")
-                if self._dp is not None:
-                    self._failed(self._applied or (), e)
+                if want is not None and self._dp is not None:
+                    self._failed(want.backends or self._applied or (), e)  # the sync is retried
             if self._exit:
                 with self._cv:
                     self._busy_since = None
+                    self._stopped = True
+                    left, self._jobs = list(self._jobs), collections.deque()
+                for fut, _fn in left:  # requests queued behind the stop: answered, never left hanging
+                    if fut.set_running_or_notify_cancel():
+                        fut.set_exception(DatapathError("the kernel writer has stopped"))
                 return
 
     def _next_due(self) -> float | None:
@@ -284,6 +305,8 @@ class KernelWriter:
         return min(due) if due else None
 
     def _timers(self, now: float) -> None:
+        """Each timer is moved on before its work runs, so a failure of any
+        kind never makes it due again at once (the thread would spin)."""
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
             self._repair(reconcile=False)
@@ -293,6 +316,7 @@ class KernelWriter:
                 self.remove_others(*self._other_removal)
             self._repair(reconcile=True)
         if self._passive_at is not None and now >= self._passive_at:
+            self._passive_at = now + PASSIVE_RETRY_AFTER  # until a read works
             self._poll_passive()
 
     # ---- the sync -------------------------------------------------------------
@@ -300,18 +324,20 @@ class KernelWriter:
     def _sync(self, want: _Want) -> None:
         """The plan: write the wanted set when the kernel's differs (or a
         write failed, or a reload forces it), then close what is dead."""
-        rto_changed = want.syn_rto is not None and want.syn_rto != self._syn_rto
-        if rto_changed:
-            assert want.syn_rto is not None
-            self._syn_rto = want.syn_rto
+        rto_changed = False
+        if want.syn_rto is not None and want.syn_rto != self._syn_rto:
+            if self._dp is None:
+                self._syn_rto = want.syn_rto  # for the object the start opens
+            else:
+                try:
+                    self._call("set_syn_rto", self._dp.set_syn_rto, want.syn_rto)
+                    self._syn_rto, rto_changed = want.syn_rto, True
+                except Exception as e:  # noqa: BLE001 - the set still goes in; the same timers are tried again next mark
+                    self._log("error", "syn_rto_refused", error=_err(e))
         if self._dp is None:
             return  # not installed: the start request writes the set itself
         backends = want.backends
-        if rto_changed:
-            try:
-                self._call("set_syn_rto", self._dp.set_syn_rto, self._syn_rto)
-            except DatapathError as e:
-                self._log("error", "syn_rto_refused", error=_err(e))
+        written = not self._pending
         if backends is not None:
             if not backends:
                 # Never an empty set (selection returns one only when no
@@ -319,16 +345,23 @@ class KernelWriter:
                 self._log("error", "no_steerable_backends",
                           families=",".join(map(str, sorted(self._dp.families))))
             elif want.force or rto_changed or backends != self._applied or self._pending:
-                self._write(backends, "retry" if self._pending else "syn_rto" if backends == self._applied else "sync")
-        if want.close:
-            self._close(tuple(want.close))
+                written = self._write(
+                    backends, "retry" if self._pending else "syn_rto" if backends == self._applied else "sync")
+        close = tuple(want.close)
+        if close and written:
+            self._close(close)
+        elif close:
+            # After a failed write the kernel may still steer to them: the
+            # closes wait for the write that succeeds, so that an aborted
+            # client reconnects onto the new set.
+            self._close_after_write.extend(b for b in close if b not in self._close_after_write)
 
     def _write(self, backends: tuple[Backend, ...], how: str) -> bool:
         assert self._dp is not None
         t0 = self._clock()
         try:
             wrote = self._call("apply", self._dp.apply, backends)
-        except DatapathError as e:
+        except Exception as e:  # noqa: BLE001 - any failure: the kernel's set is unknown, retried
             self._failed(backends, e)
             return False
         self._succeeded(backends)
@@ -340,11 +373,16 @@ class KernelWriter:
         self._pending = False
         self._retry_at = None
         self._backoff = self._retry_min
+        self._failed_in_a_row = 0
+        if self._close_after_write and self._dp is not None:
+            close, self._close_after_write = tuple(self._close_after_write), []
+            self._close(close)
 
     def _failed(self, backends: tuple[Backend, ...], error: BaseException) -> None:
         """A write that failed, possibly after its commit point: the kernel's
         set is unknown, so the next sync writes again (apply() compares)."""
         delay = self._backoff
+        self._failed_in_a_row += 1
         self._pending = True
         self._retry_at = self._clock() + delay
         self._backoff = min(self._retry_max, self._backoff * 2)
@@ -355,15 +393,17 @@ class KernelWriter:
         t0 = self._clock()
         try:
             n = self._call("close_connections", self._dp.close_connections, backends)
-        except DatapathError as e:
+        except Exception as e:  # noqa: BLE001 - reported; the backend is out of the set already
             self._post(self.events.close_failed, backends, _err(e))
             return
         self._post(self.events.closed, backends, int(n), self._clock() - t0)
 
     def _repair(self, reconcile: bool) -> None:
         """Re-assert the wanted set (apply() writes only on a difference, so
-        this is free when nothing drifted); a data path that cannot be
-        written is installed again."""
+        this is free when nothing drifted). A data path that cannot be
+        written is installed again by the reconcile, or after REINSTALL_AFTER
+        failed retries (a passing error gets the retry alone: a reinstall
+        starts the passive counters afresh)."""
         assert self._dp is not None
         with self._cv:
             backends = self._want.backends or self._applied
@@ -371,12 +411,15 @@ class KernelWriter:
             return
         try:
             wrote = self._call("apply", self._dp.apply, backends)
-        except DatapathError as e:
+        except Exception as e:  # noqa: BLE001 - any failure: retried, then reinstalled
+            if not reconcile and self._failed_in_a_row < REINSTALL_AFTER:
+                self._failed(backends, e)
+                return
             self._log("warn", "reinstall", reason=_err(e))
             try:
                 self._call("install", self._dp.install, backends)
                 self._call("apply", self._dp.apply, backends)
-            except DatapathError as e2:
+            except Exception as e2:  # noqa: BLE001 - retried with backoff
                 self._log("error", "reinstall_failed", error=_err(e2))
                 self._failed(backends, e2)
                 return
@@ -391,9 +434,10 @@ class KernelWriter:
         assert self._dp is not None
         try:
             counts = self._call("passive_failures", self._dp.passive_failures)
-        except DatapathError as e:
+        except Exception as e:  # noqa: BLE001 - read again after PASSIVE_RETRY_AFTER, never at once
             self._log("warn", "passive_read_failed", error=_err(e))
             self._passive_at = self._clock() + PASSIVE_RETRY_AFTER
+            self._last_passive = None  # a scrape reads afresh, never old counters as new
             return
         self._passive_at = self._clock() + self._passive_every
         self._last_passive = counts
@@ -417,6 +461,10 @@ class KernelWriter:
         with self._cv:
             if self._want.backends is None:
                 self._want.backends = backends
+            elif self._want.backends != backends:
+                # A mark synced to the old object while this request waited
+                # (marks go first): the new one gets the latest set next.
+                self._want.dirty = True
         return InstalledDatapath(dp.name, frozenset(dp.families), dict(getattr(dp, "last_load", None) or {}))
 
     # ---- requests (run on this thread through submit/run) ----------------------
@@ -468,6 +516,10 @@ class KernelWriter:
         """Reload: a new data-path object (port, data path, loader) installed
         with the current set; the old one writes nothing after this starts
         (one thread), so the kernel never sees two writers."""
+        with self._cv:
+            backends = self._want.backends or backends  # the loop's latest, if a mark came since
+        if not backends:
+            raise DatapathError("no backend to steer to: the running data path is kept")
         dp = self._open(cls, settings)
         try:
             # atomic: port / table replaced in place
