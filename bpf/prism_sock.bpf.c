@@ -57,6 +57,11 @@
 #define PK_MAX_PASSIVE 1024  /* pk_passive: backends with outcome counters */
 #define PK_CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG)
 #define PK_IPPROTO_TCP 6
+/* After a backend's mark expired, a SYN timeout cannot mark it again for
+ * this many suspect windows: SYN timeouts keep one backend suspect at most
+ * 1 window out of 1 + PK_SUSPECT_HOLDOFF, however often they come (any
+ * local user can make them; docs/design/confirm-limit.md). */
+#define PK_SUSPECT_HOLDOFF 4
 
 #define PK_FAMILY4 4
 #define PK_FAMILY6 6
@@ -622,22 +627,31 @@ static __always_inline struct pk_outcome *pk_outcome_for(struct pk_backend *be)
 }
 
 /* A steered connect to `be` failed (refused, or an RTO in SYN_SENT): suspect
- * until now + PK_SUSPECT_NS, a later failure moving the deadline on. An
- * existing entry is written in place (one aligned 8-byte store): an LRU map
- * recycles a replaced element at once, under a concurrent reader's feet.
+ * until now + PK_SUSPECT_NS, a later refusal moving the deadline on.
+ * `rto`: the evidence is a SYN timeout, which any local user can make
+ * (IP_TTL=1): rate-limited per backend, it never moves a mark on and marks
+ * again only PK_SUSPECT_HOLDOFF windows after the last mark expired (the
+ * deadline is the whole state). A real black hole is marked at its first
+ * timeout and taken out of the set by the daemon within that window. A
+ * refusal is the backend's own RST: never limited. An existing entry is
+ * written in place (one aligned 8-byte store): an LRU map recycles a
+ * replaced element at once, under a concurrent reader's feet.
  * pk_suspect_until first, so that no connect skips the lookup of a mark that
  * is already in pk_suspect; two CPUs marking at once store deadlines
  * microseconds apart, whichever lands last is the one kept. */
-static __always_inline void pk_mark_suspect(struct pk_backend *be)
+static __always_inline void pk_mark_suspect(struct pk_backend *be, int rto)
 {
 	__u32 zero = 0;
-	__u64 until = bpf_ktime_get_ns() + PK_SUSPECT_NS;
-	__u64 *latest = pk_suspect_until_get(&zero);
-	__u64 *cur;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 until = now + PK_SUSPECT_NS;
+	__u64 *latest;
+	__u64 *cur = pk_suspect_get(be);
 
+	if (rto && cur && now < *cur + PK_SUSPECT_HOLDOFF * PK_SUSPECT_NS)
+		return;  /* marked, or marked too recently */
+	latest = pk_suspect_until_get(&zero);
 	if (latest)
 		*latest = until;
-	cur = pk_suspect_get(be);
 	if (cur) {
 		*cur = until;
 		pk_stat_inc(PK_STAT_SUSPECT_MARK);
@@ -704,9 +718,9 @@ int pk_sockops(struct bpf_sock_ops *skops)
 	}
 	if (op == BPF_SOCK_OPS_RTO_CB) {
 		/* every firing in SYN_SENT: a black hole, first one initial RTO
-		 * (syn_rto, else 1 s) after the SYN */
+		 * (syn_rto, else 1 s) after the SYN; the mark rate-limited */
 		if (skops->state == BPF_TCP_SYN_SENT) {
-			pk_mark_suspect(&p->be);
+			pk_mark_suspect(&p->be, 1);
 			o = pk_outcome_for(&p->be);
 			if (o)
 				o->syn_timeouts += 1;
@@ -720,7 +734,7 @@ int pk_sockops(struct bpf_sock_ops *skops)
 	if (skops->args[1] != BPF_TCP_CLOSE)
 		return 1;
 	if (skops->args[0] == BPF_TCP_SYN_SENT && skops->segs_in > 0) {
-		pk_mark_suspect(&p->be);  /* first: the owner's retry is about to come */
+		pk_mark_suspect(&p->be, 0);  /* first: the owner's retry is about to come */
 		o = pk_outcome_for(&p->be);
 		if (o)
 			o->refused += 1;
