@@ -492,11 +492,15 @@ def test_ebpf_passive_counters(tb, ebpf):
     dp.apply([be(b1)])
     with connect() as s:
         assert http_ok(s)
-    assert dp.passive_failures() == {be(b0): PassiveCounts(refused=1, syn_timeouts=rtos,
-                                                           established=1),
-                                     be(b1): PassiveCounts(established=1)}
+    # b1's SYN may itself have been retransmitted once: the full suite leaves
+    # TIME_WAIT sockets on b1 from earlier tests, and a SYN that lands on one
+    # is dropped (seen once in a full run, never alone); it is still its own.
+    got = dp.passive_failures()
+    assert got[be(b0)] == PassiveCounts(refused=1, syn_timeouts=rtos, established=1)
+    assert set(got) == {be(b0), be(b1)} and (got[be(b1)].refused, got[be(b1)].established) == (0, 1), got
     st = dp.read_state()
-    assert st.counters[be(b1)].extra == {"refused": 0, "syn_timeouts": 0, "established": 1}
+    assert {k: v for k, v in st.counters[be(b1)].extra.items() if k != "syn_timeouts"} == {
+        "refused": 0, "established": 1}
     deadline = time.monotonic() + 2.0  # the closed socket's FIN_WAIT1 ends with the peer's ACK
     while dp.steered_sockets() and time.monotonic() < deadline:
         time.sleep(0.01)
