@@ -11,6 +11,8 @@ raises YamlError (a yaml.YAMLError, with line and column) for each.
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 import yaml
@@ -102,3 +104,30 @@ def parse_yaml(text: str) -> Any:
     """One YAML document, read by the bounded safe loader (the caller checks
     the size, MAX_BYTES, before it decodes). Raises YamlError."""
     return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass: no object-building tags
+
+
+class FileError(Exception):
+    """What is wrong with a YAML file, worded to follow its name: the caller
+    writes f"{what} {path}{error}" in its own error class."""
+
+
+def read_yaml_file(path: str, max_bytes: int) -> Any:
+    """The one YAML document of a regular file of at most `max_bytes`, UTF-8,
+    read by parse_yaml(). Raises FileError."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise FileError(" is not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise FileError(f": {e.strerror or e}") from None
+    except ValueError as e:  # a NUL byte in the path
+        raise FileError(f": {e}") from None
+    if len(raw) > max_bytes:
+        raise FileError(f" is larger than {max_bytes // 1024} KiB")
+    try:
+        return parse_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise FileError(f" is not UTF-8 text (byte {e.start})") from None
+    except YamlError as e:
+        raise FileError(f" is not valid YAML: {e}") from None

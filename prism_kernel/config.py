@@ -37,7 +37,7 @@ from pydantic import (
 from prism_kernel.bounded_yaml import MAX_BYTES as MAX_CONFIG_BYTES
 from prism_kernel.bounded_yaml import MAX_DEPTH as MAX_CONFIG_DEPTH  # noqa: F401
 from prism_kernel.bounded_yaml import MAX_VALUES as MAX_CONFIG_VALUES  # noqa: F401
-from prism_kernel.bounded_yaml import YamlError, parse_yaml
+from prism_kernel.bounded_yaml import FileError, read_yaml_file
 from prism_kernel.errors import ConfigError
 from prism_kernel.sources.endpoints import (
     MAX_BACKENDS_PER_FAMILY,
@@ -499,22 +499,9 @@ def load_yaml(path: str) -> dict[str, Any]:
     bounded YAML mapping (docs/configuration.md, "The file")."""
     where = f"config file {path!r}"
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ConfigError(f"{where} is not a regular file")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"{where}: {e.strerror or e}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES // 1024} KiB")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{where} is not UTF-8 text (byte {e.start})") from None
-    try:
-        data = parse_yaml(text)
-    except YamlError as e:
-        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+        data = read_yaml_file(path, MAX_CONFIG_BYTES)
+    except FileError as e:
+        raise ConfigError(f"{where}{e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -10,6 +10,12 @@ class PrismError(Exception):
     exit_code = 1
 
 
+def describe(e: BaseException) -> str:
+    """An error for a log line: our own message as it is (it names what is
+    wrong), anything else with its type (a bug or an OS error)."""
+    return str(e) if isinstance(e, PrismError) else f"{type(e).__name__}: {e}"
+
+
 class ConfigError(PrismError):
     """Invalid configuration or flags. Raised before anything touches the kernel."""
 

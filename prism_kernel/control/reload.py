@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from prism_kernel.config import Config
 from prism_kernel.datapath import DatapathSettings, choose, known_families, listeners
-from prism_kernel.errors import ConfigError, PrismError
+from prism_kernel.errors import ConfigError, PrismError, describe
 from prism_kernel.observe.metrics import MetricsServer
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ async def reload(d: Daemon) -> None:
             # is closed; no write of the old one can come in between.
             info = await w.run(w.swap_datapath, dp_cls, new_settings, current)
         except Exception as e:  # noqa: BLE001 - a reload must never stop the daemon
-            reason = str(e) if isinstance(e, PrismError) else f"{type(e).__name__}: {e}"
+            reason = describe(e)
             d.log.error("reload_rejected", reason=f"data path: {reason}", kept="running configuration")
             return
         d.datapath, d.dp_cls, d.datapath_reason, d.settings = info, dp_cls, why, new_settings

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from prism_kernel.control import sdnotify
 from prism_kernel.datapath import Choice, Datapath, datapath_class, decide, installed, known_families, listeners
-from prism_kernel.errors import ConfigError, PrismError
+from prism_kernel.errors import ConfigError, PrismError, describe
 
 if TYPE_CHECKING:
     from prism_kernel.control.supervisor import Daemon
@@ -42,10 +42,6 @@ def start_retry_delay(failures: int, rand: Callable[[float, float], float] = ran
     """Seconds to wait after the `failures`-th consecutive failed start."""
     base = min(START_RETRY_MAX, START_RETRY_MIN * 2 ** max(0, failures - 1))
     return min(START_RETRY_MAX, base * rand(1 - START_RETRY_JITTER, 1 + START_RETRY_JITTER))
-
-
-def err(e: BaseException) -> str:
-    return str(e) if isinstance(e, PrismError) else f"{type(e).__name__}: {e}"
 
 
 class Starter:
@@ -80,7 +76,7 @@ class Starter:
             why, found = await d.writer.run(d.writer.query, listeners.check, d.config.port,
                                             d.config.take_over_listen_address)
         except Exception as e:  # noqa: BLE001 - the check is a guard, not a dependency
-            d.log.warn("listen_address_unchecked", port=d.config.port, error=err(e))
+            d.log.warn("listen_address_unchecked", port=d.config.port, error=describe(e))
             return
         if why:
             raise ConfigError(why)
@@ -129,11 +125,11 @@ class Starter:
             except Exception as e:  # noqa: BLE001 - never a crash loop: retried or fallen back
                 error = e
             if await self._may_fall_back(cls):
-                self.fell_back(cls.name, "nftables", "install_failed", err(error))
+                self.fell_back(cls.name, "nftables", "install_failed", describe(error))
                 try:
                     nft = datapath_class("nftables")
                     await d.writer.run(d.writer.query, nft.check_available, d.settings)
-                    self._use(nft, f"auto: eBPF install failed ({err(error)}); using nftables")
+                    self._use(nft, f"auto: eBPF install failed ({describe(error)}); using nftables")
                     await self._install_and_write(nft)
                     return True
                 except Exception as e:  # noqa: BLE001
@@ -190,14 +186,14 @@ class Starter:
         st.start_failures += 1
         st.start_failures_in_a_row += 1
         delay = start_retry_delay(st.start_failures_in_a_row)
-        st.last_start_error = f"{stage} {datapath}: {err(error)}"
+        st.last_start_error = f"{stage} {datapath}: {describe(error)}"
         st.last_start_failure_wall = time.time()
         st.next_start_attempt_wall = time.time() + delay
         try:
             present = await d.writer.run(d.writer.query, installed, d.settings)
         except Exception:  # noqa: BLE001 - only for the log line
             present = None
-        d.log.error("datapath_start_failed", stage=stage, datapath=datapath, error=err(error),
+        d.log.error("datapath_start_failed", stage=stage, datapath=datapath, error=describe(error),
                     attempt=st.start_failures_in_a_row, retry_in_s=round(delay, 2),
                     kernel=(f"the installed {present[0]} data path keeps steering ({present[1]})"
                             if present else "nothing of this instance in the kernel"))
@@ -205,5 +201,5 @@ class Starter:
             d.metrics.observe_datapath_start_failure(stage)
         d.write_state()
         sdnotify.notify(STATUS=f"data path start failed {st.start_failures_in_a_row}x ({stage} {datapath}: "
-                               f"{err(error)}); retrying in {delay:.0f}s")
+                               f"{describe(error)}); retrying in {delay:.0f}s")
         await d.pause_starting(delay)

@@ -396,8 +396,10 @@ class Daemon:
         for backend, result, passive in batch:
             changes += self.targets.observe(backend, result, passive)
         if not changes:
-            if self.datapath is not None and self.targets.syn_rto() != self._syn_rto:
-                self.writer.want(None, syn_rto=self.syn_rto())  # a latency moved: the timers follow
+            rto = self.targets.syn_rto()
+            if self.datapath is not None and rto != self._syn_rto:
+                self._syn_rto = rto
+                self.writer.want(None, syn_rto=rto)  # a latency moved: the timers follow
             return
         self.select()
         # The dead backends' connections are closed by the writer after the

@@ -32,7 +32,7 @@ from prism_kernel.core.model import Backend
 from prism_kernel.datapath import ALL as ALL_DATAPATHS
 from prism_kernel.datapath import Datapath, DatapathSettings, datapath_class
 from prism_kernel.datapath.base import KernelState, PassiveCounts, import_netlink
-from prism_kernel.errors import DatapathError, DatapathUnavailable, PrismError
+from prism_kernel.errors import DatapathError, DatapathUnavailable, describe
 
 # Seconds between reads of the kernel's outcome counters (a few syscalls,
 # ~0.1 ms): with a 200 ms initial SYN RTO a black hole is seen 200 ms after
@@ -45,10 +45,6 @@ RETRY_MAX = 10.0  # ... up to this
 REINSTALL_AFTER = 3  # failed retries of a write before the data path is installed again
 SCRAPE_TIMEOUT = 5.0  # seconds a metrics scrape waits for a kernel read
 STOP_TIMEOUT = 60.0  # seconds the daemon waits for the writer's last job at exit
-
-
-def _err(e: BaseException) -> str:
-    return str(e) if isinstance(e, PrismError) else f"{type(e).__name__}: {e}"
 
 
 @dataclass(frozen=True)
@@ -285,7 +281,7 @@ class KernelWriter:
                 else:
                     self._timers(self._clock())
             except Exception as e:  # noqa: BLE001 - the writer never dies: logged, retried
-                self._log("error", "writer_failed", error=_err(e), action="retrying")
+                self._log("error", "writer_failed", error=describe(e), action="retrying")
                 if want is not None and self._dp is not None:
                     self._failed(want.backends or self._applied or (), e)  # the sync is retried
             if self._exit:
@@ -333,7 +329,7 @@ class KernelWriter:
                     self._call("set_syn_rto", self._dp.set_syn_rto, want.syn_rto)
                     self._syn_rto, rto_changed = want.syn_rto, True
                 except Exception as e:  # noqa: BLE001 - the set still goes in; the same timers are tried again next mark
-                    self._log("error", "syn_rto_refused", error=_err(e))
+                    self._log("error", "syn_rto_refused", error=describe(e))
         if self._dp is None:
             return  # not installed: the start request writes the set itself
         backends = want.backends
@@ -386,7 +382,7 @@ class KernelWriter:
         self._pending = True
         self._retry_at = self._clock() + delay
         self._backoff = min(self._retry_max, self._backoff * 2)
-        self._post(self.events.write_failed, backends, _err(error), delay)
+        self._post(self.events.write_failed, backends, describe(error), delay)
 
     def _close(self, backends: tuple[Backend, ...]) -> None:
         assert self._dp is not None
@@ -394,7 +390,7 @@ class KernelWriter:
         try:
             n = self._call("close_connections", self._dp.close_connections, backends)
         except Exception as e:  # noqa: BLE001 - reported; the backend is out of the set already
-            self._post(self.events.close_failed, backends, _err(e))
+            self._post(self.events.close_failed, backends, describe(e))
             return
         self._post(self.events.closed, backends, int(n), self._clock() - t0)
 
@@ -415,12 +411,12 @@ class KernelWriter:
             if not reconcile and self._failed_in_a_row < REINSTALL_AFTER:
                 self._failed(backends, e)
                 return
-            self._log("warn", "reinstall", reason=_err(e))
+            self._log("warn", "reinstall", reason=describe(e))
             try:
                 self._call("install", self._dp.install, backends)
                 self._call("apply", self._dp.apply, backends)
             except Exception as e2:  # noqa: BLE001 - retried with backoff
-                self._log("error", "reinstall_failed", error=_err(e2))
+                self._log("error", "reinstall_failed", error=describe(e2))
                 self._failed(backends, e2)
                 return
             self._new_generation()
@@ -435,7 +431,7 @@ class KernelWriter:
         try:
             counts = self._call("passive_failures", self._dp.passive_failures)
         except Exception as e:  # noqa: BLE001 - read again after PASSIVE_RETRY_AFTER, never at once
-            self._log("warn", "passive_read_failed", error=_err(e))
+            self._log("warn", "passive_read_failed", error=describe(e))
             self._passive_at = self._clock() + PASSIVE_RETRY_AFTER
             self._last_passive = None  # a scrape reads afresh, never old counters as new
             return
@@ -480,14 +476,14 @@ class KernelWriter:
             try:
                 self._call("set_syn_rto", dp.set_syn_rto, self._syn_rto)
             except DatapathError as e:
-                self._log("error", "syn_rto_refused", error=_err(e))
+                self._log("error", "syn_rto_refused", error=describe(e))
         return dp
 
     def _close_quietly(self, dp: Datapath) -> None:
         try:
             self._call("close", dp.close)
         except Exception as e:  # noqa: BLE001 - releasing descriptors; the error that led here matters more
-            self._log("warn", "datapath_close_failed", datapath=dp.name, error=_err(e))
+            self._log("warn", "datapath_close_failed", datapath=dp.name, error=describe(e))
 
     def start_datapath(self, cls: type[Datapath], settings: DatapathSettings,
                        backends: tuple[Backend, ...]) -> Started:
@@ -553,7 +549,7 @@ class KernelWriter:
                 continue
             except Exception as e:  # noqa: BLE001 - logged, retried
                 failed = True
-                self._log("error", "remove_other_datapath_failed", datapath=name, error=_err(e),
+                self._log("error", "remove_other_datapath_failed", datapath=name, error=describe(e),
                           action="retrying every reconcile")
                 continue
             for line in removed:

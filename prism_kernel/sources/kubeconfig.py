@@ -10,13 +10,12 @@ from __future__ import annotations
 import base64
 import os
 import ssl
-import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prism_kernel.bounded_yaml import YamlError, parse_yaml
+from prism_kernel.bounded_yaml import FileError, read_yaml_file
 from prism_kernel.errors import ConfigError
 
 # kubeadm's and kubelet's kubeconfigs are a few KiB with the certificates
@@ -215,22 +214,9 @@ def load_kubeconfig(path: str | os.PathLike, context: str | None = None) -> Kube
 def _read_document(path: str) -> dict:
     """The kubeconfig's top-level mapping, read within the limits."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise KubeconfigError(f"kubeconfig {path} is not a regular file")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_KUBECONFIG_BYTES + 1)
-    except OSError as e:
-        raise KubeconfigError(f"kubeconfig {path}: {e.strerror or e}") from None
-    except ValueError as e:  # a NUL byte in the path
-        raise KubeconfigError(f"kubeconfig {path!r}: {e}") from None
-    if len(raw) > MAX_KUBECONFIG_BYTES:
-        raise KubeconfigError(f"kubeconfig {path} is larger than {MAX_KUBECONFIG_BYTES // 1024} KiB")
-    try:
-        doc = parse_yaml(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise KubeconfigError(f"kubeconfig {path} is not UTF-8 text (byte {e.start})") from None
-    except YamlError as e:
-        raise KubeconfigError(f"kubeconfig {path} is not valid YAML: {e}") from None
+        doc = read_yaml_file(path, MAX_KUBECONFIG_BYTES)
+    except FileError as e:
+        raise KubeconfigError(f"kubeconfig {path}{e}") from None
     if not isinstance(doc, dict):
         raise KubeconfigError(f"kubeconfig {path}: not a kubeconfig (top level is not a mapping)")
     return doc
