@@ -45,7 +45,9 @@ LOADER_KEYS = ("loader", "why", "load_s", "maxrss_kb")
 
 def _backends(d: Daemon) -> list[dict[str, Any]]:
     active = set(d.applied or ())
-    syn_rto = d.targets.syn_rto()
+    # Shown only where the kernel uses it (eBPF); the confirmation's connect
+    # is bounded by it on both data paths.
+    syn_rto = d.targets.syn_rto() if d.dp_cls is not None and d.dp_cls.sets_syn_rto else {}
     rows = []
     for b in sorted(d.targets.by_backend):
         t = d.targets.by_backend[b]
@@ -58,8 +60,8 @@ def _backends(d: Daemon) -> list[dict[str, Any]]:
             "reason": h.reason,
             "latency_ms": None if h.latency is None else round(h.latency * 1000, 3),
             "tier": h.tier,
-            # The initial SYN RTO of steered connects to it (eBPF; core/rto.py), and
-            # its confirmation's connect timeout; None: the kernel default (1 s).
+            # The initial SYN RTO of steered connects to it (core/rto.py); None:
+            # the kernel default (1 s), always on nftables.
             "syn_rto_ms": syn_rto.get(b),
             "active": b in active,
             "since": iso(t.since_wall),

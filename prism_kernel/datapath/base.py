@@ -67,6 +67,9 @@ class Datapath(ABC):
     # selects only among these (nftables: IPv4 only, there is no IPv6
     # route_localnet).
     families: ClassVar[frozenset[int]] = frozenset({4, 6})
+    # Whether set_syn_rto() reaches the kernel (eBPF: per steered connect);
+    # where it does not, steered connects keep the kernel's 1 s.
+    sets_syn_rto: ClassVar[bool] = False
 
     def __init__(self, settings: DatapathSettings):
         self.settings = settings

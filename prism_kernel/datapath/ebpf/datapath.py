@@ -89,6 +89,7 @@ def _kernel_errors(fn: _F) -> _F:
 
 class EbpfDatapath(Datapath):
     name: ClassVar[str] = "ebpf"
+    sets_syn_rto: ClassVar[bool] = True
 
     def __init__(self, settings: DatapathSettings, *, source: str | Path | None = None,
                  obj: str | Path | None = None, layout: int = LAYOUT):
