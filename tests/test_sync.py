@@ -53,6 +53,13 @@ class FakeKernel:
                 raise fault
             fault()
 
+    def hold(self, method: str) -> threading.Event:
+        """The next call of `method` waits (inside it) until the returned
+        event is set; `entered[method]` is set once it is in."""
+        self.gate[method] = threading.Event()
+        self.entered[method] = threading.Event()
+        return self.gate[method]
+
     def methods(self, *names: str) -> list[tuple[str, str, Any]]:
         return [(dp, m, a) for dp, m, _, a in self.calls if not names or m in names]
 
@@ -235,8 +242,7 @@ def test_a_dirty_mark_is_synced_at_once_and_the_write_comes_before_the_close():
 def test_marks_made_while_a_write_runs_coalesce_into_one_write_of_the_latest_set():
     async def t(writer, kernel, events, cls):
         await started(writer, cls)
-        kernel.gate["apply"] = threading.Event()
-        kernel.entered["apply"] = threading.Event()
+        kernel.hold("apply")
         writer.want((A, B))
         await until(kernel.entered["apply"].is_set)  # the writer is inside apply((A, B)), held there
         writer.want((A,), close=[B])
@@ -371,8 +377,7 @@ def test_closes_after_a_failed_write_wait_for_the_write_that_works():
 def test_a_swap_installs_the_latest_set_even_when_a_mark_came_after_it_was_asked_for():
     async def t(writer, kernel, events, cls):
         await started(writer, cls)
-        kernel.gate["read_state"] = threading.Event()
-        kernel.entered["read_state"] = threading.Event()
+        kernel.hold("read_state")
         scrape = writer.submit(writer._read_state)  # holds the writer while the loop goes on
         await until(kernel.entered["read_state"].is_set)
         swap = writer.submit(writer.swap_datapath, cls, SETTINGS, (A, B, C))  # the reload's set of its moment
@@ -388,8 +393,7 @@ def test_a_swap_installs_the_latest_set_even_when_a_mark_came_after_it_was_asked
 def test_a_request_after_the_stop_fails_at_once_and_none_is_left_hanging():
     async def t(writer, kernel, events, cls):
         await started(writer, cls)
-        kernel.gate["read_state"] = threading.Event()
-        kernel.entered["read_state"] = threading.Event()
+        kernel.hold("read_state")
         busy = writer.submit(writer._read_state)
         await until(kernel.entered["read_state"].is_set)
         stopping = writer.submit(writer._stop, None)
