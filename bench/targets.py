@@ -18,6 +18,7 @@ time and RSS; then one line in TARGETS. Example:
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,84 @@ class EbpfBcc(Ebpf):
     port_offset = 5
     instance_suffix = "-ebpf-bcc"
     loader = "bcc"
+
+
+class EbpfHooks(Target):
+    """The floor of any cgroup-BPF data path: the same five hooks at the
+    cgroup v2 root (connect4/6, getpeername4/6, sock_ops), each a program that
+    returns at once (bench/bpf/hooks_only.bpf.c, built with clang and attached
+    with bpftool). Its bystander figure is what the kernel charges every
+    connection for the hooks being enabled, before any of our code runs; the
+    real programs are measured against it. It steers nothing: its steered
+    figure would be a refused connect, so only the bystander is measured."""
+
+    name = "ebpf-hooks"
+    description = "wrk -> backend address, the five cgroup hooks attached with programs that return at once"
+    bystander = False  # its own measurement is the direct connection
+    pin_dir = "/sys/fs/bpf/pkb-hooks"
+    hooks = (("connect4", "connect4"), ("connect6", "connect6"), ("getpeername4", "getpeername4"),
+             ("getpeername6", "getpeername6"), ("sock_ops", "pk_sockops"))
+
+    def __init__(self) -> None:
+        self.opts: Any = None
+
+    @staticmethod
+    def _root() -> str:
+        from prism_kernel.datapath.ebpf.cgroup import find_cgroup2_root
+
+        return find_cgroup2_root()
+
+    def setup(self, env: Env, opts: Any) -> str:
+        import tempfile
+
+        self.opts = opts
+        self.clear_leftovers(opts)
+        with tempfile.TemporaryDirectory(prefix="pkb-hooks-") as tmp:
+            obj = Path(tmp) / "hooks_only.bpf.o"
+            subprocess.run(["bash", str(REPO / "bpf" / "build.sh"), str(obj),
+                            str(REPO / "bench" / "bpf" / "hooks_only.bpf.c")],
+                           check=True, capture_output=True, text=True)
+            subprocess.run(["bpftool", "prog", "loadall", str(obj), self.pin_dir],
+                           check=True, capture_output=True, text=True)
+        root = self._root()
+        for hook, prog in self.hooks:
+            subprocess.run(["bpftool", "cgroup", "attach", root, hook, "pinned",
+                            f"{self.pin_dir}/{prog}", "multi"], check=True, capture_output=True, text=True)
+        addr, port = env.backend
+        return f"http://{addr}:{port}/"
+
+    def teardown(self) -> None:
+        if self.opts is not None:
+            self.clear_leftovers(self.opts)
+
+    @classmethod
+    def clear_leftovers(cls, opts: Any) -> list[str]:
+        if not Path(cls.pin_dir).exists():
+            return []
+        root = cls._root()
+        for hook, prog in cls.hooks:
+            subprocess.run(["bpftool", "cgroup", "detach", root, hook, "pinned", f"{cls.pin_dir}/{prog}"],
+                           capture_output=True)
+        shutil.rmtree(cls.pin_dir, ignore_errors=True)
+        return [f"{cls.pin_dir}: detached and removed"]
+
+
+class EbpfHooksSockops(EbpfHooks):
+    """ebpf-hooks with only the sock_ops hook: it runs about nine times per
+    connection (both ends), the four sock_addr hooks once or not at all."""
+
+    name = "ebpf-hooks-sockops"
+    description = "wrk -> backend address, only the sock_ops hook attached, its program returns at once"
+    hooks = (("sock_ops", "pk_sockops"),)
+
+
+class EbpfHooksSockAddr(EbpfHooks):
+    """ebpf-hooks without sock_ops: connect4/6 and getpeername4/6 only, what a
+    connect()-rewrite without passive detection and SYN RTO would attach."""
+
+    name = "ebpf-hooks-sockaddr"
+    description = "wrk -> backend address, only the four sock_addr hooks attached, programs return at once"
+    hooks = EbpfHooks.hooks[:4]
 
 
 class NftablesMinimal(Target):
@@ -341,12 +420,15 @@ class Haproxy(Target):
 
 
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Bare, Ebpf, EbpfBcc, Nftables, NftablesNaive, NftablesMinimal, Conntrack, Haproxy)
+    t.name: t for t in (Bare, Ebpf, EbpfBcc, EbpfHooks, EbpfHooksSockops, EbpfHooksSockAddr, Nftables, NftablesNaive, NftablesMinimal, Conntrack, Haproxy)
 }
-DEFAULT_TARGETS = ("bare", "ebpf", "nftables", "nftables-minimal", "conntrack", "haproxy")
+DEFAULT_TARGETS = ("bare", "ebpf", "ebpf-hooks", "nftables", "nftables-minimal", "conntrack", "haproxy")
 # (target, role) ÷ (target, role), paired per round, reported when both were
 # measured: nftables against the floor of NAT cost, its bystander tax against
-# a node that tracks connections anyway, the bcc build against the object.
+# a node that tracks connections anyway, the bcc build against the object,
+# eBPF against the floor of cgroup hooks (empty programs).
 REFERENCES = ((("nftables", "steered"), ("nftables-minimal", "steered")),
               (("nftables", "bystander"), ("conntrack", "steered")),
-              (("ebpf-bcc", "steered"), ("ebpf", "steered")))
+              (("ebpf-bcc", "steered"), ("ebpf", "steered")),
+              (("ebpf", "bystander"), ("ebpf-hooks", "steered")),
+              (("ebpf", "steered"), ("ebpf-hooks", "steered")))
