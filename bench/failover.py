@@ -62,6 +62,10 @@ def one_run(tb: Testbed, datapath: str, fault: str, tmp: str) -> dict:
             # fault lands at the same point of every run's probe cycle and
             # the detection time shows that phase, not the distribution.
             time.sleep(1.5 + random.uniform(0.0, 1.0))
+            # The victim's initial SYN RTO when the fault comes (eBPF: it
+            # follows the probes' latencies, so load on the node moves it).
+            rto = next((b.get("syn_rto_ms") for b in d.status()["state"]["backends"]
+                        if b["address"] == victim.endpoint), None)
             t_mono, t_wall = time.monotonic(), time.time()
             {"refused": victim.stop, "blackhole": lambda: victim.blackhole(True), "frozen": victim.freeze,
              "drain": lambda: victim.drain(True)}[fault]()
@@ -83,7 +87,7 @@ def one_run(tb: Testbed, datapath: str, fault: str, tmp: str) -> dict:
             "datapath": datapath, "fault": fault, "detect_s": None if detect is None else round(detect, 3),
             "no_new_s": round(no_new, 3), "longest_s": round(client.longest(), 3),
             "failed": len(client.failed()), "requests": len(client.requests), "stream_close_s": stream,
-            "reason": down["reason"] if down else None,
+            "reason": down["reason"] if down else None, "syn_rto_ms": rto,
         }
     finally:
         d.stop()
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["round"] = rnd
                     runs.append(r)
                     print(f"failover: round {rnd + 1}/{a.rounds} {fault:9} {dp:8} detect {r['detect_s']}s "
-                          f"no-new {r['no_new_s']}s longest {r['longest_s']}s stream {r['stream_close_s']} "
+                          f"no-new {r['no_new_s']}s longest {r['longest_s']}s stream {r['stream_close_s']} rto {r.get('syn_rto_ms')} "
                           f"failed {r['failed']}/{r['requests']}", file=sys.stderr, flush=True)
         wans = []
         if a.wan_seconds > 0:

@@ -17,8 +17,10 @@ X = Backend.of("fd00::1", 6443)
 
 
 @pytest.mark.parametrize(("rtt_s", "ms"), [
-    (0.0004, 200),   # a local API server: the floor
-    (0.0, 200),
+    (0.0004, 100),   # a local API server: the floor
+    (0.0, 100),
+    (0.0166, 100),   # 3 x 16.6 + 50 = 99.8 -> 100
+    (0.02, 110),
     (0.05, 200),     # 3 x 50 + 50 = 200
     (0.08, 290),     # a WAN endpoint at 80 ms
     (0.1, 350),
@@ -35,7 +37,7 @@ def test_no_known_rtt_is_the_kernel_default(rtt_s):
     assert rto.initial_syn_rto_ms(rtt_s) is None
 
 
-def test_never_under_tcp_rto_min_nor_over_the_default():
+def test_never_under_the_floor_nor_over_the_default():
     for us in range(0, 2_000_000, 1_337):
         ms = rto.initial_syn_rto_ms(us / 1e6)
         assert rto.FLOOR_MS <= ms <= rto.CEILING_MS
@@ -44,7 +46,14 @@ def test_never_under_tcp_rto_min_nor_over_the_default():
 
 def test_by_backend_takes_the_worst_recent_sample():
     got = rto.syn_rto_ms_by_backend({A: [0.01, 0.08, 0.02], B: [None, 0.0003], X: [None], Backend.of("10.0.0.9", 1): []})
-    assert got == {A: 290, B: 200}
+    assert got == {A: 290, B: 100}
+
+
+@pytest.mark.parametrize(("syn_rto_ms", "confirm_ms"), [(100, 200), (110, 200), (200, 200), (290, 290), (1000, 1000)])
+def test_the_confirmation_waits_at_least_tcp_rto_min(syn_rto_ms, confirm_ms):
+    """The SYN timer's early firing costs a suspect mark; the confirmation's
+    costs the backend: its connect never waits less than 200 ms."""
+    assert rto.confirm_connect_ms(syn_rto_ms) == confirm_ms
 
 
 @pytest.mark.parametrize(("ms", "hz", "jiffies"), [

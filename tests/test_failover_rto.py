@@ -2,8 +2,8 @@
 it from each backend's probe latencies (core/rto.py), the writer hands it to
 the eBPF data path, steered connects to that backend carry it (TCP_INFO), a
 black hole is seen one short RTO after a steered SYN and confirmed with a
-connect bounded by the same RTO, and a far backend gets a longer one, so it
-is never taken for a black hole.
+connect bounded by that RTO (at least 200 ms), and a far backend gets a
+longer one, so it is never taken for a black hole.
 
 The data-path side alone (the slot field, jiffies, both loaders, IPv6) is
 tests/test_ebpf_rto.py; the time it saves is measured by bench.failover.
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.kernel
 TCP_INFO_HEAD = struct.Struct("=8BI")  # struct tcp_info: 8 one-byte fields, then tcpi_rto (us)
 TCP_SYN_SENT = 2
 KERNEL_DEFAULT_US = 1_000_000  # TCP_TIMEOUT_INIT
-FAR_DELAY = 0.25  # seconds added to every packet the far backend's host sends: above the 200 ms floor
+FAR_DELAY = 0.25  # seconds added to every packet the far backend's host sends: above the 100 ms floor
 # A first probe to the far backend is a TCP, a TLS and an HTTP round trip
 # (750 ms): a far endpoint needs a probe timeout above that, as in production.
 PROBE_TIMEOUT = 2.0
@@ -102,13 +102,13 @@ def test_steered_syns_carry_their_backends_rto_and_a_black_hole_is_confirmed_by_
 
         victim.blackhole()
         mark = len(d.events())
-        # A steered SYN to the black hole carries the victim's 200 ms; a
+        # A steered SYN to the black hole carries the victim's 100 ms; a
         # direct connect to it keeps the kernel's 1 s.
         with SynSent("127.0.0.1", TEST_PORT, 16) as steered, SynSent(victim.address4, victim.port, 1) as direct:
             assert steered.rtos and all(rto == FLOOR_MS * 1000 for rto in steered.rtos), steered.rtos
             assert direct.rtos == [KERNEL_DEFAULT_US], direct.rtos
             # The kernel saw a steered SYN time out (suspect mark, counter);
-            # the daemon confirmed with a connect bounded by the same 200 ms:
+            # the daemon confirmed with a connect bounded by 200 ms:
             # dead, and out (before a probe, whose timeout is 2 s, could say so).
             seen = d.wait_event("passive_failure", after=mark, address=victim.endpoint)
             assert seen["syn_timeouts"] >= 1, seen
@@ -120,7 +120,7 @@ def test_steered_syns_carry_their_backends_rto_and_a_black_hole_is_confirmed_by_
 
 
 def test_a_far_backend_gets_a_longer_rto_and_is_never_taken_for_a_black_hole(testbed):
-    """Without the latency in the rule (every backend at the 200 ms floor),
+    """Without the latency in the rule (every backend at the 100 ms floor),
     the far backend's SYN-ACK (250 ms away) comes after the timer: every
     steered connect to it would count a SYN timeout and mark it suspect."""
     tb = testbed

@@ -16,7 +16,7 @@ from prism_kernel.config import Config, ProbeConfig
 from prism_kernel.core.confirm_limit import ConfirmLimit
 from prism_kernel.core.health import BackendHealth, Change, ProbeResult, failure_kind
 from prism_kernel.core.model import Backend
-from prism_kernel.core.rto import settle, syn_rto_ms_by_backend
+from prism_kernel.core.rto import confirm_connect_ms, settle, syn_rto_ms_by_backend
 from prism_kernel.core.selection import Candidate
 from prism_kernel.log import EventLog
 from prism_kernel.observe.metrics import Metrics
@@ -140,8 +140,8 @@ class Targets:
 
     def syn_rto(self) -> dict[Backend, int]:
         """The initial SYN RTO (ms) of each backend with a measured latency
-        (core/rto.py): what steered connects to it get (eBPF), and how long
-        its confirmation's connect may take. Settled (rto.settle): the same
+        (core/rto.py): what steered connects to it get (eBPF), and what
+        bounds its confirmation's connect (rto.confirm_connect_ms). Settled (rto.settle): the same
         samples give the same answer, jitter gives no new one."""
         wanted = syn_rto_ms_by_backend({b: t.health.samples for b, t in self.by_backend.items()})
         settled = {}
@@ -305,7 +305,7 @@ class Targets:
         rto_ms = self.syn_rto().get(backend)
         try:
             result = await confirm(backend, timeout, self._confirm_tls,
-                                   connect_timeout=None if rto_ms is None else rto_ms / 1000)
+                                   connect_timeout=None if rto_ms is None else confirm_connect_ms(rto_ms) / 1000)
             self.results.put_nowait((backend, result, saw))
         finally:
             self._confirming.discard(backend)

@@ -7,9 +7,11 @@ suspect (eBPF sockops) and the daemon confirm it dead. The kernel's timer is
 round-trip time from its probes, so the eBPF data path gives steered connects
 a timer derived from it (docs/design/ebpf-program.md, "Initial SYN RTO"):
 
-    rto = clamp(3 x worst recent RTT + 50 ms, 200 ms, 1000 ms)
+    rto = clamp(3 x worst recent RTT + 50 ms, 100 ms, 1000 ms)
 
-No RTT known: no value (the kernel default). Pure: no I/O.
+No RTT known: no value (the kernel default). The daemon's confirmation of a
+SYN timeout bounds its own connect by the same RTO, but never below 200 ms
+(confirm_connect_ms). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ from collections.abc import Iterable, Mapping
 
 from prism_kernel.core.model import Backend
 
-# Never below the kernel's TCP_RTO_MIN (200 ms): the floor is the timer a
-# local backend (well under 1 ms away) gets. Never above the kernel default:
-# a backend so far away that the rule asks for more keeps TCP_TIMEOUT_INIT.
-FLOOR_MS = 200
+# The floor is the timer a local backend (well under 1 ms away) gets: 100x
+# its RTT. A timer that fires early costs little: one duplicate SYN and a
+# suspect mark (the backend skipped for 2 s, at most 2 s in 10 s), which the
+# confirmation then clears. Never above the kernel default: a backend so far
+# away that the rule asks for more keeps TCP_TIMEOUT_INIT.
+FLOOR_MS = 100
 CEILING_MS = 1000
+# The confirmation's verdict is the expensive one (a dead backend leaves the
+# set and its connections are aborted): its connect keeps the backend's RTO
+# but at least Linux's TCP_RTO_MIN, twice the SYN timer's floor.
+CONFIRM_FLOOR_MS = 200
 # 3x the worst recent sample covers a SYN-ACK delayed by queueing up to
 # twice the RTT; the constant covers scheduling and timer granularity
 # (a jiffy is up to 10 ms) for backends whose RTT is tiny.
@@ -39,6 +47,12 @@ def initial_syn_rto_ms(worst_rtt_s: float | None) -> int | None:
     us = round(worst_rtt_s * 1_000_000)  # whole microseconds: no float residue in the ceiling
     ms = -(-RTT_FACTOR * us // 1000) + MARGIN_MS
     return max(FLOOR_MS, min(CEILING_MS, ms))
+
+
+def confirm_connect_ms(syn_rto_ms: int) -> int:
+    """How long the confirmation of a backend whose steered SYNs get
+    `syn_rto_ms` waits for its own connect (ms)."""
+    return max(CONFIRM_FLOOR_MS, syn_rto_ms)
 
 
 def worst_rtt(samples: Iterable[float | None]) -> float | None:
