@@ -73,6 +73,10 @@ def one_run(tb: Testbed, datapath: str, fault: str, tmp: str) -> dict:
         down = next((e for e in d.events() if e["event"] == "backend_down" and e["address"] == victim.endpoint
                      and _ts(e["ts"]) >= t_wall - 0.05), None)
         detect = _ts(down["ts"]) - t_wall if down else None
+        # When the daemon read the kernel's report (a refusal or SYN timeout
+        # of a steered connect): the rest of `detect` is the confirmation.
+        seen = next((e for e in d.events() if e["event"] == "passive_failure"
+                     and e["address"] == victim.endpoint and _ts(e["ts"]) >= t_wall - 0.05), None)
         if fault == "drain":
             served = [r.t0 - t_mono for r in client.requests if r.backend == "be1" and r.t0 >= t_mono]
             no_new = max(served) if served else 0.0
@@ -88,6 +92,7 @@ def one_run(tb: Testbed, datapath: str, fault: str, tmp: str) -> dict:
             "no_new_s": round(no_new, 3), "longest_s": round(client.longest(), 3),
             "failed": len(client.failed()), "requests": len(client.requests), "stream_close_s": stream,
             "reason": down["reason"] if down else None, "syn_rto_ms": rto,
+            "kernel_seen_s": None if seen is None else round(_ts(seen["ts"]) - t_wall, 3),
         }
     finally:
         d.stop()
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["round"] = rnd
                     runs.append(r)
                     print(f"failover: round {rnd + 1}/{a.rounds} {fault:9} {dp:8} detect {r['detect_s']}s "
-                          f"no-new {r['no_new_s']}s longest {r['longest_s']}s stream {r['stream_close_s']} rto {r.get('syn_rto_ms')} "
+                          f"no-new {r['no_new_s']}s longest {r['longest_s']}s stream {r['stream_close_s']} rto {r.get('syn_rto_ms')} seen {r.get('kernel_seen_s')} "
                           f"failed {r['failed']}/{r['requests']}", file=sys.stderr, flush=True)
         wans = []
         if a.wan_seconds > 0:

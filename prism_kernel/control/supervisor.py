@@ -376,7 +376,7 @@ class Daemon:
         """The kernel's outcome counters of steered connects: each new failure
         is confirmed at once (a refused backend is out within milliseconds, a
         black-holed one as soon as its first SYN is retransmitted: after the
-        backend's initial SYN RTO on eBPF, 200 ms for a near one; 1 s on nftables)."""
+        backend's initial SYN RTO on eBPF, 100 ms for a near one; 1 s on nftables)."""
         if generation != self._passive_generation:
             self._passive_generation = generation
             self.passive.reset()

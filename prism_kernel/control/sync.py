@@ -35,7 +35,7 @@ from prism_kernel.datapath.base import KernelState, PassiveCounts, import_netlin
 from prism_kernel.errors import DatapathError, DatapathUnavailable, describe
 
 # Seconds between reads of the kernel's outcome counters (a few syscalls,
-# ~0.1 ms): with a 200 ms initial SYN RTO a black hole is seen 200 ms after
+# ~0.1 ms): with a 100 ms initial SYN RTO a black hole is seen 100 ms after
 # the SYN, and this poll plus the confirmation come on top of it.
 PASSIVE_POLL_EVERY = 0.05
 PASSIVE_RETRY_AFTER = 5.0  # seconds after a failed read
