@@ -93,6 +93,9 @@ def one_run(tb: Testbed, datapath: str, fault: str, tmp: str) -> dict:
             "failed": len(client.failed()), "requests": len(client.requests), "stream_close_s": stream,
             "reason": down["reason"] if down else None, "syn_rto_ms": rto,
             "kernel_seen_s": None if seen is None else round(_ts(seen["ts"]) - t_wall, 3),
+            # each failed request: when it started (s from the fault) and both attempts' errors
+            "failures": [{"t0_s": round(r.t0 - t_mono, 3), "first": r.first_error, "retry": r.retry_error}
+                         for r in client.failed()],
         }
     finally:
         d.stop()
@@ -156,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                     r["round"] = rnd
                     runs.append(r)
                     print(f"failover: round {rnd + 1}/{a.rounds} {fault:9} {dp:8} detect {r['detect_s']}s "
-                          f"no-new {r['no_new_s']}s longest {r['longest_s']}s stream {r['stream_close_s']} rto {r.get('syn_rto_ms')} seen {r.get('kernel_seen_s')} "
+                          f"no-new {r['no_new_s']}s longest {r['longest_s']}s stream {r['stream_close_s']} "
+                          f"rto {r.get('syn_rto_ms')} seen {r.get('kernel_seen_s')} "
                           f"failed {r['failed']}/{r['requests']}", file=sys.stderr, flush=True)
+                    for f in r.get("failures", []):
+                        print(f"failover:   failed request at {f['t0_s']}s: {f['first']} / retry: {f['retry']}",
+                              file=sys.stderr, flush=True)
         wans = []
         if a.wan_seconds > 0:
             for dp in datapaths:

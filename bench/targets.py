@@ -420,7 +420,8 @@ class Haproxy(Target):
 
 
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Bare, Ebpf, EbpfBcc, EbpfHooks, EbpfHooksSockops, EbpfHooksSockAddr, Nftables, NftablesNaive, NftablesMinimal, Conntrack, Haproxy)
+    t.name: t for t in (Bare, Ebpf, EbpfBcc, EbpfHooks, EbpfHooksSockops, EbpfHooksSockAddr, Nftables,
+                        NftablesNaive, NftablesMinimal, Conntrack, Haproxy)
 }
 DEFAULT_TARGETS = ("bare", "ebpf", "ebpf-hooks", "nftables", "nftables-minimal", "conntrack", "haproxy")
 # (target, role) ÷ (target, role), paired per round, reported when both were

@@ -141,8 +141,9 @@ class Targets:
     def syn_rto(self) -> dict[Backend, int]:
         """The initial SYN RTO (ms) of each backend with a measured latency
         (core/rto.py): what steered connects to it get (eBPF), and what
-        bounds its confirmation's connect (rto.confirm_connect_ms). Settled (rto.settle): the same
-        samples give the same answer, jitter gives no new one."""
+        bounds its confirmation's connect (rto.confirm_connect_ms). Settled
+        (rto.settle): the same samples give the same answer, jitter gives no
+        new one."""
         wanted = syn_rto_ms_by_backend({b: t.health.samples for b, t in self.by_backend.items()})
         settled = {}
         for b in self.by_backend:
