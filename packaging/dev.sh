@@ -5,6 +5,7 @@
 #   packaging/dev.sh bench   install everything, then run the benchmark
 #   packaging/dev.sh bench-failover   ... then the failover benchmark
 #   packaging/dev.sh bench-coldstart  ... then the cold-start benchmark
+#   packaging/dev.sh bench-idle       ... then the idle daemon's CPU and RSS
 #   packaging/dev.sh matrix  ... then the kernel matrix (packaging/kernel-matrix.sh ARGS)
 #   packaging/dev.sh image   ... then build the container image, run it, remove it (packaging/image.sh)
 #   packaging/dev.sh setup   install everything only
@@ -116,6 +117,7 @@ case "$cmd" in
   bench) setup; install_debian_packages "${BENCH_PACKAGES[@]}"; cd "$REPO"; exec "$VENV/bin/python" -m bench.run "$@" ;;
   bench-failover) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.failover "$@" ;;
   bench-coldstart) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.coldstart "$@" ;;
+  bench-idle) setup; cd "$REPO"; exec "$VENV/bin/python" -m bench.idle "$@" ;;
   matrix) setup; install_debian_packages "${MATRIX_PACKAGES[@]}"; exec bash "$REPO/packaging/kernel-matrix.sh" "$@" ;;
   image)
     # Built, run, then removed (image, base root filesystem, storage: a few
@@ -124,5 +126,5 @@ case "$cmd" in
     rc=0; bash "$REPO/packaging/image.sh" check "$@" || rc=$?
     bash "$REPO/packaging/image.sh" clean
     exit $rc ;;
-  *) die "unknown command '$cmd' (setup|demo|test|bench|bench-failover|bench-coldstart|matrix|image)" ;;
+  *) die "unknown command '$cmd' (setup|demo|test|bench|bench-failover|bench-coldstart|bench-idle|matrix|image)" ;;
 esac

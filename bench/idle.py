@@ -1,0 +1,98 @@
+"""Idle benchmark: what the daemon costs a node when nothing happens. Not a
+test: it prints figures.
+
+    .venv/bin/python -m bench.idle                    # both data paths, 30 s each, 3 rounds
+    .venv/bin/python -m bench.idle --datapaths ebpf --seconds 60
+
+For each data path, `prism-kernel run` with default probe settings (readyz
+over TLS every 1 s) in front of three fake API servers in network
+namespaces, nobody connecting through it; once every backend is serving and
+5 s have passed, its CPU time (user + system, from /proc) over `--seconds`,
+and its RSS at the end. The data path itself costs nothing here: it is in
+the kernel. Data paths alternate within a round; medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.harness import Daemon, cleanup_instance  # noqa: E402
+from tests.testbed import Testbed, clear_stale  # noqa: E402
+
+PREFIX = "pkid"
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def one_run(tb: Testbed, datapath: str, seconds: float, tmp: str) -> tuple[float, float]:
+    """(CPU % of one core, RSS MiB) of an idle daemon."""
+    d = Daemon([b.endpoint for b in tb.backends], datapath, tb.ca_file, tmp, interval=1.0)
+    try:
+        d.wait_ready()
+        d.wait_active({b.endpoint for b in tb.backends})
+        time.sleep(5.0)  # the start's work (loading, first probes) is done
+        assert d.proc is not None
+        c0, t0 = cpu_seconds(d.proc.pid), time.monotonic()
+        time.sleep(seconds)
+        c1, t1 = cpu_seconds(d.proc.pid), time.monotonic()
+        return 100 * (c1 - c0) / (t1 - t0), rss_mib(d.proc.pid)
+    finally:
+        d.stop()
+        cleanup_instance()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.idle")
+    ap.add_argument("--datapaths", default="ebpf,nftables")
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.idle: needs root (network namespaces, the data path)", file=sys.stderr)
+        return 2
+    datapaths = a.datapaths.split(",")
+    clear_stale(PREFIX)
+    cleanup_instance()
+    results: dict[str, list[tuple[float, float]]] = {dp: [] for dp in datapaths}
+    start = time.monotonic()
+    with Testbed(n_backends=3, prefix=PREFIX) as tb, tempfile.TemporaryDirectory(prefix="pkid-") as tmp:
+        for rnd in range(a.rounds):
+            order = datapaths if rnd % 2 == 0 else list(reversed(datapaths))
+            for dp in order:
+                cpu, rss = one_run(tb, dp, a.seconds, tmp)
+                results[dp].append((cpu, rss))
+                print(f"idle: round {rnd + 1}/{a.rounds} {dp:8} CPU {cpu:.2f} % of a core, RSS {rss:.1f} MiB",
+                      file=sys.stderr, flush=True)
+    print(f"\n`python -m bench.idle` — {a.rounds} rounds × {a.seconds:.0f} s, 3 backends, readyz every 1 s, "
+          f"{time.monotonic() - start:.0f} s total\n")
+    print("| data path | CPU % of one core (median, min–max) | RSS MiB (median) |")
+    print("|---|--:|--:|")
+    for dp, rs in results.items():
+        cpus = [c for c, _ in rs]
+        print(f"| {dp} | {statistics.median(cpus):.2f} ({min(cpus):.2f}–{max(cpus):.2f}) "
+              f"| {statistics.median([r for _, r in rs]):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
