@@ -15,6 +15,8 @@ the kernel. Data paths alternate within a round; medians over rounds.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import os
 import statistics
 import sys
@@ -44,18 +46,19 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def one_run(tb: Testbed, datapath: str, seconds: float, tmp: str) -> tuple[float, float]:
-    """(CPU % of one core, RSS MiB) of an idle daemon."""
+def one_run(tb: Testbed, datapath: str, seconds: float, tmp: str) -> tuple[float, float, float]:
+    """(CPU % of one core, RSS MiB at the start and at the end of the
+    window) of an idle daemon."""
     d = Daemon([b.endpoint for b in tb.backends], datapath, tb.ca_file, tmp, interval=1.0)
     try:
         d.wait_ready()
         d.wait_active({b.endpoint for b in tb.backends})
         time.sleep(5.0)  # the start's work (loading, first probes) is done
         assert d.proc is not None
-        c0, t0 = cpu_seconds(d.proc.pid), time.monotonic()
+        r0, c0, t0 = rss_mib(d.proc.pid), cpu_seconds(d.proc.pid), time.monotonic()
         time.sleep(seconds)
         c1, t1 = cpu_seconds(d.proc.pid), time.monotonic()
-        return 100 * (c1 - c0) / (t1 - t0), rss_mib(d.proc.pid)
+        return 100 * (c1 - c0) / (t1 - t0), r0, rss_mib(d.proc.pid)
     finally:
         d.stop()
         cleanup_instance()
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datapaths", default="ebpf,nftables")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.idle: needs root (network namespaces, the data path)", file=sys.stderr)
@@ -73,24 +77,31 @@ def main(argv: list[str] | None = None) -> int:
     datapaths = a.datapaths.split(",")
     clear_stale(PREFIX)
     cleanup_instance()
-    results: dict[str, list[tuple[float, float]]] = {dp: [] for dp in datapaths}
+    results: dict[str, list[tuple[float, float, float]]] = {dp: [] for dp in datapaths}
     start = time.monotonic()
     with Testbed(n_backends=3, prefix=PREFIX) as tb, tempfile.TemporaryDirectory(prefix="pkid-") as tmp:
         for rnd in range(a.rounds):
             order = datapaths if rnd % 2 == 0 else list(reversed(datapaths))
             for dp in order:
-                cpu, rss = one_run(tb, dp, a.seconds, tmp)
-                results[dp].append((cpu, rss))
-                print(f"idle: round {rnd + 1}/{a.rounds} {dp:8} CPU {cpu:.2f} % of a core, RSS {rss:.1f} MiB",
-                      file=sys.stderr, flush=True)
+                cpu, rss0, rss = one_run(tb, dp, a.seconds, tmp)
+                results[dp].append((cpu, rss0, rss))
+                print(f"idle: round {rnd + 1}/{a.rounds} {dp:8} CPU {cpu:.2f} % of a core, "
+                      f"RSS {rss0:.1f} -> {rss:.1f} MiB", file=sys.stderr, flush=True)
     print(f"\n`python -m bench.idle` — {a.rounds} rounds × {a.seconds:.0f} s, 3 backends, readyz every 1 s, "
           f"{time.monotonic() - start:.0f} s total\n")
-    print("| data path | CPU % of one core (median, min–max) | RSS MiB (median) |")
-    print("|---|--:|--:|")
+    print("| data path | CPU % of one core (median, min–max) | RSS MiB at the window's start | at its end |")
+    print("|---|--:|--:|--:|")
     for dp, rs in results.items():
-        cpus = [c for c, _ in rs]
+        cpus = [c for c, _, _ in rs]
         print(f"| {dp} | {statistics.median(cpus):.2f} ({min(cpus):.2f}–{max(cpus):.2f}) "
-              f"| {statistics.median([r for _, r in rs]):.1f} |")
+              f"| {statistics.median([r for _, r, _ in rs]):.1f} | {statistics.median([r for _, _, r in rs]):.1f} |")
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"idle-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"seconds": a.seconds, "rounds": a.rounds, "runs": {
+        dp: [{"cpu_pct": round(c, 3), "rss_mib_start": round(r0, 1), "rss_mib_end": round(r, 1)}
+             for c, r0, r in rs] for dp, rs in results.items()}},
+        indent=1))
+    print(f"\nJSON: {path}")
     return 0
 
 

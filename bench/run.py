@@ -411,8 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     # Leftovers of an interrupted run: test hosts, then each target's kernel state.
     for line in benv.clear_leftovers():
         print(f"bench: removed leftover {line}", file=sys.stderr)
-    for t in targets:
-        for line in type(t).clear_leftovers(opts):
+    # Every target's, not only this run's: a leftover of another target
+    # (an nft table, empty cgroup programs) would tax this run's bare.
+    for cls in TARGETS.values():
+        for line in cls.clear_leftovers(opts):
             print(f"bench: removed leftover: {line}", file=sys.stderr)
 
     runs: list[Run] = []

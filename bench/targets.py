@@ -220,12 +220,29 @@ class EbpfHooks(Target):
 
     @classmethod
     def clear_leftovers(cls, opts: Any) -> list[str]:
+        """Every hook of the object is detached, whichever variant attached
+        it (they share the pins); the pins go only once none of their
+        programs is attached any more (a pin is the only handle on them)."""
+        import json
+
         if not Path(cls.pin_dir).exists():
             return []
         root = cls._root()
-        for hook, prog in cls.hooks:
-            subprocess.run(["bpftool", "cgroup", "detach", root, hook, "pinned", f"{cls.pin_dir}/{prog}"],
-                           capture_output=True)
+        pinned: dict[str, int] = {}
+        for _, prog in EbpfHooks.hooks:
+            r = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", f"{cls.pin_dir}/{prog}"],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                pinned[prog] = json.loads(r.stdout)["id"]
+        for hook, prog in EbpfHooks.hooks:
+            if prog in pinned:  # fails harmlessly when that variant did not attach it
+                subprocess.run(["bpftool", "cgroup", "detach", root, hook, "pinned", f"{cls.pin_dir}/{prog}"],
+                               capture_output=True)
+        r = subprocess.run(["bpftool", "-j", "cgroup", "show", root], capture_output=True, text=True, check=True)
+        # bpftool -j prints a bare newline, not [], when nothing is attached
+        still = {a["id"] for a in json.loads(r.stdout.strip() or "[]")} & set(pinned.values())
+        if still:
+            raise RuntimeError(f"{cls.pin_dir}: programs {sorted(still)} still attached at {root}; pins kept")
         shutil.rmtree(cls.pin_dir, ignore_errors=True)
         return [f"{cls.pin_dir}: detached and removed"]
 

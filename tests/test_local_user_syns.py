@@ -180,6 +180,6 @@ def test_a_local_users_expiring_syns_cannot_keep_a_healthy_backend_out(testbed):
         assert not [g for g in phase_a if g.startswith("error")], phase_a
         assert share >= fair / 2, (share, fair)
         # The real black hole: out, dead, as fast as without a local user
-        # (a steered SYN's 200 ms RTO, the poll, a 200 ms confirm connect).
+        # (a steered SYN's 100 ms RTO, the poll, a 200 ms confirm connect).
         assert down["kind"] == "dead", down
         assert detected_s < 1.5, detected_s
