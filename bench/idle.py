@@ -27,23 +27,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.run import proc_cost  # noqa: E402
 from tests.harness import Daemon, cleanup_instance  # noqa: E402
 from tests.testbed import Testbed, clear_stale  # noqa: E402
 
 PREFIX = "pkid"
-_CLK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def one_run(tb: Testbed, datapath: str, seconds: float, tmp: str) -> tuple[float, float, float]:
@@ -55,10 +43,10 @@ def one_run(tb: Testbed, datapath: str, seconds: float, tmp: str) -> tuple[float
         d.wait_active({b.endpoint for b in tb.backends})
         time.sleep(5.0)  # the start's work (loading, first probes) is done
         assert d.proc is not None
-        r0, c0, t0 = rss_mib(d.proc.pid), cpu_seconds(d.proc.pid), time.monotonic()
+        (c0, r0), t0 = proc_cost([d.proc.pid]), time.monotonic()
         time.sleep(seconds)
-        c1, t1 = cpu_seconds(d.proc.pid), time.monotonic()
-        return 100 * (c1 - c0) / (t1 - t0), r0, rss_mib(d.proc.pid)
+        (c1, r1), t1 = proc_cost([d.proc.pid]), time.monotonic()
+        return 100 * (c1 - c0) / (t1 - t0), r0, r1
     finally:
         d.stop()
         cleanup_instance()

@@ -46,7 +46,7 @@ LOADER_KEYS = ("loader", "why", "load_s", "maxrss_kb")
 def _backends(d: Daemon) -> list[dict[str, Any]]:
     active = set(d.applied or ())
     # Shown only where the kernel uses it (eBPF); the confirmation's connect
-    # is bounded by it on both data paths.
+    # is bounded by it (at least 200 ms, rto.confirm_connect_ms) on both paths.
     syn_rto = d.targets.syn_rto() if d.dp_cls is not None and d.dp_cls.sets_syn_rto else {}
     rows = []
     for b in sorted(d.targets.by_backend):
